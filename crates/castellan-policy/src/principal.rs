@@ -1,0 +1,213 @@
+//! Caller identities as policy names them: local service names, full SPIFFE IDs, and `prefix*`
+//! globs over either. A glob is never a regular expression: one `*`, at the end, matching one or
+//! more characters within the last path segment.
+
+/// The identity of a caller as the engine sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The full SPIFFE ID.
+    pub spiffe_id: String,
+    /// The service name when the caller is `spiffe://<local trust domain>/svc/<name>`.
+    pub local_name: Option<String>,
+}
+
+/// A pattern in `from.services`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServicePattern {
+    /// A local service name.
+    Name(String),
+    /// Local service names starting with the prefix (and longer than it).
+    NamePrefix(String),
+    /// A full SPIFFE ID.
+    SpiffeId(String),
+    /// SPIFFE IDs starting with the prefix, the rest within the last segment.
+    SpiffePrefix(String),
+}
+
+impl ServicePattern {
+    /// Parses a pattern; the message says what is wrong.
+    pub fn parse(s: &str) -> Result<ServicePattern, String> {
+        let (body, glob) = match s.strip_suffix('*') {
+            Some(b) => (b, true),
+            None => (s, false),
+        };
+        if body.contains('*') {
+            return Err(format!(
+                "{s:?}: '*' may appear only once, at the end (globs are not regular expressions)"
+            ));
+        }
+        if body.starts_with("spiffe://") {
+            if glob {
+                // The prefix must be a valid ID up to its last segment, which may be partial.
+                let (dir, partial) = body.rsplit_once('/').unwrap_or((body, ""));
+                if !partial.bytes().all(is_path_char) {
+                    return Err(format!("{s:?}: invalid character in SPIFFE ID"));
+                }
+                if dir.len() > "spiffe://".len() {
+                    parse_spiffe_id(dir).map_err(|e| format!("{s:?}: {e}"))?;
+                } else {
+                    return Err(format!("{s:?}: a SPIFFE glob needs a trust domain"));
+                }
+                Ok(ServicePattern::SpiffePrefix(body.to_owned()))
+            } else {
+                parse_spiffe_id(body).map_err(|e| format!("{s:?}: {e}"))?;
+                Ok(ServicePattern::SpiffeId(body.to_owned()))
+            }
+        } else if body.contains(':') || body.contains('/') {
+            Err(format!(
+                "{s:?}: not a service name or SPIFFE ID (names use letters, digits, '.', '-', '_')"
+            ))
+        } else if !body.bytes().all(is_path_char) {
+            Err(format!("{s:?}: invalid service name (use letters, digits, '.', '-', '_')"))
+        } else if glob {
+            Ok(ServicePattern::NamePrefix(body.to_owned()))
+        } else if body.is_empty() {
+            Err("empty service name".to_owned())
+        } else {
+            Ok(ServicePattern::Name(body.to_owned()))
+        }
+    }
+
+    /// Whether the caller matches.
+    pub fn matches(&self, caller: &Caller) -> bool {
+        match self {
+            ServicePattern::Name(n) => caller.local_name.as_deref() == Some(n.as_str()),
+            ServicePattern::NamePrefix(p) => caller
+                .local_name
+                .as_deref()
+                .and_then(|n| n.strip_prefix(p.as_str()))
+                .is_some_and(|rest| !rest.is_empty()),
+            ServicePattern::SpiffeId(id) => caller.spiffe_id == *id,
+            ServicePattern::SpiffePrefix(p) => caller
+                .spiffe_id
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains('/')),
+        }
+    }
+}
+
+fn is_path_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')
+}
+
+fn is_trust_domain_char(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+}
+
+/// Checks a trust domain name (SPIFFE: lower-case letters, digits, `.`, `-`, `_`).
+pub fn validate_trust_domain(td: &str) -> Result<(), String> {
+    if td.is_empty() || td.len() > 255 || !td.bytes().all(is_trust_domain_char) {
+        return Err(format!("invalid trust domain {td:?}"));
+    }
+    Ok(())
+}
+
+/// Splits a SPIFFE ID into trust domain and path, validating it (SPIFFE-ID §2).
+pub fn parse_spiffe_id(id: &str) -> Result<(&str, &str), String> {
+    let rest = id
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| "SPIFFE ID must start with 'spiffe://'".to_owned())?;
+    if id.len() > 2048 {
+        return Err("SPIFFE ID is too long".to_owned());
+    }
+    let (td, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    validate_trust_domain(td)?;
+    if !path.is_empty() {
+        for seg in path.split('/').skip(1) {
+            if seg.is_empty() || seg == "." || seg == ".." || !seg.bytes().all(is_path_char) {
+                return Err(format!("invalid SPIFFE ID path segment {seg:?}"));
+            }
+        }
+    }
+    Ok((td, path))
+}
+
+impl Caller {
+    /// Builds the caller from what the request says: a local service name and/or a SPIFFE ID.
+    pub fn resolve(
+        trust_domain: &str,
+        service: Option<&str>,
+        spiffe_id: Option<&str>,
+    ) -> Result<Option<Caller>, String> {
+        match (service, spiffe_id) {
+            (None, None) => Ok(None),
+            (Some(name), None) => {
+                if name.is_empty() || !name.bytes().all(is_path_char) {
+                    return Err(format!("invalid source service name {name:?}"));
+                }
+                Ok(Some(Caller {
+                    spiffe_id: format!("spiffe://{trust_domain}/svc/{name}"),
+                    local_name: Some(name.to_owned()),
+                }))
+            }
+            (service, Some(id)) => {
+                let (td, path) = parse_spiffe_id(id)?;
+                let local_name = (td == trust_domain)
+                    .then(|| path.strip_prefix("/svc/"))
+                    .flatten()
+                    .filter(|n| !n.contains('/'))
+                    .map(str::to_owned);
+                if let Some(name) = service
+                    && local_name.as_deref() != Some(name)
+                {
+                    return Err(format!(
+                        "source.service {name:?} does not match source.spiffe_id {id:?}"
+                    ));
+                }
+                Ok(Some(Caller {
+                    spiffe_id: id.to_owned(),
+                    local_name,
+                }))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(id: &str) -> Caller {
+        Caller::resolve("example.org", None, Some(id)).unwrap().unwrap()
+    }
+
+    #[test]
+    fn names_match_local_trust_domain_only() {
+        let p = ServicePattern::parse("gateway").unwrap();
+        assert!(p.matches(&caller("spiffe://example.org/svc/gateway")));
+        assert!(!p.matches(&caller("spiffe://evil.org/svc/gateway")));
+        assert!(!p.matches(&caller("spiffe://example.org/svc/gateway2")));
+        assert!(!p.matches(&caller("spiffe://example.org/ns/svc/gateway")));
+    }
+
+    #[test]
+    fn globs_are_prefixes_not_regexes() {
+        let p = ServicePattern::parse("order.*").unwrap();
+        assert!(p.matches(&caller("spiffe://example.org/svc/order.v2")));
+        assert!(!p.matches(&caller("spiffe://example.org/svc/orderXv2")));
+        assert!(!p.matches(&caller("spiffe://example.org/svc/order.")));
+        let p = ServicePattern::parse("spiffe://cluster.local/ns/shop/sa/*").unwrap();
+        assert!(p.matches(&caller("spiffe://cluster.local/ns/shop/sa/orders")));
+        assert!(!p.matches(&caller("spiffe://cluster.local/ns/shop/sa/orders/x")));
+        assert!(Caller::resolve("example.org", None, Some("spiffe://cluster.local/ns/shop/sa/")).is_err());
+        assert!(!p.matches(&caller("spiffe://cluster.local/ns/shopx/sa/orders")));
+    }
+
+    #[test]
+    fn bad_patterns() {
+        for bad in ["a*b", "*a*", "a.b/c", "spiffe://Bad/x", "spiffe://td/a//b", "", "spiffe:///x", "spiffe://*"] {
+            assert!(ServicePattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn resolve_checks_consistency() {
+        assert!(Caller::resolve("example.org", Some("a"), Some("spiffe://example.org/svc/b")).is_err());
+        assert!(Caller::resolve("example.org", Some("a"), Some("spiffe://other.org/svc/a")).is_err());
+        let c = Caller::resolve("example.org", Some("a"), None).unwrap().unwrap();
+        assert_eq!(c.spiffe_id, "spiffe://example.org/svc/a");
+    }
+}
