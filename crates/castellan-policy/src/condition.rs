@@ -27,7 +27,9 @@ pub struct Condition {
 
 impl std::fmt::Debug for Condition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Condition").field("source", &self.source).finish()
+        f.debug_struct("Condition")
+            .field("source", &self.source)
+            .finish()
     }
 }
 
@@ -82,7 +84,12 @@ impl Condition {
     }
 
     /// Evaluates the condition. `Err` for anything but a boolean result: the caller fails closed.
-    pub fn eval(&self, req: &Request, params: &[(&str, &str)], ctx: &EvalContext<'_>) -> Result<bool, String> {
+    pub fn eval(
+        &self,
+        req: &Request,
+        params: &[(&str, &str)],
+        ctx: &EvalContext<'_>,
+    ) -> Result<bool, String> {
         let mut c = Context::with_env(ENV.clone());
         if self.uses & USES_SOURCE != 0 {
             c.add_variable_from_value("source", ctx.source_value());
@@ -101,12 +108,17 @@ impl Condition {
             c.add_variable_from_value("params", Value::Map(Map { map: Arc::new(m) }));
         }
         if self.uses & USES_TIME != 0 {
-            let t = req.time.unwrap_or_else(|| chrono::Utc::now().fixed_offset());
+            let t = req
+                .time
+                .unwrap_or_else(|| chrono::Utc::now().fixed_offset());
             c.add_variable_from_value("time", Value::Timestamp(t));
         }
         match self.program.execute(&c) {
             Ok(Value::Bool(b)) => Ok(b),
-            Ok(other) => Err(format!("condition returned {}, not a bool", other.type_of())),
+            Ok(other) => Err(format!(
+                "condition returned {}, not a bool",
+                other.type_of()
+            )),
             Err(e) => Err(e.to_string()),
         }
     }
@@ -129,7 +141,10 @@ impl EvalContext<'_> {
     fn source_value(&self) -> Value {
         let mut m: HashMap<Key, Value> = HashMap::new();
         if let Some(c) = self.caller {
-            m.insert(Key::from("spiffe_id".to_owned()), Value::from(c.spiffe_id.clone()));
+            m.insert(
+                Key::from("spiffe_id".to_owned()),
+                Value::from(c.spiffe_id.clone()),
+            );
             m.insert(
                 Key::from("service".to_owned()),
                 c.local_name.clone().map_or(Value::Null, Value::from),
@@ -177,30 +192,51 @@ fn user_value(req: &Request) -> Value {
         }
         m.insert(
             Key::from("roles".to_owned()),
-            Value::List(Arc::new(u.roles.iter().map(|r| Value::from(r.clone())).collect())),
+            Value::List(Arc::new(
+                u.roles.iter().map(|r| Value::from(r.clone())).collect(),
+            )),
         );
         let claims: HashMap<Key, Value> = u
             .claims
             .iter()
             .map(|(k, v)| (Key::from(k.clone()), json_to_cel(v)))
             .collect();
-        m.insert(Key::from("claims".to_owned()), Value::Map(Map { map: Arc::new(claims) }));
+        m.insert(
+            Key::from("claims".to_owned()),
+            Value::Map(Map {
+                map: Arc::new(claims),
+            }),
+        );
     }
     Value::Map(Map { map: Arc::new(m) })
 }
 
 fn request_value(req: &Request, ctx: &EvalContext<'_>) -> Result<Value, String> {
     let mut m: HashMap<Key, Value> = HashMap::new();
-    m.insert(Key::from("method".to_owned()), Value::from(req.request.method.clone()));
-    m.insert(Key::from("path".to_owned()), Value::from(ctx.path.to_owned()));
-    m.insert(Key::from("host".to_owned()), Value::from(ctx.host.to_owned()));
+    m.insert(
+        Key::from("method".to_owned()),
+        Value::from(req.request.method.clone()),
+    );
+    m.insert(
+        Key::from("path".to_owned()),
+        Value::from(ctx.path.to_owned()),
+    );
+    m.insert(
+        Key::from("host".to_owned()),
+        Value::from(ctx.host.to_owned()),
+    );
     let headers: HashMap<Key, Value> = req
         .request
         .headers
         .iter()
         .map(|(k, v)| (Key::from(k.to_ascii_lowercase()), Value::from(v.clone())))
         .collect();
-    m.insert(Key::from("headers".to_owned()), Value::Map(Map { map: Arc::new(headers) }));
+    m.insert(
+        Key::from("headers".to_owned()),
+        Value::Map(Map {
+            map: Arc::new(headers),
+        }),
+    );
     m.insert(Key::from("query".to_owned()), query_value(ctx.query)?);
     Ok(Value::Map(Map { map: Arc::new(m) }))
 }
@@ -208,7 +244,11 @@ fn request_value(req: &Request, ctx: &EvalContext<'_>) -> Result<Value, String> 
 /// The query as a map from name to every value (a list, so a repeated name cannot hide a value).
 fn query_value(query: Option<&str>) -> Result<Value, String> {
     let mut m: HashMap<String, Vec<Value>> = HashMap::new();
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let dec = |s: &str| {
             String::from_utf8(percent_decode(&s.replace('+', " ")))
@@ -257,7 +297,13 @@ fn collect_bound_vars<'a>(e: &'a Expr, out: &mut HashSet<&'a str>) {
                 out.insert(v2.as_str());
             }
             out.insert(c.accu_var.as_str());
-            for sub in [&c.iter_range, &c.accu_init, &c.loop_cond, &c.loop_step, &c.result] {
+            for sub in [
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ] {
                 collect_bound_vars(&sub.expr, out);
             }
         }
@@ -269,7 +315,10 @@ fn collect_bound_vars<'a>(e: &'a Expr, out: &mut HashSet<&'a str>) {
                 collect_bound_vars(&a.expr, out);
             }
         }
-        Expr::List(l) => l.elements.iter().for_each(|x| collect_bound_vars(&x.expr, out)),
+        Expr::List(l) => l
+            .elements
+            .iter()
+            .for_each(|x| collect_bound_vars(&x.expr, out)),
         Expr::Map(m) => m.entries.iter().for_each(|x| entry_vars(&x.expr, out)),
         Expr::Struct(s) => s.entries.iter().for_each(|x| entry_vars(&x.expr, out)),
         Expr::Select(s) => collect_bound_vars(&s.operand.expr, out),

@@ -34,7 +34,9 @@ impl MethodRules {
                 for m in ms {
                     match self.by_method.iter_mut().find(|(k, _)| **k == **m) {
                         Some((_, v)) => v.push(entry.clone()),
-                        None => self.by_method.push((m.as_str().into(), vec![entry.clone()])),
+                        None => self
+                            .by_method
+                            .push((m.as_str().into(), vec![entry.clone()])),
                     }
                 }
             }
@@ -184,8 +186,12 @@ impl PolicySet {
         let host = normalize_host(&req.request.host)?;
         let caller = match &req.source {
             None => None,
-            Some(s) => Caller::resolve(&self.trust_domain, s.service.as_deref(), s.spiffe_id.as_deref())
-                .map_err(|_| Malformed::Other("invalid source identity"))?,
+            Some(s) => Caller::resolve(
+                &self.trust_domain,
+                s.service.as_deref(),
+                s.spiffe_id.as_deref(),
+            )
+            .map_err(|_| Malformed::Other("invalid source identity"))?,
         };
         let Some(svc) = self.services.get(req.destination.service.as_str()) else {
             return Ok(apply_mode(
@@ -227,21 +233,43 @@ impl PolicySet {
         let authenticated = caller.is_some() || req.user.is_some();
 
         // Deny overrides: the first matching deny rule (in file order) decides.
-        for c in cands.iter().filter(|c| self.effect(c.rule) == Some(Effect::Deny)) {
-            let Some(cr) = self.rules.get(c.rule as usize) else { continue };
+        for c in cands
+            .iter()
+            .filter(|c| self.effect(c.rule) == Some(Effect::Deny))
+        {
+            let Some(cr) = self.rules.get(c.rule as usize) else {
+                continue;
+            };
             match self.rule_matches(&cr.rule, c, &caps, req, &ctx, authenticated) {
                 Match::No => {}
                 Match::Yes => {
-                    return Ok(apply_mode(svc.mode, Effect::Deny, Some(&cr.rule.id), Reason::MatchedDeny, None));
+                    return Ok(apply_mode(
+                        svc.mode,
+                        Effect::Deny,
+                        Some(&cr.rule.id),
+                        Reason::MatchedDeny,
+                        None,
+                    ));
                 }
                 Match::Error(e) => {
-                    return Ok(apply_mode(svc.mode, Effect::Deny, Some(&cr.rule.id), Reason::ConditionError, Some(e)));
+                    return Ok(apply_mode(
+                        svc.mode,
+                        Effect::Deny,
+                        Some(&cr.rule.id),
+                        Reason::ConditionError,
+                        Some(e),
+                    ));
                 }
             }
         }
         let mut first_error: Option<(&RuleId, String)> = None;
-        for c in cands.iter().filter(|c| self.effect(c.rule) == Some(Effect::Allow)) {
-            let Some(cr) = self.rules.get(c.rule as usize) else { continue };
+        for c in cands
+            .iter()
+            .filter(|c| self.effect(c.rule) == Some(Effect::Allow))
+        {
+            let Some(cr) = self.rules.get(c.rule as usize) else {
+                continue;
+            };
             match self.rule_matches(&cr.rule, c, &caps, req, &ctx, authenticated) {
                 Match::No => {}
                 Match::Yes => {
@@ -261,7 +289,13 @@ impl PolicySet {
             }
         }
         Ok(match first_error {
-            Some((id, e)) => apply_mode(svc.mode, Effect::Deny, Some(id), Reason::ConditionError, Some(e)),
+            Some((id, e)) => apply_mode(
+                svc.mode,
+                Effect::Deny,
+                Some(id),
+                Reason::ConditionError,
+                Some(e),
+            ),
             None => apply_mode(svc.mode, Effect::Deny, None, Reason::NoMatchingAllow, None),
         })
     }
@@ -282,18 +316,24 @@ impl PolicySet {
         let from = &rule.from;
         match rule.effect {
             // Safety exception: allow rules match unauthenticated callers only if they say so.
-            Effect::Allow if !authenticated && from.authenticated != Some(false) => return Match::No,
+            Effect::Allow if !authenticated && from.authenticated != Some(false) => {
+                return Match::No;
+            }
             Effect::Deny if !authenticated && from.authenticated == Some(true) => return Match::No,
             _ => {}
         }
         if let Some(patterns) = &from.services {
-            let Some(caller) = ctx.caller else { return Match::No };
+            let Some(caller) = ctx.caller else {
+                return Match::No;
+            };
             if !patterns.iter().any(|p| p.matches(caller)) {
                 return Match::No;
             }
         }
         if let Some(users) = &from.users {
-            let Some(user) = &req.user else { return Match::No };
+            let Some(user) = &req.user else {
+                return Match::No;
+            };
             if let Some(roles) = &users.roles
                 && !roles.iter().any(|r| user.roles.contains(r))
             {
@@ -320,7 +360,9 @@ impl PolicySet {
             return Match::No;
         }
         if let Some(cond) = &rule.when {
-            let values = caps.get(cand.caps_start..cand.caps_start + cand.params.len()).unwrap_or_default();
+            let values = caps
+                .get(cand.caps_start..cand.caps_start + cand.params.len())
+                .unwrap_or_default();
             let params: Vec<(&str, &str)> = cand
                 .params
                 .iter()
@@ -353,7 +395,11 @@ fn apply_mode(
 ) -> Decision {
     // In audit mode a would-be denial is allowed; the reason and rule still say what would have
     // happened, so audit records can show it.
-    let decision = if mode == Mode::Audit { Effect::Allow } else { effect };
+    let decision = if mode == Mode::Audit {
+        Effect::Allow
+    } else {
+        effect
+    };
     Decision {
         decision,
         rule: rule.cloned(),
@@ -363,7 +409,12 @@ fn apply_mode(
     }
 }
 
-fn insert_template(root: &mut PathNode, segments: &[Segment], methods: Option<&[String]>, idx: u32) {
+fn insert_template(
+    root: &mut PathNode,
+    segments: &[Segment],
+    methods: Option<&[String]>,
+    idx: u32,
+) {
     let mut node = root;
     let mut params: Vec<Box<str>> = Vec::new();
     for seg in segments {

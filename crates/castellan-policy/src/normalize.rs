@@ -200,10 +200,8 @@ fn hex_value(b: u8) -> Option<u8> {
 }
 
 fn push_encoded(out: &mut String, b: u8) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    out.push('%');
-    out.push(char::from(HEX[usize::from(b >> 4)]));
-    out.push(char::from(HEX[usize::from(b & 0x0f)]));
+    use std::fmt::Write as _;
+    let _ = write!(out, "%{b:02X}");
 }
 
 /// Canonicalizes one segment; returns it and whether it holds encoded bytes ≥ 0x80.
@@ -286,7 +284,11 @@ pub fn validate_method(method: &str) -> Result<&str, Malformed> {
         && bytes
             .iter()
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'));
-    if ok { Ok(method) } else { Err(Malformed::BadMethod) }
+    if ok {
+        Ok(method)
+    } else {
+        Err(Malformed::BadMethod)
+    }
 }
 
 /// Normalizes a host: lower-case, without port and without one trailing dot.
@@ -299,7 +301,11 @@ pub fn normalize_host(host: &str) -> Result<Cow<'_, str>, Malformed> {
         if !(after.is_empty() || is_port(after)) {
             return Err(Malformed::BadHost);
         }
-        if addr.is_empty() || !addr.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+        if addr.is_empty()
+            || !addr
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
             return Err(Malformed::BadHost);
         }
         return Ok(Cow::Owned(format!("[{}]", addr.to_ascii_lowercase())));
@@ -342,7 +348,10 @@ mod tests {
 
     #[test]
     fn plain_paths_pass_unchanged_without_allocating() {
-        assert!(matches!(normalize_path("/orders/42").unwrap(), Cow::Borrowed(_)));
+        assert!(matches!(
+            normalize_path("/orders/42").unwrap(),
+            Cow::Borrowed(_)
+        ));
         assert_eq!(norm("/").unwrap(), "/");
         assert_eq!(norm("/a/b/").unwrap(), "/a/b/");
     }
@@ -365,20 +374,35 @@ mod tests {
 
     #[test]
     fn rejected_encodings() {
-        assert_eq!(norm("/%2Fadmin/x").unwrap_err(), Malformed::EncodedSeparator);
+        assert_eq!(
+            norm("/%2Fadmin/x").unwrap_err(),
+            Malformed::EncodedSeparator
+        );
         assert_eq!(norm("/%2fadmin").unwrap_err(), Malformed::EncodedSeparator);
         assert_eq!(norm("/admin%5Cx").unwrap_err(), Malformed::EncodedSeparator);
         assert_eq!(norm("/admin%00").unwrap_err(), Malformed::ControlCharacter);
         assert_eq!(norm("/admin%0a").unwrap_err(), Malformed::ControlCharacter);
-        assert_eq!(norm("/admin\u{1}").unwrap_err(), Malformed::ControlCharacter);
+        assert_eq!(
+            norm("/admin\u{1}").unwrap_err(),
+            Malformed::ControlCharacter
+        );
         assert_eq!(norm("/%ff%fe").unwrap_err(), Malformed::InvalidUtf8);
         assert_eq!(norm("/%C3").unwrap_err(), Malformed::InvalidUtf8);
         assert_eq!(norm("/%zz").unwrap_err(), Malformed::BadPercentEncoding);
         assert_eq!(norm("/%4").unwrap_err(), Malformed::BadPercentEncoding);
-        assert_eq!(norm("/admin;x=y/users").unwrap_err(), Malformed::PathParameter);
+        assert_eq!(
+            norm("/admin;x=y/users").unwrap_err(),
+            Malformed::PathParameter
+        );
         assert_eq!(norm("/..;/admin").unwrap_err(), Malformed::PathParameter);
-        assert_eq!(norm("/admin\\x").unwrap_err(), Malformed::ForbiddenCharacter);
-        assert_eq!(norm("/orders/42#/../../admin").unwrap_err(), Malformed::Fragment);
+        assert_eq!(
+            norm("/admin\\x").unwrap_err(),
+            Malformed::ForbiddenCharacter
+        );
+        assert_eq!(
+            norm("/orders/42#/../../admin").unwrap_err(),
+            Malformed::Fragment
+        );
         assert_eq!(norm("orders").unwrap_err(), Malformed::NotOriginForm);
         assert_eq!(norm("").unwrap_err(), Malformed::NotOriginForm);
         assert_eq!(norm("?/orders").unwrap_err(), Malformed::NotOriginForm);
@@ -416,7 +440,10 @@ mod tests {
 
     #[test]
     fn hosts() {
-        assert_eq!(normalize_host("Orders.Example:8443").unwrap(), "orders.example");
+        assert_eq!(
+            normalize_host("Orders.Example:8443").unwrap(),
+            "orders.example"
+        );
         assert_eq!(normalize_host("orders.example.").unwrap(), "orders.example");
         assert_eq!(normalize_host("[::1]:80").unwrap(), "[::1]");
         assert_eq!(normalize_host("[FE80::1]").unwrap(), "[fe80::1]");

@@ -1,10 +1,10 @@
 //! Reading policy documents: YAML into the model, reporting every error as `file:line:col: message`.
 
+use crate::condition::Condition;
 use crate::model::{
     API_VERSION, AccessPolicy, DEFAULT_TRUST_DOMAIN, Effect, From, MeshConfig, Mode, Origin, Rule,
     To, Users,
 };
-use crate::condition::Condition;
 use crate::normalize::{normalize_host, validate_method};
 use crate::principal::{ServicePattern, validate_trust_domain};
 use crate::template::PathTemplate;
@@ -26,7 +26,11 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.pos.line, self.pos.col, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.pos.line, self.pos.col, self.message
+        )
     }
 }
 
@@ -66,7 +70,10 @@ impl<'a> Checker<'a> {
         allowed: &[&str],
     ) -> Option<HashMap<&'n str, &'n Node>> {
         let Value::Map(entries) = &node.value else {
-            self.error(node.pos, format!("{what} must be a mapping, found a {}", node.kind()));
+            self.error(
+                node.pos,
+                format!("{what} must be a mapping, found a {}", node.kind()),
+            );
             return None;
         };
         let mut out = HashMap::with_capacity(entries.len());
@@ -78,7 +85,10 @@ impl<'a> Checker<'a> {
             if !allowed.contains(&key) {
                 self.error(
                     k.pos,
-                    format!("unknown field {key:?} in {what} (expected one of: {})", allowed.join(", ")),
+                    format!(
+                        "unknown field {key:?} in {what} (expected one of: {})",
+                        allowed.join(", ")
+                    ),
                 );
                 continue;
             }
@@ -99,7 +109,10 @@ impl<'a> Checker<'a> {
     ) -> Option<(&'n str, Pos)> {
         match fields.get(key) {
             None => {
-                self.error(parent.pos, format!("{what} is missing required field {key:?}"));
+                self.error(
+                    parent.pos,
+                    format!("{what} is missing required field {key:?}"),
+                );
                 None
             }
             Some(n) => self.string(n, &format!("{what}.{key}")).map(|s| (s, n.pos)),
@@ -111,7 +124,10 @@ impl<'a> Checker<'a> {
         match &node.value {
             Value::Scalar { text, .. } => Some(text),
             _ => {
-                self.error(node.pos, format!("{what} must be a string, found a {}", node.kind()));
+                self.error(
+                    node.pos,
+                    format!("{what} must be a string, found a {}", node.kind()),
+                );
                 None
             }
         }
@@ -125,11 +141,17 @@ impl<'a> Checker<'a> {
         mut check: impl FnMut(&str) -> Result<T, String>,
     ) -> Option<Vec<T>> {
         let Value::Seq(items) = &node.value else {
-            self.error(node.pos, format!("{what} must be a list, found a {}", node.kind()));
+            self.error(
+                node.pos,
+                format!("{what} must be a list, found a {}", node.kind()),
+            );
             return None;
         };
         if items.is_empty() {
-            self.error(node.pos, format!("{what} must not be empty (omit the field to match any)"));
+            self.error(
+                node.pos,
+                format!("{what} must not be empty (omit the field to match any)"),
+            );
             return None;
         }
         let mut out = Vec::with_capacity(items.len());
@@ -150,8 +172,14 @@ impl<'a> Checker<'a> {
     /// A boolean scalar.
     pub fn boolean(&mut self, node: &Node, what: &str) -> Option<bool> {
         match &node.value {
-            Value::Scalar { text, quoted: false } if text == "true" => Some(true),
-            Value::Scalar { text, quoted: false } if text == "false" => Some(false),
+            Value::Scalar {
+                text,
+                quoted: false,
+            } if text == "true" => Some(true),
+            Value::Scalar {
+                text,
+                quoted: false,
+            } if text == "false" => Some(false),
             _ => {
                 self.error(node.pos, format!("{what} must be true or false"));
                 None
@@ -164,8 +192,13 @@ impl<'a> Checker<'a> {
 pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 253
-        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
     if ok {
         Ok(())
     } else {
@@ -201,13 +234,17 @@ pub fn parse_policy_file(file: Arc<str>, source: &str, diags: &mut Vec<Diagnosti
         if doc.value == Value::Null {
             continue; // an empty document, e.g. after a trailing `---`
         }
-        let Some(f) = ck.fields(doc, "document", &["apiVersion", "kind", "metadata", "spec"]) else {
+        let Some(f) = ck.fields(doc, "document", &["apiVersion", "kind", "metadata", "spec"])
+        else {
             continue;
         };
         if let Some((v, pos)) = ck.required_str(&f, doc, "apiVersion", "document")
             && v != API_VERSION
         {
-            ck.error(pos, format!("unsupported apiVersion {v:?} (expected {API_VERSION:?})"));
+            ck.error(
+                pos,
+                format!("unsupported apiVersion {v:?} (expected {API_VERSION:?})"),
+            );
         }
         let Some((kind, kind_pos)) = ck.required_str(&f, doc, "kind", "document") else {
             continue;
@@ -274,7 +311,10 @@ fn parse_mode(ck: &mut Checker<'_>, node: &Node, what: &str) -> Option<Mode> {
         "enforce" => Some(Mode::Enforce),
         "audit" => Some(Mode::Audit),
         other => {
-            ck.error(node.pos, format!("unknown {what} {other:?} (expected enforce or audit)"));
+            ck.error(
+                node.pos,
+                format!("unknown {what} {other:?} (expected enforce or audit)"),
+            );
             None
         }
     }
@@ -327,15 +367,18 @@ fn parse_access_policy(
         return None;
     };
     let sf = ck.fields(spec, "spec", &["service", "mode", "rules"])?;
-    let service = ck.required_str(&sf, spec, "service", "spec").and_then(|(s, pos)| {
-        match ServicePattern::parse(s) {
+    let service = ck
+        .required_str(&sf, spec, "service", "spec")
+        .and_then(|(s, pos)| match ServicePattern::parse(s) {
             Ok(ServicePattern::Name(n)) => Some(n),
             _ => {
-                ck.error(pos, format!("spec.service {s:?} must be a local service name"));
+                ck.error(
+                    pos,
+                    format!("spec.service {s:?} must be a local service name"),
+                );
                 None
             }
-        }
-    });
+        });
     let mode = match sf.get("mode") {
         Some(n) => parse_mode(ck, n, "spec.mode"),
         None => Some(Mode::Enforce),
@@ -356,7 +399,10 @@ fn parse_access_policy(
                     if let Some(first) = seen.get(&rule_name) {
                         ck.error(
                             name_pos,
-                            format!("duplicate rule name {rule_name:?} (first at line {})", first.line),
+                            format!(
+                                "duplicate rule name {rule_name:?} (first at line {})",
+                                first.line
+                            ),
                         );
                         ok = false;
                     } else {
@@ -389,24 +435,37 @@ fn parse_access_policy(
 }
 
 /// Parses a rule; returns its name (when readable, for duplicate checks) and the rule when valid.
-fn parse_rule(ck: &mut Checker<'_>, node: &Node, policy: &str) -> (Option<(String, Pos)>, Option<Rule>) {
-    let Some(f) = ck.fields(node, "rule", &["name", "description", "effect", "from", "to", "when"]) else {
+fn parse_rule(
+    ck: &mut Checker<'_>,
+    node: &Node,
+    policy: &str,
+) -> (Option<(String, Pos)>, Option<Rule>) {
+    let Some(f) = ck.fields(
+        node,
+        "rule",
+        &["name", "description", "effect", "from", "to", "when"],
+    ) else {
         return (None, None);
     };
-    let name = ck.required_str(&f, node, "name", "rule").and_then(|(n, pos)| match check_name(n) {
-        Ok(()) => Some((n.to_owned(), pos)),
-        Err(e) => {
-            ck.error(pos, e);
-            None
-        }
-    });
+    let name = ck
+        .required_str(&f, node, "name", "rule")
+        .and_then(|(n, pos)| match check_name(n) {
+            Ok(()) => Some((n.to_owned(), pos)),
+            Err(e) => {
+                ck.error(pos, e);
+                None
+            }
+        });
     let effect = ck
         .required_str(&f, node, "effect", "rule")
         .and_then(|(e, pos)| match e {
             "allow" => Some(Effect::Allow),
             "deny" => Some(Effect::Deny),
             other => {
-                ck.error(pos, format!("unknown effect {other:?} (expected allow or deny)"));
+                ck.error(
+                    pos,
+                    format!("unknown effect {other:?} (expected allow or deny)"),
+                );
                 None
             }
         });
@@ -419,13 +478,15 @@ fn parse_rule(ck: &mut Checker<'_>, node: &Node, policy: &str) -> (Option<(Strin
         None => Some(To::default()),
     };
     let when = match f.get("when") {
-        Some(n) => ck.string(n, "rule.when").and_then(|src| match Condition::compile(src) {
-            Ok(c) => Some(Some(Arc::new(c))),
-            Err(e) => {
-                ck.error(n.pos, e);
-                None
-            }
-        }),
+        Some(n) => ck
+            .string(n, "rule.when")
+            .and_then(|src| match Condition::compile(src) {
+                Ok(c) => Some(Some(Arc::new(c))),
+                Err(e) => {
+                    ck.error(n.pos, e);
+                    None
+                }
+            }),
         None => Some(None),
     };
     let rule = match (&name, effect, from, to, when) {
@@ -508,7 +569,9 @@ fn parse_users(ck: &mut Checker<'_>, node: &Node) -> Option<Users> {
                 let mut out = Vec::new();
                 for (k, v) in entries {
                     match (k.as_str(), &v.value) {
-                        (Some(key), Value::Scalar { .. }) => out.push((key.to_owned(), v.to_json())),
+                        (Some(key), Value::Scalar { .. }) => {
+                            out.push((key.to_owned(), v.to_json()))
+                        }
                         (Some(_), _) => {
                             ck.error(v.pos, "from.users.claims values must be scalars");
                             ok = false;

@@ -58,7 +58,9 @@ impl ServicePattern {
                 "{s:?}: not a service name or SPIFFE ID (names use letters, digits, '.', '-', '_')"
             ))
         } else if !body.bytes().all(is_path_char) {
-            Err(format!("{s:?}: invalid service name (use letters, digits, '.', '-', '_')"))
+            Err(format!(
+                "{s:?}: invalid service name (use letters, digits, '.', '-', '_')"
+            ))
         } else if glob {
             Ok(ServicePattern::NamePrefix(body.to_owned()))
         } else if body.is_empty() {
@@ -171,7 +173,9 @@ mod tests {
     use super::*;
 
     fn caller(id: &str) -> Caller {
-        Caller::resolve("example.org", None, Some(id)).unwrap().unwrap()
+        Caller::resolve("example.org", None, Some(id))
+            .unwrap()
+            .unwrap()
     }
 
     #[test]
@@ -192,22 +196,44 @@ mod tests {
         let p = ServicePattern::parse("spiffe://cluster.local/ns/shop/sa/*").unwrap();
         assert!(p.matches(&caller("spiffe://cluster.local/ns/shop/sa/orders")));
         assert!(!p.matches(&caller("spiffe://cluster.local/ns/shop/sa/orders/x")));
-        assert!(Caller::resolve("example.org", None, Some("spiffe://cluster.local/ns/shop/sa/")).is_err());
+        assert!(
+            Caller::resolve(
+                "example.org",
+                None,
+                Some("spiffe://cluster.local/ns/shop/sa/")
+            )
+            .is_err()
+        );
         assert!(!p.matches(&caller("spiffe://cluster.local/ns/shopx/sa/orders")));
     }
 
     #[test]
     fn bad_patterns() {
-        for bad in ["a*b", "*a*", "a.b/c", "spiffe://Bad/x", "spiffe://td/a//b", "", "spiffe:///x", "spiffe://*"] {
+        for bad in [
+            "a*b",
+            "*a*",
+            "a.b/c",
+            "spiffe://Bad/x",
+            "spiffe://td/a//b",
+            "",
+            "spiffe:///x",
+            "spiffe://*",
+        ] {
             assert!(ServicePattern::parse(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn resolve_checks_consistency() {
-        assert!(Caller::resolve("example.org", Some("a"), Some("spiffe://example.org/svc/b")).is_err());
-        assert!(Caller::resolve("example.org", Some("a"), Some("spiffe://other.org/svc/a")).is_err());
-        let c = Caller::resolve("example.org", Some("a"), None).unwrap().unwrap();
+        assert!(
+            Caller::resolve("example.org", Some("a"), Some("spiffe://example.org/svc/b")).is_err()
+        );
+        assert!(
+            Caller::resolve("example.org", Some("a"), Some("spiffe://other.org/svc/a")).is_err()
+        );
+        let c = Caller::resolve("example.org", Some("a"), None)
+            .unwrap()
+            .unwrap();
         assert_eq!(c.spiffe_id, "spiffe://example.org/svc/a");
     }
 }

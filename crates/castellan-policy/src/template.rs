@@ -30,7 +30,9 @@ pub enum TemplateError {
     #[error("path template must start with '/'")]
     NoLeadingSlash,
     /// Ends with `/` (other than the root template).
-    #[error("path template must not end with '/' (a template matches with or without one trailing slash)")]
+    #[error(
+        "path template must not end with '/' (a template matches with or without one trailing slash)"
+    )]
     TrailingSlash,
     /// An empty segment (`//`).
     #[error("path template has an empty segment ('//')")]
@@ -58,7 +60,9 @@ pub enum TemplateError {
 impl PathTemplate {
     /// Parses a template.
     pub fn parse(source: &str) -> Result<PathTemplate, TemplateError> {
-        let rest = source.strip_prefix('/').ok_or(TemplateError::NoLeadingSlash)?;
+        let rest = source
+            .strip_prefix('/')
+            .ok_or(TemplateError::NoLeadingSlash)?;
         if rest.is_empty() {
             return Ok(PathTemplate {
                 source: source.to_owned(),
@@ -165,8 +169,17 @@ mod tests {
         for (src, want) in cases {
             assert_eq!(PathTemplate::parse(src).unwrap_err(), want, "{src}");
         }
-        assert!(matches!(PathTemplate::parse("/a;b").unwrap_err(), Unmatchable(..)));
-        assert!(matches!(PathTemplate::parse("/..").unwrap_err(), Unmatchable(..)));
-        assert!(matches!(PathTemplate::parse("/a%2Fb").unwrap_err(), Unmatchable(..)));
+        assert!(matches!(
+            PathTemplate::parse("/a;b").unwrap_err(),
+            Unmatchable(..)
+        ));
+        assert!(matches!(
+            PathTemplate::parse("/..").unwrap_err(),
+            Unmatchable(..)
+        ));
+        assert!(matches!(
+            PathTemplate::parse("/a%2Fb").unwrap_err(),
+            Unmatchable(..)
+        ));
     }
 }

@@ -44,19 +44,29 @@ pub fn parse_test_file(file: Arc<str>, source: &str, diags: &mut Vec<Diagnostic>
         if doc.value == Value::Null {
             continue;
         }
-        let Some(f) = ck.fields(doc, "document", &["apiVersion", "kind", "metadata", "tests"]) else {
+        let Some(f) = ck.fields(
+            doc,
+            "document",
+            &["apiVersion", "kind", "metadata", "tests"],
+        ) else {
             continue;
         };
         if let Some(n) = f.get("apiVersion")
             && let Some(v) = ck.string(n, "apiVersion")
             && v != API_VERSION
         {
-            ck.error(n.pos, format!("unsupported apiVersion {v:?} (expected {API_VERSION:?})"));
+            ck.error(
+                n.pos,
+                format!("unsupported apiVersion {v:?} (expected {API_VERSION:?})"),
+            );
         }
         match ck.required_str(&f, doc, "kind", "document") {
             Some(("PolicyTest", _)) => {}
             Some((other, pos)) => {
-                ck.error(pos, format!("unknown kind {other:?} in a test file (expected PolicyTest)"));
+                ck.error(
+                    pos,
+                    format!("unknown kind {other:?} in a test file (expected PolicyTest)"),
+                );
                 continue;
             }
             None => continue,
@@ -70,14 +80,22 @@ pub fn parse_test_file(file: Arc<str>, source: &str, diags: &mut Vec<Diagnostic>
             continue;
         };
         for item in items {
-            let Some(tf) = ck.fields(item, "test", &["name", "description", "input", "expect", "rule", "reason"])
-            else {
+            let Some(tf) = ck.fields(
+                item,
+                "test",
+                &["name", "description", "input", "expect", "rule", "reason"],
+            ) else {
                 continue;
             };
-            let name = ck.required_str(&tf, item, "name", "test").map(|(n, p)| (n.to_owned(), p));
+            let name = ck
+                .required_str(&tf, item, "name", "test")
+                .map(|(n, p)| (n.to_owned(), p));
             if let Some((n, p)) = &name {
                 if let Some(first) = seen.get(n) {
-                    ck.error(*p, format!("duplicate test name {n:?} (first at line {})", first.line));
+                    ck.error(
+                        *p,
+                        format!("duplicate test name {n:?} (first at line {})", first.line),
+                    );
                 } else {
                     seen.insert(n.clone(), *p);
                 }
@@ -95,14 +113,16 @@ pub fn parse_test_file(file: Arc<str>, source: &str, diags: &mut Vec<Diagnostic>
                     }
                 },
             };
-            let expect = ck.required_str(&tf, item, "expect", "test").and_then(|(e, p)| match e {
-                "allow" => Some(Effect::Allow),
-                "deny" => Some(Effect::Deny),
-                other => {
-                    ck.error(p, format!("expect must be allow or deny, not {other:?}"));
-                    None
-                }
-            });
+            let expect = ck
+                .required_str(&tf, item, "expect", "test")
+                .and_then(|(e, p)| match e {
+                    "allow" => Some(Effect::Allow),
+                    "deny" => Some(Effect::Deny),
+                    other => {
+                        ck.error(p, format!("expect must be allow or deny, not {other:?}"));
+                        None
+                    }
+                });
             let rule = match tf.get("rule") {
                 None => Some(None),
                 Some(n) if n.value == Value::Null => Some(Some(None)),
@@ -111,7 +131,8 @@ pub fn parse_test_file(file: Arc<str>, source: &str, diags: &mut Vec<Diagnostic>
             let reason = match tf.get("reason") {
                 None => Some(None),
                 Some(n) => ck.string(n, "reason").and_then(|s| {
-                    match serde_json::from_value::<Reason>(serde_json::Value::String(s.to_owned())) {
+                    match serde_json::from_value::<Reason>(serde_json::Value::String(s.to_owned()))
+                    {
                         Ok(r) => Some(Some(r)),
                         Err(_) => {
                             ck.error(n.pos, format!("unknown reason {s:?}"));
@@ -161,7 +182,10 @@ pub fn run<'a>(set: &PolicySet, cases: &'a [TestCase]) -> Vec<Outcome<'a>> {
             let elapsed = start.elapsed();
             let mut problems = Vec::new();
             if decision.decision != case.expect {
-                problems.push(format!("expected {}, got {}", case.expect, decision.decision));
+                problems.push(format!(
+                    "expected {}, got {}",
+                    case.expect, decision.decision
+                ));
             }
             if let Some(want) = &case.rule
                 && want.as_deref() != decision.rule.as_deref()
@@ -187,7 +211,11 @@ pub fn run<'a>(set: &PolicySet, cases: &'a [TestCase]) -> Vec<Outcome<'a>> {
                     problems.join("; "),
                     decision.rule.as_deref().unwrap_or("none"),
                     decision.reason.as_str(),
-                    decision.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default()
+                    decision
+                        .detail
+                        .as_deref()
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default()
                 )
             });
             Outcome {
@@ -234,7 +262,10 @@ pub fn junit_xml(outcomes: &[Outcome<'_>]) -> String {
         outcomes.len()
     );
     for file in files {
-        let cases: Vec<&Outcome<'_>> = outcomes.iter().filter(|o| o.case.file.as_ref() == file).collect();
+        let cases: Vec<&Outcome<'_>> = outcomes
+            .iter()
+            .filter(|o| o.case.file.as_ref() == file)
+            .collect();
         let f = cases.iter().filter(|o| o.failure.is_some()).count();
         let _ = writeln!(
             x,

@@ -77,7 +77,9 @@ impl Node {
                     plain_scalar_json(text)
                 }
             }
-            Value::Seq(items) => serde_json::Value::Array(items.iter().map(Node::to_json).collect()),
+            Value::Seq(items) => {
+                serde_json::Value::Array(items.iter().map(Node::to_json).collect())
+            }
             Value::Map(entries) => serde_json::Value::Object(
                 entries
                     .iter()
@@ -169,23 +171,30 @@ impl MarkedEventReceiver for Builder {
         match ev {
             Event::Scalar(text, style, anchor, tag) => {
                 if anchor != 0 {
-                    self.fail(pos, "YAML anchors and aliases are not supported in policy files");
+                    self.fail(
+                        pos,
+                        "YAML anchors and aliases are not supported in policy files",
+                    );
                 }
                 if tag.is_some() {
                     self.fail(pos, "YAML tags are not supported in policy files");
                 }
                 let quoted = style != TScalarStyle::Plain;
-                let value = if !quoted && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL") {
-                    Value::Null
-                } else {
-                    Value::Scalar { text, quoted }
-                };
+                let value =
+                    if !quoted && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL") {
+                        Value::Null
+                    } else {
+                        Value::Scalar { text, quoted }
+                    };
                 self.push_node(Node { pos, value });
             }
             Event::SequenceStart(anchor, tag) | Event::MappingStart(anchor, tag)
                 if anchor != 0 || tag.is_some() =>
             {
-                self.fail(pos, "YAML anchors, aliases and tags are not supported in policy files");
+                self.fail(
+                    pos,
+                    "YAML anchors, aliases and tags are not supported in policy files",
+                );
                 // Keep the tree balanced so that later events still nest correctly.
                 self.stack.push(Frame::Seq(pos, Vec::new()));
             }
@@ -206,8 +215,14 @@ impl MarkedEventReceiver for Builder {
                 self.push_node(node);
             }
             Event::Alias(_) => {
-                self.fail(pos, "YAML anchors and aliases are not supported in policy files");
-                self.push_node(Node { pos, value: Value::Null });
+                self.fail(
+                    pos,
+                    "YAML anchors and aliases are not supported in policy files",
+                );
+                self.push_node(Node {
+                    pos,
+                    value: Value::Null,
+                });
             }
             Event::Nothing
             | Event::StreamStart
@@ -225,13 +240,19 @@ mod tests {
     #[test]
     fn positions_are_one_based() {
         let docs = parse_documents("a: 1\nb:\n  - x\n").unwrap_or_default();
-        let Some(Node { value: Value::Map(entries), .. }) = docs.first() else {
+        let Some(Node {
+            value: Value::Map(entries),
+            ..
+        }) = docs.first()
+        else {
             unreachable!("expected a mapping, got {docs:?}")
         };
         let (k, _) = &entries[1];
         assert_eq!(k.pos, Pos { line: 2, col: 1 });
         let (_, v) = &entries[1];
-        let Value::Seq(items) = &v.value else { unreachable!() };
+        let Value::Seq(items) = &v.value else {
+            unreachable!()
+        };
         assert_eq!(items[0].pos, Pos { line: 3, col: 5 });
     }
 
@@ -251,6 +272,9 @@ mod tests {
     fn plain_scalars_are_typed_quoted_are_strings() {
         let docs = parse_documents("a: 42\nb: '42'\nc: true\nd: ~\n").unwrap_or_default();
         let json = docs[0].to_json();
-        assert_eq!(json, serde_json::json!({"a": 42, "b": "42", "c": true, "d": null}));
+        assert_eq!(
+            json,
+            serde_json::json!({"a": 42, "b": "42", "c": true, "d": null})
+        );
     }
 }

@@ -48,7 +48,11 @@ pub fn run(cmd: PolicyCommand, output: Output) -> ExitCode {
     match cmd {
         PolicyCommand::Check { dir } => check(&dir, output),
         PolicyCommand::Eval { policy, input } => eval(&policy, &input, output),
-        PolicyCommand::Test { dir, junit, verbose } => test(&dir, junit.as_deref(), verbose, output),
+        PolicyCommand::Test {
+            dir,
+            junit,
+            verbose,
+        } => test(&dir, junit.as_deref(), verbose, output),
     }
 }
 
@@ -79,7 +83,9 @@ fn load_error(err: LoadError, output: Output) -> ExitCode {
 }
 
 /// Loads the policies and parses the test files below `dir`, collecting every error of both.
-fn load_all(dir: &Path) -> Result<(PolicySet, Vec<castellan_policy::testing::TestCase>), LoadError> {
+fn load_all(
+    dir: &Path,
+) -> Result<(PolicySet, Vec<castellan_policy::testing::TestCase>), LoadError> {
     let files = yaml_files(dir)?;
     let mut diags = Vec::new();
     let mut cases = Vec::new();
@@ -88,7 +94,11 @@ fn load_all(dir: &Path) -> Result<(PolicySet, Vec<castellan_policy::testing::Tes
             path: path.clone(),
             source,
         })?;
-        cases.extend(parse_test_file(Arc::from(path.display().to_string()), &text, &mut diags));
+        cases.extend(parse_test_file(
+            Arc::from(path.display().to_string()),
+            &text,
+            &mut diags,
+        ));
     }
     let set = match PolicySet::load_dir(dir) {
         Ok(set) => Some(set),
@@ -146,7 +156,11 @@ fn eval(policy: &Path, input: &str, _output: Output) -> ExitCode {
     let req: Request = match serde_json::from_str(&text) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("{input}:{}:{}: invalid decision input: {e}", e.line(), e.column());
+            eprintln!(
+                "{input}:{}:{}: invalid decision input: {e}",
+                e.line(),
+                e.column()
+            );
             return ExitCode::from(EXIT_INVALID);
         }
     };
@@ -169,7 +183,10 @@ fn test(dir: &Path, junit: Option<&Path>, verbose: bool, output: Output) -> Exit
         Err(e) => return load_error(e, output),
     };
     if cases.is_empty() {
-        eprintln!("error: no tests found in {} (files named *_test.yaml)", dir.display());
+        eprintln!(
+            "error: no tests found in {} (files named *_test.yaml)",
+            dir.display()
+        );
         return ExitCode::from(EXIT_INVALID);
     }
     let outcomes = run_tests(&set, &cases);
@@ -209,7 +226,10 @@ fn test(dir: &Path, junit: Option<&Path>, verbose: bool, output: Output) -> Exit
                     })
                 })
                 .collect();
-            println!("{}", json!({"passed": passed, "failed": failed, "results": results}));
+            println!(
+                "{}",
+                json!({"passed": passed, "failed": failed, "results": results})
+            );
         }
     }
     if failed > 0 {

@@ -1,0 +1,460 @@
+//! Engine semantics through the public API: deny overrides, default deny, audit mode, fail-closed
+//! conditions, the unauthenticated-caller exception, identity matching, and revision swaps.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use castellan_policy::{Effect, Engine, LoadError, Mode, PolicySet, Reason, Request};
+use serde_json::json;
+use std::sync::Arc;
+
+fn set(yaml: &str) -> PolicySet {
+    PolicySet::from_sources([("test.yaml", yaml)]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn req(v: serde_json::Value) -> Request {
+    serde_json::from_value(v).unwrap()
+}
+
+fn call(src: Option<&str>, roles: &[&str], method: &str, path: &str) -> Request {
+    let mut v = json!({"destination": {"service": "orders"},
+                       "request": {"method": method, "path": path, "host": "orders"}});
+    if let Some(s) = src {
+        v["source"] = json!({"service": s});
+    }
+    if !roles.is_empty() {
+        v["user"] = json!({"sub": "u1", "roles": roles, "claims": {"tenant": "t1"}});
+    }
+    req(v)
+}
+
+const BASE: &str = r#"
+apiVersion: castellan/v1
+kind: AccessPolicy
+metadata: {name: p}
+spec:
+  service: orders
+  rules:
+    - name: read
+      effect: allow
+      from: {services: [gateway]}
+      to: {methods: [GET], paths: ["/orders/{id}", "/orders"]}
+    - name: no-secret
+      effect: deny
+      to: {paths: ["/orders/secret"]}
+    - name: public
+      effect: allow
+      from: {authenticated: false}
+      to: {methods: [GET], paths: ["/health"]}
+    - name: files
+      effect: allow
+      from: {services: [gateway]}
+      to: {paths: ["/files/{*rest}"]}
+      when: "params.rest.startsWith('pub/')"
+    - name: tenant
+      effect: allow
+      from: {services: [gateway], users: {claims: {tenant: t1}}}
+      to: {methods: [PUT], paths: ["/orders/{id}"]}
+    - name: cel-error-deny
+      effect: deny
+      to: {paths: ["/boom"]}
+      when: "request.headers['x-missing'] == 'y'"
+"#;
+
+#[test]
+fn allow_deny_and_default_deny() {
+    let s = set(BASE);
+    let d = s.decide(&call(Some("gateway"), &[], "GET", "/orders/7"));
+    assert_eq!(
+        (d.decision, d.reason, d.rule.as_deref()),
+        (Effect::Allow, Reason::MatchedAllow, Some("p/read"))
+    );
+    // Deny overrides allow, and a deny rule without `from` applies to everyone.
+    let d = s.decide(&call(Some("gateway"), &[], "GET", "/orders/secret"));
+    assert_eq!(
+        (d.decision, d.reason, d.rule.as_deref()),
+        (Effect::Deny, Reason::MatchedDeny, Some("p/no-secret"))
+    );
+    let d = s.decide(&call(None, &[], "GET", "/orders/secret"));
+    assert_eq!(d.reason, Reason::MatchedDeny);
+    // Nothing matches: default deny, no rule.
+    let d = s.decide(&call(Some("gateway"), &[], "DELETE", "/orders/7"));
+    assert_eq!(
+        (d.decision, d.reason, d.rule),
+        (Effect::Deny, Reason::NoMatchingAllow, None)
+    );
+    // A template matches with or without one trailing slash, not two segments.
+    assert!(
+        s.decide(&call(Some("gateway"), &[], "GET", "/orders/7/"))
+            .is_allowed()
+    );
+    assert!(
+        s.decide(&call(Some("gateway"), &[], "GET", "/orders"))
+            .is_allowed()
+    );
+    assert!(
+        !s.decide(&call(Some("gateway"), &[], "GET", "/orders/7/8"))
+            .is_allowed()
+    );
+}
+
+#[test]
+fn unauthenticated_callers_match_only_rules_that_say_so() {
+    let s = set(BASE);
+    assert!(s.decide(&call(None, &[], "GET", "/health")).is_allowed());
+    assert!(
+        s.decide(&call(Some("anyone"), &[], "GET", "/health"))
+            .is_allowed()
+    );
+    let d = s.decide(&call(None, &[], "GET", "/orders/7"));
+    assert_eq!(d.reason, Reason::NoMatchingAllow);
+}
+
+#[test]
+fn catch_all_params_and_conditions() {
+    let s = set(BASE);
+    assert!(
+        s.decide(&call(Some("gateway"), &[], "GET", "/files/pub/a/b.txt"))
+            .is_allowed()
+    );
+    assert!(
+        !s.decide(&call(Some("gateway"), &[], "GET", "/files/priv/a"))
+            .is_allowed()
+    );
+    assert!(
+        !s.decide(&call(Some("gateway"), &[], "GET", "/files"))
+            .is_allowed()
+    );
+    // Dot segments are resolved before matching, so they cannot smuggle a prefix.
+    assert!(
+        !s.decide(&call(Some("gateway"), &[], "GET", "/files/pub/../priv/x"))
+            .is_allowed()
+    );
+}
+
+#[test]
+fn claims_compare_with_their_json_type() {
+    let s = set(BASE);
+    assert!(
+        s.decide(&call(Some("gateway"), &["x"], "PUT", "/orders/1"))
+            .is_allowed()
+    );
+    let mut r = call(Some("gateway"), &["x"], "PUT", "/orders/1");
+    r.user
+        .as_mut()
+        .unwrap()
+        .claims
+        .insert("tenant".into(), json!(["t0", "t1"]));
+    assert!(
+        s.decide(&r).is_allowed(),
+        "array claims match by membership"
+    );
+    r.user
+        .as_mut()
+        .unwrap()
+        .claims
+        .insert("tenant".into(), json!({"t1": true}));
+    assert!(!s.decide(&r).is_allowed());
+    // No user at all: a users clause never matches.
+    assert!(
+        !s.decide(&call(Some("gateway"), &[], "PUT", "/orders/1"))
+            .is_allowed()
+    );
+}
+
+#[test]
+fn condition_errors_fail_closed() {
+    let s = set(BASE);
+    // A deny rule whose condition errors matches.
+    let d = s.decide(&call(Some("gateway"), &[], "GET", "/boom"));
+    assert_eq!(
+        (d.decision, d.reason, d.rule.as_deref()),
+        (
+            Effect::Deny,
+            Reason::ConditionError,
+            Some("p/cel-error-deny")
+        )
+    );
+    // An allow rule whose condition errors does not match.
+    let s = set(r#"
+apiVersion: castellan/v1
+kind: AccessPolicy
+metadata: {name: q}
+spec:
+  service: orders
+  rules:
+    - name: typed
+      effect: allow
+      from: {services: [gateway]}
+      when: "user.claims.level > 3"
+    - name: not-bool
+      effect: allow
+      from: {services: [gateway]}
+      to: {paths: ["/n"]}
+      when: "'yes'"
+"#);
+    let mut r = call(Some("gateway"), &["r"], "GET", "/x");
+    r.user
+        .as_mut()
+        .unwrap()
+        .claims
+        .insert("level".into(), json!("high"));
+    let d = s.decide(&r);
+    assert_eq!(
+        (d.decision, d.reason, d.rule.as_deref()),
+        (Effect::Deny, Reason::ConditionError, Some("q/typed"))
+    );
+    r.user
+        .as_mut()
+        .unwrap()
+        .claims
+        .insert("level".into(), json!(5));
+    assert!(s.decide(&r).is_allowed());
+    let d = s.decide(&call(Some("gateway"), &[], "GET", "/n"));
+    assert_eq!(
+        d.reason,
+        Reason::ConditionError,
+        "a non-boolean result is an error"
+    );
+}
+
+#[test]
+fn audit_mode_allows_would_be_denials_and_says_why() {
+    let s = set(&BASE.replace("service: orders", "service: orders\n  mode: audit"));
+    let d = s.decide(&call(Some("gateway"), &[], "DELETE", "/orders/7"));
+    assert_eq!(
+        (d.decision, d.mode, d.reason),
+        (Effect::Allow, Mode::Audit, Reason::NoMatchingAllow)
+    );
+    let d = s.decide(&call(Some("gateway"), &[], "GET", "/orders/secret"));
+    assert_eq!(
+        (d.decision, d.reason, d.rule.as_deref()),
+        (Effect::Allow, Reason::MatchedDeny, Some("p/no-secret"))
+    );
+    // Malformed requests are refused even in audit mode.
+    let d = s.decide(&call(Some("gateway"), &[], "GET", "/%2F"));
+    assert_eq!(
+        (d.decision, d.reason),
+        (Effect::Deny, Reason::MalformedRequest)
+    );
+}
+
+#[test]
+fn mesh_default_mode_applies_to_services_without_policy() {
+    let mesh = "apiVersion: castellan/v1\nkind: MeshConfig\nmetadata: {name: m}\nspec: {defaultMode: audit}\n";
+    let s = PolicySet::from_sources([("m.yaml", mesh), ("p.yaml", BASE)]).unwrap();
+    let mut r = call(Some("gateway"), &[], "GET", "/");
+    r.destination.service = "unknown".into();
+    let d = s.decide(&r);
+    assert_eq!(
+        (d.decision, d.mode, d.reason),
+        (Effect::Allow, Mode::Audit, Reason::NoMatchingAllow)
+    );
+    let d = set(BASE).decide(&r);
+    assert_eq!((d.decision, d.mode), (Effect::Deny, Mode::Enforce));
+}
+
+#[test]
+fn identities_of_other_trust_domains_need_full_ids() {
+    let s = set(r#"
+apiVersion: castellan/v1
+kind: AccessPolicy
+metadata: {name: ids}
+spec:
+  service: orders
+  rules:
+    - name: local
+      effect: allow
+      from: {services: [gateway]}
+      to: {paths: ["/a"]}
+    - name: istio
+      effect: allow
+      from: {services: ["spiffe://cluster.local/ns/shop/sa/*"]}
+      to: {paths: ["/b"]}
+"#);
+    let id = |i: &str, p: &str| {
+        req(
+            json!({"source": {"spiffe_id": i}, "destination": {"service": "orders"},
+                   "request": {"method": "GET", "path": p}}),
+        )
+    };
+    assert!(
+        s.decide(&id("spiffe://castellan.local/svc/gateway", "/a"))
+            .is_allowed()
+    );
+    assert!(
+        !s.decide(&id("spiffe://other.org/svc/gateway", "/a"))
+            .is_allowed()
+    );
+    assert!(
+        s.decide(&id("spiffe://cluster.local/ns/shop/sa/orders", "/b"))
+            .is_allowed()
+    );
+    assert!(
+        !s.decide(&id("spiffe://cluster.local/ns/shop/sa/orders/x", "/b"))
+            .is_allowed()
+    );
+    assert!(
+        !s.decide(&id("spiffe://cluster.local/ns/shopping/sa/orders", "/b"))
+            .is_allowed()
+    );
+    // A malformed SPIFFE ID is a malformed request, not an anonymous one.
+    assert_eq!(
+        s.decide(&id("spiffe://Bad/svc/x", "/a")).reason,
+        Reason::MalformedRequest
+    );
+}
+
+#[test]
+fn hosts_compare_case_insensitively_without_port() {
+    let s = set(r#"
+apiVersion: castellan/v1
+kind: AccessPolicy
+metadata: {name: h}
+spec:
+  service: orders
+  rules:
+    - name: host
+      effect: allow
+      from: {services: [gateway]}
+      to: {hosts: [Orders.Example]}
+"#);
+    let mut r = call(Some("gateway"), &[], "GET", "/");
+    for (host, ok) in [
+        ("orders.example", true),
+        ("ORDERS.EXAMPLE:443", true),
+        ("orders.example.", true),
+        ("orders.example.evil", false),
+        ("", false),
+    ] {
+        r.request.host = host.into();
+        assert_eq!(s.decide(&r).is_allowed(), ok, "{host}");
+    }
+}
+
+#[test]
+fn every_load_error_is_reported_with_its_place() {
+    let bad = "apiVersion: castellan/v1\nkind: AccessPolicy\nmetadata: {name: x}\nspec:\n  service: orders\n  extra: 1\n  rules:\n    - {name: a, effect: maybe}\n    - {name: a, effect: allow, to: {paths: ['/x/{id}/{id}']}}\n";
+    let Err(LoadError::Invalid(d)) = PolicySet::from_sources([("bad.yaml", bad)]) else {
+        panic!()
+    };
+    let lines: Vec<String> = d.iter().map(ToString::to_string).collect();
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    assert!(
+        lines[0].starts_with("bad.yaml:6:3: unknown field \"extra\""),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with("bad.yaml:8:25: unknown effect"),
+        "{}",
+        lines[1]
+    );
+    assert!(lines[2].contains("duplicate rule name") || lines[3].contains("duplicate rule name"));
+    assert!(lines.iter().any(|l| l.contains("appears twice")));
+}
+
+#[test]
+fn conflicting_modes_and_bad_yaml_are_rejected() {
+    let a = "apiVersion: castellan/v1\nkind: AccessPolicy\nmetadata: {name: a}\nspec: {service: s, mode: audit, rules: [{name: r, effect: allow}]}\n";
+    let b = "apiVersion: castellan/v1\nkind: AccessPolicy\nmetadata: {name: b}\nspec: {service: s, rules: [{name: r, effect: allow}]}\n";
+    let Err(LoadError::Invalid(d)) = PolicySet::from_sources([("a.yaml", a), ("b.yaml", b)]) else {
+        panic!()
+    };
+    assert!(
+        d[0].message
+            .contains("all policies of a service must agree"),
+        "{:?}",
+        d
+    );
+    let Err(LoadError::Invalid(d)) = PolicySet::from_sources([("c.yaml", "a: [1, 2\n")]) else {
+        panic!()
+    };
+    assert!(d[0].message.starts_with("invalid YAML"));
+    let Err(LoadError::Invalid(d)) =
+        PolicySet::from_sources([("d.yaml", "apiVersion: v2\nkind: Nope\n")])
+    else {
+        panic!()
+    };
+    assert_eq!(d.len(), 2);
+}
+
+#[test]
+fn revisions_swap_while_other_threads_decide() {
+    let engine = Arc::new(Engine::new(set(BASE)));
+    let r = call(Some("gateway"), &[], "GET", "/orders/7");
+    assert!(engine.decide(&r).is_allowed());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (engine, stop, r) = (engine.clone(), stop.clone(), r.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Each decision sees one whole revision: an allow by `read` or a deny by nothing.
+                    let d = engine.decide(&r);
+                    assert!(d.rule.as_deref() == Some("p/read") || d.rule.is_none());
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    for i in 0..50 {
+        let next = if i % 2 == 0 {
+            PolicySet::empty()
+        } else {
+            set(BASE)
+        };
+        engine.swap(next);
+    }
+    engine.swap(PolicySet::empty());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        assert!(w.join().unwrap() > 0);
+    }
+    assert!(
+        !engine.decide(&r).is_allowed(),
+        "the last revision installed is the one used"
+    );
+}
+
+#[test]
+fn overlapping_templates_are_all_considered() {
+    let s = set(r#"
+apiVersion: castellan/v1
+kind: AccessPolicy
+metadata: {name: o}
+spec:
+  service: orders
+  rules:
+    - name: allow-any-item
+      effect: allow
+      from: {services: [gateway]}
+      to: {paths: ["/items/{id}"]}
+    - name: deny-exact
+      effect: deny
+      to: {paths: ["/items/special"]}
+    - name: deny-catch-all
+      effect: deny
+      to: {paths: ["/items/{*rest}"]}
+      when: "params.rest == 'locked'"
+"#);
+    let d = s.decide(&call(Some("gateway"), &[], "GET", "/items/special"));
+    assert_eq!(d.rule.as_deref(), Some("o/deny-exact"));
+    let d = s.decide(&call(Some("gateway"), &[], "GET", "/items/locked"));
+    assert_eq!(d.rule.as_deref(), Some("o/deny-catch-all"));
+    let d = s.decide(&call(Some("gateway"), &[], "GET", "/items/%6cocked"));
+    assert_eq!(
+        d.rule.as_deref(),
+        Some("o/deny-catch-all"),
+        "unreserved escapes are decoded before matching"
+    );
+    assert!(
+        s.decide(&call(Some("gateway"), &[], "GET", "/items/7"))
+            .is_allowed()
+    );
+}
