@@ -2,7 +2,10 @@
 
 use crate::request::Request;
 use cel::common::ast::{EntryExpr, Expr};
-use cel::objects::{Key, Map};
+use cel::common::types::{
+    CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelTimestamp,
+    CelUInt,
+};
 use cel::{Context, Env, Program, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock};
@@ -23,6 +26,11 @@ pub struct Condition {
     source: String,
     program: Program,
     uses: u8,
+    /// Whether the text mentions `query`: a sound over-approximation of reading `request.query`
+    /// (CEL has no computed field names), which spares parsing the query for every other condition.
+    uses_query: bool,
+    /// The native form, when the condition has a shape [`crate::fast`] supports.
+    fast: Option<crate::fast::Fast>,
 }
 
 impl std::fmt::Debug for Condition {
@@ -73,8 +81,10 @@ impl Condition {
         }
         Ok(Condition {
             source: src.to_owned(),
-            program,
             uses,
+            uses_query: src.contains("query"),
+            fast: crate::fast::compile(&program.expression().expr),
+            program,
         })
     }
 
@@ -90,28 +100,44 @@ impl Condition {
         params: &[(&str, &str)],
         ctx: &EvalContext<'_>,
     ) -> Result<bool, String> {
+        if let Some(fast) = &self.fast
+            && let Ok(b) = fast.eval_bool(req, params, ctx)
+        {
+            return Ok(b);
+        }
+        self.eval_interpreted(req, params, ctx)
+    }
+
+    /// Evaluates with the CEL interpreter only.
+    pub fn eval_interpreted(
+        &self,
+        req: &Request,
+        params: &[(&str, &str)],
+        ctx: &EvalContext<'_>,
+    ) -> Result<bool, String> {
+        // Values are built straight into CEL's `Val` types, borrowing from the request: no
+        // intermediate `Value` tree, no string copies.
         let mut c = Context::with_env(ENV.clone());
         if self.uses & USES_SOURCE != 0 {
-            c.add_variable_from_value("source", ctx.source_value());
+            c.add_variable_as_val("source", source_val(ctx));
         }
         if self.uses & USES_USER != 0 {
-            c.add_variable_from_value("user", user_value(req));
+            c.add_variable_as_val("user", user_val(req));
         }
         if self.uses & USES_REQUEST != 0 {
-            c.add_variable_from_value("request", request_value(req, ctx)?);
+            c.add_variable_as_val("request", request_val(req, ctx, self.uses_query)?);
         }
         if self.uses & USES_PARAMS != 0 {
-            let m: HashMap<Key, Value> = params
-                .iter()
-                .map(|(k, v)| (Key::from((*k).to_owned()), Value::from(decode_param(v))))
-                .collect();
-            c.add_variable_from_value("params", Value::Map(Map { map: Arc::new(m) }));
+            c.add_variable_as_val(
+                "params",
+                map(params.iter().map(|(k, v)| (*k, owned_str(decode_param(v))))),
+            );
         }
         if self.uses & USES_TIME != 0 {
             let t = req
                 .time
                 .unwrap_or_else(|| chrono::Utc::now().fixed_offset());
-            c.add_variable_from_value("time", Value::Timestamp(t));
+            c.add_variable_as_val("time", Box::new(CelTimestamp::from(t)));
         }
         match self.program.execute(&c) {
             Ok(Value::Bool(b)) => Ok(b),
@@ -125,10 +151,10 @@ impl Condition {
 }
 
 /// Parts of the request already normalized by the engine, shared by every condition of a decision.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct EvalContext<'a> {
     /// The caller's full SPIFFE ID and local name.
-    pub caller: Option<&'a crate::principal::Caller>,
+    pub caller: Option<&'a crate::principal::Caller<'a>>,
     /// Normalized path.
     pub path: &'a str,
     /// Raw query.
@@ -137,20 +163,38 @@ pub struct EvalContext<'a> {
     pub host: &'a str,
 }
 
-impl EvalContext<'_> {
-    fn source_value(&self) -> Value {
-        let mut m: HashMap<Key, Value> = HashMap::new();
-        if let Some(c) = self.caller {
-            m.insert(
-                Key::from("spiffe_id".to_owned()),
-                Value::from(c.spiffe_id.clone()),
-            );
-            m.insert(
-                Key::from("service".to_owned()),
-                c.local_name.clone().map_or(Value::Null, Value::from),
-            );
-        }
-        Value::Map(Map { map: Arc::new(m) })
+type Val<'v> = Box<dyn cel::common::value::Val + 'v>;
+
+fn str_val(s: &str) -> Val<'_> {
+    Box::new(CelString::from(s))
+}
+
+fn owned_str(s: String) -> Val<'static> {
+    Box::new(CelString::from(s))
+}
+
+fn map<'v>(entries: impl IntoIterator<Item = (&'v str, Val<'v>)>) -> Val<'v> {
+    let m: HashMap<CelMapKey<'v>, Val<'v>> = entries
+        .into_iter()
+        .map(|(k, v)| (CelMapKey::from(k), v))
+        .collect();
+    Box::new(CelMap::from(m))
+}
+
+fn source_val<'v>(ctx: &EvalContext<'v>) -> Val<'v> {
+    match ctx.caller {
+        None => map([]),
+        Some(c) => map([
+            (
+                "spiffe_id",
+                Box::new(CelString::from(c.spiffe_id())) as Val<'v>,
+            ),
+            (
+                "service",
+                c.local_name()
+                    .map_or_else(|| Box::new(CelNull) as Val<'v>, str_val),
+            ),
+        ]),
     }
 }
 
@@ -184,66 +228,54 @@ fn percent_decode(s: &str) -> Vec<u8> {
     out
 }
 
-fn user_value(req: &Request) -> Value {
-    let mut m: HashMap<Key, Value> = HashMap::new();
-    if let Some(u) = &req.user {
-        if let Some(sub) = &u.sub {
-            m.insert(Key::from("sub".to_owned()), Value::from(sub.clone()));
-        }
-        m.insert(
-            Key::from("roles".to_owned()),
-            Value::List(Arc::new(
-                u.roles.iter().map(|r| Value::from(r.clone())).collect(),
-            )),
-        );
-        let claims: HashMap<Key, Value> = u
-            .claims
-            .iter()
-            .map(|(k, v)| (Key::from(k.clone()), json_to_cel(v)))
-            .collect();
-        m.insert(
-            Key::from("claims".to_owned()),
-            Value::Map(Map {
-                map: Arc::new(claims),
-            }),
-        );
+fn user_val(req: &Request) -> Val<'_> {
+    let Some(u) = &req.user else { return map([]) };
+    let roles: Vec<Val<'_>> = u.roles.iter().map(|r| str_val(r)).collect();
+    let claims = map(u.claims.iter().map(|(k, v)| (k.as_str(), json_val(v))));
+    let mut entries = vec![
+        ("roles", Box::new(CelList::from(roles)) as Val<'_>),
+        ("claims", claims),
+    ];
+    if let Some(sub) = &u.sub {
+        entries.push(("sub", str_val(sub)));
     }
-    Value::Map(Map { map: Arc::new(m) })
+    map(entries)
 }
 
-fn request_value(req: &Request, ctx: &EvalContext<'_>) -> Result<Value, String> {
-    let mut m: HashMap<Key, Value> = HashMap::new();
-    m.insert(
-        Key::from("method".to_owned()),
-        Value::from(req.request.method.clone()),
-    );
-    m.insert(
-        Key::from("path".to_owned()),
-        Value::from(ctx.path.to_owned()),
-    );
-    m.insert(
-        Key::from("host".to_owned()),
-        Value::from(ctx.host.to_owned()),
-    );
-    let headers: HashMap<Key, Value> = req
+fn request_val<'v>(
+    req: &'v Request,
+    ctx: &EvalContext<'v>,
+    with_query: bool,
+) -> Result<Val<'v>, String> {
+    // Header names arrive in any case from JSON input; CEL sees them lower-case.
+    let headers: HashMap<CelMapKey<'v>, Val<'v>> = req
         .request
         .headers
         .iter()
-        .map(|(k, v)| (Key::from(k.to_ascii_lowercase()), Value::from(v.clone())))
+        .map(|(k, v)| {
+            let key = if k.bytes().any(|b| b.is_ascii_uppercase()) {
+                CelMapKey::from(k.to_ascii_lowercase())
+            } else {
+                CelMapKey::from(k.as_str())
+            };
+            (key, str_val(v))
+        })
         .collect();
-    m.insert(
-        Key::from("headers".to_owned()),
-        Value::Map(Map {
-            map: Arc::new(headers),
-        }),
-    );
-    m.insert(Key::from("query".to_owned()), query_value(ctx.query)?);
-    Ok(Value::Map(Map { map: Arc::new(m) }))
+    let mut entries = vec![
+        ("method", str_val(&req.request.method)),
+        ("path", str_val(ctx.path)),
+        ("host", str_val(ctx.host)),
+        ("headers", Box::new(CelMap::from(headers)) as Val<'v>),
+    ];
+    if with_query {
+        entries.push(("query", query_val(ctx.query)?));
+    }
+    Ok(map(entries))
 }
 
 /// The query as a map from name to every value (a list, so a repeated name cannot hide a value).
-fn query_value(query: Option<&str>) -> Result<Value, String> {
-    let mut m: HashMap<String, Vec<Value>> = HashMap::new();
+fn query_val(query: Option<&str>) -> Result<Val<'static>, String> {
+    let mut m: HashMap<String, Vec<Val<'static>>> = HashMap::new();
     for pair in query
         .unwrap_or_default()
         .split('&')
@@ -254,37 +286,38 @@ fn query_value(query: Option<&str>) -> Result<Value, String> {
             String::from_utf8(percent_decode(&s.replace('+', " ")))
                 .map_err(|_| "query is not valid UTF-8 once decoded".to_owned())
         };
-        m.entry(dec(k)?).or_default().push(Value::from(dec(v)?));
+        m.entry(dec(k)?).or_default().push(owned_str(dec(v)?));
     }
-    let m: HashMap<Key, Value> = m
+    let m: HashMap<CelMapKey<'static>, Val<'static>> = m
         .into_iter()
-        .map(|(k, v)| (Key::from(k), Value::List(Arc::new(v))))
+        .map(|(k, v)| {
+            (
+                CelMapKey::from(k),
+                Box::new(CelList::from(v)) as Val<'static>,
+            )
+        })
         .collect();
-    Ok(Value::Map(Map { map: Arc::new(m) }))
+    Ok(Box::new(CelMap::from(m)))
 }
 
-fn json_to_cel(v: &serde_json::Value) -> Value {
+fn json_val(v: &serde_json::Value) -> Val<'_> {
     match v {
-        serde_json::Value::Null => Value::Null,
-        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Null => Box::new(CelNull),
+        serde_json::Value::Bool(b) => Box::new(CelBool::from(*b)),
         serde_json::Value::Number(n) => {
             if let Some(i) = n.as_i64() {
-                Value::Int(i)
+                Box::new(CelInt::from(i))
             } else if let Some(u) = n.as_u64() {
-                Value::UInt(u)
+                Box::new(CelUInt::from(u))
             } else {
-                Value::Float(n.as_f64().unwrap_or(f64::NAN))
+                Box::new(CelDouble::from(n.as_f64().unwrap_or(f64::NAN)))
             }
         }
-        serde_json::Value::String(s) => Value::from(s.clone()),
-        serde_json::Value::Array(a) => Value::List(Arc::new(a.iter().map(json_to_cel).collect())),
-        serde_json::Value::Object(o) => {
-            let m: HashMap<Key, Value> = o
-                .iter()
-                .map(|(k, v)| (Key::from(k.clone()), json_to_cel(v)))
-                .collect();
-            Value::Map(Map { map: Arc::new(m) })
+        serde_json::Value::String(s) => str_val(s),
+        serde_json::Value::Array(a) => {
+            Box::new(CelList::from(a.iter().map(json_val).collect::<Vec<_>>()))
         }
+        serde_json::Value::Object(o) => map(o.iter().map(|(k, v)| (k.as_str(), json_val(v)))),
     }
 }
 

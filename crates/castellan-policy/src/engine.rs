@@ -10,6 +10,10 @@ use crate::request::{Decision, Reason, Request};
 use crate::template::Segment;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
+
+/// Index maps use foldhash: lookups with client-chosen keys only (never inserts), so a fast seeded
+/// hash is safe here, and SipHash showed up in profiles.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 
 /// A rule reference inside the index, with the names of its template's captures.
@@ -55,7 +59,7 @@ impl MethodRules {
 /// A node of the path trie.
 #[derive(Debug, Default)]
 struct PathNode {
-    literals: HashMap<Box<str>, PathNode>,
+    literals: FastMap<Box<str>, PathNode>,
     param: Option<Box<PathNode>>,
     /// Rules whose template ends here.
     exact: MethodRules,
@@ -82,7 +86,7 @@ struct CompiledRule {
 pub struct PolicySet {
     trust_domain: String,
     default_mode: Mode,
-    services: HashMap<String, ServiceIndex>,
+    services: FastMap<String, ServiceIndex>,
     rules: Vec<CompiledRule>,
 }
 
@@ -119,7 +123,7 @@ impl PolicySet {
         let mut set = PolicySet {
             trust_domain: options.trust_domain,
             default_mode: options.default_mode,
-            services: HashMap::new(),
+            services: FastMap::default(),
             rules: Vec::new(),
         };
         for policy in policies {

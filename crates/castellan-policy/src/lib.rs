@@ -33,6 +33,7 @@
 
 pub mod condition;
 mod engine;
+mod fast;
 mod load;
 pub mod model;
 pub mod normalize;

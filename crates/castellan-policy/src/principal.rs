@@ -2,13 +2,18 @@
 //! globs over either. A glob is never a regular expression: one `*`, at the end, matching one or
 //! more characters within the last path segment.
 
-/// The identity of a caller as the engine sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    /// The full SPIFFE ID.
-    pub spiffe_id: String,
+use std::borrow::Cow;
+
+/// The identity of a caller as the engine sees it, borrowed from the request: resolving it
+/// allocates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller<'a> {
+    /// The local trust domain.
+    trust_domain: &'a str,
+    /// The full SPIFFE ID, when the request gave one.
+    id: Option<&'a str>,
     /// The service name when the caller is `spiffe://<local trust domain>/svc/<name>`.
-    pub local_name: Option<String>,
+    local_name: Option<&'a str>,
 }
 
 /// A pattern in `from.services`.
@@ -71,17 +76,16 @@ impl ServicePattern {
     }
 
     /// Whether the caller matches.
-    pub fn matches(&self, caller: &Caller) -> bool {
+    pub fn matches(&self, caller: &Caller<'_>) -> bool {
         match self {
-            ServicePattern::Name(n) => caller.local_name.as_deref() == Some(n.as_str()),
+            ServicePattern::Name(n) => caller.local_name == Some(n.as_str()),
             ServicePattern::NamePrefix(p) => caller
                 .local_name
-                .as_deref()
                 .and_then(|n| n.strip_prefix(p.as_str()))
                 .is_some_and(|rest| !rest.is_empty()),
-            ServicePattern::SpiffeId(id) => caller.spiffe_id == *id,
+            ServicePattern::SpiffeId(id) => caller.spiffe_id_is(id),
             ServicePattern::SpiffePrefix(p) => caller
-                .spiffe_id
+                .spiffe_id()
                 .strip_prefix(p.as_str())
                 .is_some_and(|rest| !rest.is_empty() && !rest.contains('/')),
         }
@@ -127,13 +131,13 @@ pub fn parse_spiffe_id(id: &str) -> Result<(&str, &str), String> {
     Ok((td, path))
 }
 
-impl Caller {
+impl<'a> Caller<'a> {
     /// Builds the caller from what the request says: a local service name and/or a SPIFFE ID.
     pub fn resolve(
-        trust_domain: &str,
-        service: Option<&str>,
-        spiffe_id: Option<&str>,
-    ) -> Result<Option<Caller>, String> {
+        trust_domain: &'a str,
+        service: Option<&'a str>,
+        spiffe_id: Option<&'a str>,
+    ) -> Result<Option<Caller<'a>>, String> {
         match (service, spiffe_id) {
             (None, None) => Ok(None),
             (Some(name), None) => {
@@ -141,8 +145,9 @@ impl Caller {
                     return Err(format!("invalid source service name {name:?}"));
                 }
                 Ok(Some(Caller {
-                    spiffe_id: format!("spiffe://{trust_domain}/svc/{name}"),
-                    local_name: Some(name.to_owned()),
+                    trust_domain,
+                    id: None,
+                    local_name: Some(name),
                 }))
             }
             (service, Some(id)) => {
@@ -150,20 +155,53 @@ impl Caller {
                 let local_name = (td == trust_domain)
                     .then(|| path.strip_prefix("/svc/"))
                     .flatten()
-                    .filter(|n| !n.contains('/'))
-                    .map(str::to_owned);
+                    .filter(|n| !n.contains('/'));
                 if let Some(name) = service
-                    && local_name.as_deref() != Some(name)
+                    && local_name != Some(name)
                 {
                     return Err(format!(
                         "source.service {name:?} does not match source.spiffe_id {id:?}"
                     ));
                 }
                 Ok(Some(Caller {
-                    spiffe_id: id.to_owned(),
+                    trust_domain,
+                    id: Some(id),
                     local_name,
                 }))
             }
+        }
+    }
+
+    /// The service name, when the caller is a service of the local trust domain.
+    pub fn local_name(&self) -> Option<&'a str> {
+        self.local_name
+    }
+
+    /// The full SPIFFE ID when the request gave it (not derived from a name).
+    pub fn given_spiffe_id(&self) -> Option<&'a str> {
+        self.id
+    }
+
+    /// The full SPIFFE ID.
+    pub fn spiffe_id(&self) -> Cow<'a, str> {
+        match (self.id, self.local_name) {
+            (Some(id), _) => Cow::Borrowed(id),
+            (None, Some(n)) => Cow::Owned(format!("spiffe://{}/svc/{n}", self.trust_domain)),
+            (None, None) => Cow::Borrowed(""),
+        }
+    }
+
+    /// Whether the full SPIFFE ID is `id`, without building it.
+    pub fn spiffe_id_is(&self, id: &str) -> bool {
+        match (self.id, self.local_name) {
+            (Some(mine), _) => mine == id,
+            (None, Some(n)) => {
+                id.strip_prefix("spiffe://")
+                    .and_then(|r| r.strip_prefix(self.trust_domain))
+                    .and_then(|r| r.strip_prefix("/svc/"))
+                    == Some(n)
+            }
+            (None, None) => false,
         }
     }
 }
@@ -172,7 +210,7 @@ impl Caller {
 mod tests {
     use super::*;
 
-    fn caller(id: &str) -> Caller {
+    fn caller(id: &str) -> Caller<'_> {
         Caller::resolve("example.org", None, Some(id))
             .unwrap()
             .unwrap()
@@ -234,6 +272,9 @@ mod tests {
         let c = Caller::resolve("example.org", Some("a"), None)
             .unwrap()
             .unwrap();
-        assert_eq!(c.spiffe_id, "spiffe://example.org/svc/a");
+        assert_eq!(c.spiffe_id(), "spiffe://example.org/svc/a");
+        assert!(c.spiffe_id_is("spiffe://example.org/svc/a"));
+        assert!(!c.spiffe_id_is("spiffe://example.org/svc/ab"));
+        assert!(!c.spiffe_id_is("spiffe://example.orgx/svc/a"));
     }
 }
