@@ -374,7 +374,12 @@ mod tests {
             "user": {"sub": "alice", "roles": ["customer"], "claims": {"customer_id": "42", "tenant": "t1", "level": 3, "admin": false}},
             "destination": {"service": "orders"},
             "request": {"method": "GET", "path": "/x", "host": "orders", "headers": {"x-tenant": "t1", "x_debug": "on"}}})).unwrap();
-        let caller = Caller::resolve("castellan.local", Some("gateway"), None).unwrap();
+        let caller = Caller::resolve(
+            "castellan.local",
+            None,
+            Some("spiffe://castellan.local/svc/gateway"),
+        )
+        .unwrap();
         let ctx = EvalContext {
             caller: caller.as_ref(),
             path: "/x",
