@@ -188,6 +188,7 @@ impl PolicySet {
         let method = validate_method(&req.request.method)?;
         let target = normalize_target(&req.request.path)?;
         let host = normalize_host(&req.request.host)?;
+        check_header_names(&req.request.headers)?;
         let caller = match &req.source {
             None => None,
             Some(s) => Caller::resolve(
@@ -382,6 +383,25 @@ impl PolicySet {
         }
         Match::Yes
     }
+}
+
+/// Header names are case-insensitive: two spellings of one name are a repeated header, which
+/// policy and application could read differently (Envoy CVE-2020-25017), so the request is refused.
+fn check_header_names(
+    headers: &std::collections::BTreeMap<String, String>,
+) -> Result<(), Malformed> {
+    if !headers
+        .keys()
+        .any(|k| k.bytes().any(|b| b.is_ascii_uppercase()))
+    {
+        return Ok(()); // keys of a map are distinct; all lower-case means no repeats
+    }
+    let mut lower: Vec<String> = headers.keys().map(|k| k.to_ascii_lowercase()).collect();
+    lower.sort_unstable();
+    if lower.windows(2).any(|w| matches!(w, [a, b] if a == b)) {
+        return Err(Malformed::Other("a header name appears twice"));
+    }
+    Ok(())
 }
 
 enum Match {

@@ -139,6 +139,11 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Malformed> {
     if out.is_empty() || trailing_slash {
         out.push('/');
     }
+    // Encoding raw characters can triple the length: bound the output too, or normalizing the
+    // output again would fail (found by the normalize_path fuzzer).
+    if out.len() > MAX_TARGET_LEN {
+        return Err(Malformed::TooLong);
+    }
     if any_high_byte && !decodes_to_utf8(&out) {
         return Err(Malformed::InvalidUtf8);
     }
@@ -408,6 +413,9 @@ mod tests {
         assert_eq!(norm("?/orders").unwrap_err(), Malformed::NotOriginForm);
         let long = format!("/{}", "a".repeat(MAX_TARGET_LEN));
         assert_eq!(norm(&long).unwrap_err(), Malformed::TooLong);
+        // Short enough as sent, too long once raw characters are encoded.
+        let grows = format!("/{}", "`".repeat(MAX_TARGET_LEN / 2));
+        assert_eq!(norm(&grows).unwrap_err(), Malformed::TooLong);
     }
 
     #[test]

@@ -458,3 +458,17 @@ spec:
             .is_allowed()
     );
 }
+
+#[test]
+fn a_header_repeated_with_another_case_is_malformed() {
+    let s = set(BASE);
+    let mut r = call(Some("gateway"), &[], "GET", "/orders/7");
+    r.request.headers.insert("X-Tenant".into(), "a".into());
+    assert!(s.decide(&r).is_allowed());
+    r.request.headers.insert("x-tenant".into(), "b".into());
+    let d = s.decide(&r);
+    assert_eq!(
+        (d.decision, d.reason),
+        (Effect::Deny, Reason::MalformedRequest)
+    );
+}
