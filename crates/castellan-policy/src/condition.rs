@@ -1,5 +1,6 @@
 //! CEL conditions (`when:`): compiled once at load, evaluated with only the variables they use.
 
+use crate::normalize::percent_decode;
 use crate::request::Request;
 use cel::common::ast::{EntryExpr, Expr};
 use cel::common::types::{
@@ -205,27 +206,6 @@ fn decode_param(v: &str) -> String {
     }
     let bytes = percent_decode(v);
     String::from_utf8_lossy(&bytes).into_owned()
-}
-
-fn percent_decode(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        if c == b'%'
-            && let (Some(h), Some(l)) = (
-                b.get(i + 1).and_then(|x| (*x as char).to_digit(16)),
-                b.get(i + 2).and_then(|x| (*x as char).to_digit(16)),
-            )
-        {
-            out.push(u8::try_from(h * 16 + l).unwrap_or(0));
-            i += 3;
-            continue;
-        }
-        out.push(c);
-        i += 1;
-    }
-    out
 }
 
 fn user_val(req: &Request) -> Val<'_> {

@@ -75,19 +75,13 @@ struct ServiceIndex {
     any_path: MethodRules,
 }
 
-/// A rule ready to evaluate.
-#[derive(Debug)]
-struct CompiledRule {
-    rule: Rule,
-}
-
 /// A validated, compiled, indexed set of policies. Immutable; build a new one for a new revision.
 #[derive(Debug)]
 pub struct PolicySet {
     trust_domain: String,
     default_mode: Mode,
     services: FastMap<String, ServiceIndex>,
-    rules: Vec<CompiledRule>,
+    rules: Vec<Rule>,
 }
 
 /// Settings that apply to the whole set.
@@ -149,7 +143,7 @@ impl PolicySet {
                         }
                     }
                 }
-                set.rules.push(CompiledRule { rule });
+                set.rules.push(rule);
             }
         }
         set
@@ -242,16 +236,16 @@ impl PolicySet {
             .iter()
             .filter(|c| self.effect(c.rule) == Some(Effect::Deny))
         {
-            let Some(cr) = self.rules.get(c.rule as usize) else {
+            let Some(rule) = self.rules.get(c.rule as usize) else {
                 continue;
             };
-            match self.rule_matches(&cr.rule, c, &caps, req, &ctx, authenticated) {
+            match self.rule_matches(rule, c, &caps, req, &ctx, authenticated) {
                 Match::No => {}
                 Match::Yes => {
                     return Ok(apply_mode(
                         svc.mode,
                         Effect::Deny,
-                        Some(&cr.rule.id),
+                        Some(&rule.id),
                         Reason::MatchedDeny,
                         None,
                     ));
@@ -260,7 +254,7 @@ impl PolicySet {
                     return Ok(apply_mode(
                         svc.mode,
                         Effect::Deny,
-                        Some(&cr.rule.id),
+                        Some(&rule.id),
                         Reason::ConditionError,
                         Some(e),
                     ));
@@ -272,15 +266,15 @@ impl PolicySet {
             .iter()
             .filter(|c| self.effect(c.rule) == Some(Effect::Allow))
         {
-            let Some(cr) = self.rules.get(c.rule as usize) else {
+            let Some(rule) = self.rules.get(c.rule as usize) else {
                 continue;
             };
-            match self.rule_matches(&cr.rule, c, &caps, req, &ctx, authenticated) {
+            match self.rule_matches(rule, c, &caps, req, &ctx, authenticated) {
                 Match::No => {}
                 Match::Yes => {
                     return Ok(Decision {
                         decision: Effect::Allow,
-                        rule: Some(cr.rule.id.clone()),
+                        rule: Some(rule.id.clone()),
                         mode: svc.mode,
                         reason: Reason::MatchedAllow,
                         detail: None,
@@ -288,7 +282,7 @@ impl PolicySet {
                 }
                 Match::Error(e) => {
                     if first_error.is_none() {
-                        first_error = Some((&cr.rule.id, e));
+                        first_error = Some((&rule.id, e));
                     }
                 }
             }
@@ -306,7 +300,7 @@ impl PolicySet {
     }
 
     fn effect(&self, idx: u32) -> Option<Effect> {
-        self.rules.get(idx as usize).map(|r| r.rule.effect)
+        self.rules.get(idx as usize).map(|r| r.effect)
     }
 
     fn rule_matches(

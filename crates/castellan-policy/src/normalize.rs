@@ -260,6 +260,11 @@ fn canonical_segment(raw: &str) -> Result<(String, bool), Malformed> {
 
 /// Whether fully percent-decoding `s` gives UTF-8.
 fn decodes_to_utf8(s: &str) -> bool {
+    std::str::from_utf8(&percent_decode(s)).is_ok()
+}
+
+/// Decodes every `%XX`; a `%` without two hex digits stays as it is.
+pub(crate) fn percent_decode(s: &str) -> Vec<u8> {
     let bytes = s.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -277,7 +282,7 @@ fn decodes_to_utf8(s: &str) -> bool {
             i += 1;
         }
     }
-    std::str::from_utf8(&decoded).is_ok()
+    decoded
 }
 
 /// Checks a method: methods are case-sensitive upper-case tokens (`GET`, `POST`, `M-SEARCH`).
