@@ -2,6 +2,7 @@
 //! globs over either. A glob is never a regular expression: one `*`, at the end, matching one or
 //! more characters within the last path segment.
 
+use castellan_identity::spiffe::{is_path_char, split_spiffe_id};
 use std::borrow::Cow;
 
 /// The identity of a caller as the engine sees it, borrowed from the request: resolving it
@@ -92,43 +93,14 @@ impl ServicePattern {
     }
 }
 
-fn is_path_char(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')
-}
-
-fn is_trust_domain_char(b: u8) -> bool {
-    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-}
-
 /// Checks a trust domain name (SPIFFE: lower-case letters, digits, `.`, `-`, `_`).
 pub fn validate_trust_domain(td: &str) -> Result<(), String> {
-    if td.is_empty() || td.len() > 255 || !td.bytes().all(is_trust_domain_char) {
-        return Err(format!("invalid trust domain {td:?}"));
-    }
-    Ok(())
+    castellan_identity::validate_trust_domain(td).map_err(|e| e.to_string())
 }
 
 /// Splits a SPIFFE ID into trust domain and path, validating it (SPIFFE-ID §2).
 pub fn parse_spiffe_id(id: &str) -> Result<(&str, &str), String> {
-    let rest = id
-        .strip_prefix("spiffe://")
-        .ok_or_else(|| "SPIFFE ID must start with 'spiffe://'".to_owned())?;
-    if id.len() > 2048 {
-        return Err("SPIFFE ID is too long".to_owned());
-    }
-    let (td, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    validate_trust_domain(td)?;
-    if !path.is_empty() {
-        for seg in path.split('/').skip(1) {
-            if seg.is_empty() || seg == "." || seg == ".." || !seg.bytes().all(is_path_char) {
-                return Err(format!("invalid SPIFFE ID path segment {seg:?}"));
-            }
-        }
-    }
-    Ok((td, path))
+    split_spiffe_id(id).map_err(|e| e.to_string())
 }
 
 impl<'a> Caller<'a> {
