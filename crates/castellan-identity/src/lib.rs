@@ -14,7 +14,11 @@
 pub mod spiffe;
 #[cfg(feature = "x509")]
 pub mod svid;
+#[cfg(feature = "x509")]
+pub mod token;
 
 pub use spiffe::{SpiffeId, SpiffeIdError, validate_trust_domain};
 #[cfg(feature = "x509")]
 pub use svid::{SvidError, SvidUsage, SvidValidator, TrustBundle};
+#[cfg(feature = "x509")]
+pub use token::{TokenError, TokenVerifier, VerifiedToken};
