@@ -11,12 +11,16 @@
     )
 )]
 
+#[cfg(feature = "x509")]
+pub mod csr;
 pub mod spiffe;
 #[cfg(feature = "x509")]
 pub mod svid;
 #[cfg(feature = "x509")]
 pub mod token;
 
+#[cfg(feature = "x509")]
+pub use csr::{CheckedCsr, CsrError, check_csr};
 pub use spiffe::{SpiffeId, SpiffeIdError, validate_trust_domain};
 #[cfg(feature = "x509")]
 pub use svid::{SvidError, SvidUsage, SvidValidator, TrustBundle};
