@@ -12,6 +12,8 @@
 )]
 
 #[cfg(feature = "x509")]
+pub mod ca;
+#[cfg(feature = "x509")]
 pub mod csr;
 pub mod spiffe;
 #[cfg(feature = "x509")]
@@ -19,6 +21,8 @@ pub mod svid;
 #[cfg(feature = "x509")]
 pub mod token;
 
+#[cfg(feature = "x509")]
+pub use ca::{CaError, CertificateAuthority, IssuedSvid};
 #[cfg(feature = "x509")]
 pub use csr::{CheckedCsr, CsrError, check_csr};
 pub use spiffe::{SpiffeId, SpiffeIdError, validate_trust_domain};
