@@ -1,0 +1,473 @@
+//! Castellan's control-plane persistence: one interface, two real backends — SQLite in the data
+//! directory by default, PostgreSQL when one machine is outgrown — with embedded migrations.
+//! Secrets arrive here already hashed or sealed; this crate never sees a plaintext credential.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{PgPool, SqlitePool};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A row with this key exists already.
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// No such row (or not in a state that allows the operation).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The URL is not a supported database URL.
+    #[error("unsupported database URL (use sqlite://PATH or postgres://…)")]
+    UnsupportedUrl,
+    /// The database failed (ours, not the client's).
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}
+
+fn conflict_or(e: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(what()),
+        _ => StoreError::Database(e),
+    }
+}
+
+/// `(kid, public_jwk, sealed_key, created_at, retired_at)`.
+type SigningKeyTuple = (String, String, Vec<u8>, i64, Option<i64>);
+/// `(id, cert_der, sealed_key, created_at, retired_at)`.
+type CaKeyTuple = (String, Vec<u8>, Vec<u8>, i64, Option<i64>);
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same statement on whichever backend is in use. SQL is written once with `$1, $2, …`
+/// in order of first appearance, which SQLite binds by position as PostgreSQL does.
+macro_rules! on_pool {
+    ($self:expr, $pool:ident => $body:expr) => {
+        match &$self.backend {
+            Backend::Sqlite($pool) => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// A service registered in the trust domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRow {
+    /// Its name.
+    pub name: String,
+    /// When it was added (Unix seconds).
+    pub created_at: i64,
+    /// When it was disabled, if it was.
+    pub disabled_at: Option<i64>,
+}
+
+/// A certificate the CA issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateRow {
+    /// Serial number, big-endian.
+    pub serial: Vec<u8>,
+    /// The service it identifies.
+    pub service: String,
+    /// Issue time.
+    pub issued_at: i64,
+    /// Expiry.
+    pub not_after: i64,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// A sealed private key with its public part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    /// Key id.
+    pub id: String,
+    /// For CA keys the certificate DER; for signing keys the public JWK (UTF-8) .
+    pub public: Vec<u8>,
+    /// The private key, sealed.
+    pub sealed_key: Vec<u8>,
+    /// Creation time.
+    pub created_at: i64,
+    /// Retirement time: no longer used to sign, still published until its last token expires.
+    pub retired_at: Option<i64>,
+}
+
+/// An OAuth2 client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRow {
+    /// Client id.
+    pub client_id: String,
+    /// Hash of the secret.
+    pub secret_hash: Vec<u8>,
+    /// Space-separated scopes it may request.
+    pub scopes: String,
+    /// Disabled time, if disabled.
+    pub disabled_at: Option<i64>,
+}
+
+/// An admin credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTokenRow {
+    /// Who it belongs to.
+    pub name: String,
+    /// `admin` or `viewer`.
+    pub role: String,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// A revocation proxies must learn about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationEvent {
+    /// Position in the stream; strictly increasing.
+    pub seq: i64,
+    /// `service` (a service was disabled) or `certificate` (a serial was revoked, hex).
+    pub kind: String,
+    /// The service name or serial.
+    pub subject: String,
+    /// When.
+    pub at: i64,
+}
+
+/// The control plane's database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    backend: Backend,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database at `url`: `sqlite://PATH` or
+    /// `postgres://…`.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let backend = if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(5));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(opts)
+                .await?;
+            sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+            Backend::Sqlite(pool)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let opts = PgConnectOptions::from_str(url)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(opts)
+                .await?;
+            sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+            Backend::Postgres(pool)
+        } else {
+            return Err(StoreError::UnsupportedUrl);
+        };
+        Ok(Store { backend })
+    }
+
+    /// Which backend this is: `sqlite` or `postgres`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        on_pool!(self, p => p.close().await)
+    }
+
+    // ---- services -------------------------------------------------------------------------
+
+    /// Registers a service.
+    pub async fn create_service(&self, name: &str, now: i64) -> Result<(), StoreError> {
+        let sql = "INSERT INTO services (name, created_at) VALUES ($1, $2)";
+        on_pool!(self, p => sqlx::query(sql).bind(name).bind(now).execute(p).await.map(|r| r.rows_affected()))
+            .map_err(|e| conflict_or(e, || format!("service {name:?}")))?;
+        Ok(())
+    }
+
+    /// One service.
+    pub async fn service(&self, name: &str) -> Result<ServiceRow, StoreError> {
+        let sql = "SELECT name, created_at, disabled_at FROM services WHERE name = $1";
+        let row: Option<(String, i64, Option<i64>)> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(name).fetch_optional(p).await)?;
+        let (name, created_at, disabled_at) =
+            row.ok_or_else(|| StoreError::NotFound(format!("service {name:?}")))?;
+        Ok(ServiceRow {
+            name,
+            created_at,
+            disabled_at,
+        })
+    }
+
+    /// Every service, by name.
+    pub async fn services(&self) -> Result<Vec<ServiceRow>, StoreError> {
+        let sql = "SELECT name, created_at, disabled_at FROM services ORDER BY name";
+        let rows: Vec<(String, i64, Option<i64>)> =
+            on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, created_at, disabled_at)| ServiceRow {
+                name,
+                created_at,
+                disabled_at,
+            })
+            .collect())
+    }
+
+    /// Disables a service and records the revocation for the proxies, atomically.
+    pub async fn disable_service(&self, name: &str, now: i64) -> Result<(), StoreError> {
+        let update = "UPDATE services SET disabled_at = $1 WHERE name = $2 AND disabled_at IS NULL";
+        let event = "INSERT INTO revocation_events (kind, subject, at) VALUES ('service', $1, $2)";
+        let changed = on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let n = sqlx::query(update).bind(now).bind(name).execute(&mut *tx).await?.rows_affected();
+            if n == 1 {
+                sqlx::query(event).bind(name).bind(now).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            n
+        });
+        if changed == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(format!("enabled service {name:?}")))
+        }
+    }
+
+    // ---- join tokens ----------------------------------------------------------------------
+
+    /// Stores a join token's hash for `service`, valid until `expires_at`.
+    pub async fn add_join_token(
+        &self,
+        hash: &[u8],
+        service: &str,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        let sql = "INSERT INTO join_tokens (token_hash, service, expires_at) VALUES ($1, $2, $3)";
+        on_pool!(self, p => sqlx::query(sql).bind(hash).bind(service).bind(expires_at).execute(p).await.map(|r| r.rows_affected()))
+            .map_err(|e| conflict_or(e, || "join token".to_owned()))?;
+        Ok(())
+    }
+
+    /// Uses a join token: succeeds once, before expiry, for an enabled service; returns the
+    /// service. One statement, so two concurrent uses cannot both succeed.
+    pub async fn consume_join_token(&self, hash: &[u8], now: i64) -> Result<String, StoreError> {
+        let sql = "UPDATE join_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 \
+                   AND service IN (SELECT name FROM services WHERE disabled_at IS NULL) RETURNING service";
+        let row: Option<(String,)> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(now).bind(hash).fetch_optional(p).await)?;
+        row.map(|(s,)| s)
+            .ok_or_else(|| StoreError::NotFound("unused, unexpired join token".to_owned()))
+    }
+
+    // ---- certificates ---------------------------------------------------------------------
+
+    /// Records an issued certificate.
+    pub async fn record_certificate(&self, c: &CertificateRow) -> Result<(), StoreError> {
+        let sql = "INSERT INTO certificates (serial, service, issued_at, not_after) VALUES ($1, $2, $3, $4)";
+        on_pool!(self, p => sqlx::query(sql).bind(&c.serial).bind(&c.service).bind(c.issued_at).bind(c.not_after).execute(p).await.map(|r| r.rows_affected()))
+            .map_err(|e| conflict_or(e, || format!("certificate {}", hex(&c.serial))))?;
+        Ok(())
+    }
+
+    /// Revokes a certificate and records the revocation for the proxies, atomically.
+    pub async fn revoke_certificate(&self, serial: &[u8], now: i64) -> Result<(), StoreError> {
+        let update =
+            "UPDATE certificates SET revoked_at = $1 WHERE serial = $2 AND revoked_at IS NULL";
+        let event =
+            "INSERT INTO revocation_events (kind, subject, at) VALUES ('certificate', $1, $2)";
+        let subject = hex(serial);
+        let changed = on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let n = sqlx::query(update).bind(now).bind(serial).execute(&mut *tx).await?.rows_affected();
+            if n == 1 {
+                sqlx::query(event).bind(&subject).bind(now).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            n
+        });
+        if changed == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(format!(
+                "unrevoked certificate {subject}"
+            )))
+        }
+    }
+
+    /// Serials revoked and not yet expired at `now`: what a validator must refuse.
+    pub async fn revoked_serials(&self, now: i64) -> Result<Vec<Vec<u8>>, StoreError> {
+        let sql = "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL AND not_after > $1 ORDER BY serial";
+        let rows: Vec<(Vec<u8>,)> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(now).fetch_all(p).await)?;
+        Ok(rows.into_iter().map(|(s,)| s).collect())
+    }
+
+    /// Revocation events after `seq`, in order.
+    pub async fn revocations_since(&self, seq: i64) -> Result<Vec<RevocationEvent>, StoreError> {
+        let sql =
+            "SELECT seq, kind, subject, at FROM revocation_events WHERE seq > $1 ORDER BY seq";
+        let rows: Vec<(i64, String, String, i64)> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(seq).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, kind, subject, at)| RevocationEvent {
+                seq,
+                kind,
+                subject,
+                at,
+            })
+            .collect())
+    }
+
+    // ---- keys -----------------------------------------------------------------------------
+
+    /// Stores a CA (certificate DER and sealed key).
+    pub async fn add_ca_key(&self, k: &KeyRow) -> Result<(), StoreError> {
+        let sql =
+            "INSERT INTO ca_keys (id, cert_der, sealed_key, created_at) VALUES ($1, $2, $3, $4)";
+        on_pool!(self, p => sqlx::query(sql).bind(&k.id).bind(&k.public).bind(&k.sealed_key).bind(k.created_at).execute(p).await.map(|r| r.rows_affected()))
+            .map_err(|e| conflict_or(e, || format!("CA key {:?}", k.id)))?;
+        Ok(())
+    }
+
+    /// Every CA, oldest first.
+    pub async fn ca_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        let sql = "SELECT id, cert_der, sealed_key, created_at, retired_at FROM ca_keys ORDER BY created_at, id";
+        self.keys(sql).await
+    }
+
+    /// Stores a token-signing key (public JWK and sealed private key).
+    pub async fn add_signing_key(&self, k: &KeyRow, alg: &str) -> Result<(), StoreError> {
+        let jwk = String::from_utf8_lossy(&k.public).into_owned();
+        let sql = "INSERT INTO signing_keys (kid, alg, public_jwk, sealed_key, created_at) VALUES ($1, $2, $3, $4, $5)";
+        on_pool!(self, p => sqlx::query(sql).bind(&k.id).bind(alg).bind(&jwk).bind(&k.sealed_key).bind(k.created_at).execute(p).await.map(|r| r.rows_affected()))
+            .map_err(|e| conflict_or(e, || format!("signing key {:?}", k.id)))?;
+        Ok(())
+    }
+
+    /// Every signing key, oldest first.
+    pub async fn signing_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        let sql = "SELECT kid, public_jwk, sealed_key, created_at, retired_at FROM signing_keys ORDER BY created_at, kid";
+        let rows: Vec<SigningKeyTuple> =
+            on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, jwk, sealed_key, created_at, retired_at)| KeyRow {
+                id,
+                public: jwk.into_bytes(),
+                sealed_key,
+                created_at,
+                retired_at,
+            })
+            .collect())
+    }
+
+    /// Retires every current signing key but `keep`.
+    pub async fn retire_signing_keys_except(
+        &self,
+        keep: &str,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        let sql = "UPDATE signing_keys SET retired_at = $1 WHERE kid <> $2 AND retired_at IS NULL";
+        let n = on_pool!(self, p => sqlx::query(sql).bind(now).bind(keep).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(n)
+    }
+
+    async fn keys(&self, sql: &'static str) -> Result<Vec<KeyRow>, StoreError> {
+        let rows: Vec<CaKeyTuple> = on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, public, sealed_key, created_at, retired_at)| KeyRow {
+                id,
+                public,
+                sealed_key,
+                created_at,
+                retired_at,
+            })
+            .collect())
+    }
+
+    // ---- OAuth2 clients and admin tokens --------------------------------------------------
+
+    /// Registers an OAuth2 client.
+    pub async fn create_client(
+        &self,
+        client_id: &str,
+        secret_hash: &[u8],
+        scopes: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let sql = "INSERT INTO oauth_clients (client_id, secret_hash, scopes, created_at) VALUES ($1, $2, $3, $4)";
+        on_pool!(self, p => sqlx::query(sql).bind(client_id).bind(secret_hash).bind(scopes).bind(now).execute(p).await.map(|r| r.rows_affected()))
+            .map_err(|e| conflict_or(e, || format!("client {client_id:?}")))?;
+        Ok(())
+    }
+
+    /// One OAuth2 client.
+    pub async fn client(&self, client_id: &str) -> Result<ClientRow, StoreError> {
+        let sql = "SELECT client_id, secret_hash, scopes, disabled_at FROM oauth_clients WHERE client_id = $1";
+        let row: Option<(String, Vec<u8>, String, Option<i64>)> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(client_id).fetch_optional(p).await)?;
+        let (client_id, secret_hash, scopes, disabled_at) =
+            row.ok_or_else(|| StoreError::NotFound(format!("client {client_id:?}")))?;
+        Ok(ClientRow {
+            client_id,
+            secret_hash,
+            scopes,
+            disabled_at,
+        })
+    }
+
+    /// Stores an admin credential's hash.
+    pub async fn add_admin_token(
+        &self,
+        hash: &[u8],
+        name: &str,
+        role: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let sql =
+            "INSERT INTO admin_tokens (token_hash, name, role, created_at) VALUES ($1, $2, $3, $4)";
+        on_pool!(self, p => sqlx::query(sql).bind(hash).bind(name).bind(role).bind(now).execute(p).await.map(|r| r.rows_affected()))
+            .map_err(|e| conflict_or(e, || "admin token".to_owned()))?;
+        Ok(())
+    }
+
+    /// The admin credential with this hash, if it exists and is not revoked.
+    pub async fn admin_token(&self, hash: &[u8]) -> Result<AdminTokenRow, StoreError> {
+        let sql = "SELECT name, role, revoked_at FROM admin_tokens WHERE token_hash = $1 AND revoked_at IS NULL";
+        let row: Option<(String, String, Option<i64>)> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(hash).fetch_optional(p).await)?;
+        let (name, role, revoked_at) =
+            row.ok_or_else(|| StoreError::NotFound("admin token".to_owned()))?;
+        Ok(AdminTokenRow {
+            name,
+            role,
+            revoked_at,
+        })
+    }
+}
