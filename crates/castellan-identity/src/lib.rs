@@ -15,6 +15,8 @@
 pub mod ca;
 #[cfg(feature = "x509")]
 pub mod csr;
+#[cfg(feature = "x509")]
+pub mod issue;
 pub mod spiffe;
 #[cfg(feature = "x509")]
 pub mod svid;
@@ -25,6 +27,8 @@ pub mod token;
 pub use ca::{CaError, CertificateAuthority, IssuedSvid};
 #[cfg(feature = "x509")]
 pub use csr::{CheckedCsr, CsrError, check_csr};
+#[cfg(feature = "x509")]
+pub use issue::{IssueError, SigningKey, issue_token, jwks};
 pub use spiffe::{SpiffeId, SpiffeIdError, validate_trust_domain};
 #[cfg(feature = "x509")]
 pub use svid::{SvidError, SvidUsage, SvidValidator, TrustBundle};
