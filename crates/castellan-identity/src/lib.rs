@@ -1,15 +1,6 @@
 //! Castellan workload identity: SPIFFE IDs and, with the `x509` feature, X.509-SVID validation
 //! used by every component that accepts a peer certificate. No network, no clock of its own: the
 //! caller passes the time.
-#![cfg_attr(
-    test,
-    allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
 
 #[cfg(feature = "x509")]
 pub mod ca;

@@ -21,15 +21,6 @@
 //!   "request": {"method": "GET", "path": "/orders/42"}}"#).unwrap();
 //! assert!(set.decide(&req).is_allowed());
 //! ```
-#![cfg_attr(
-    test,
-    allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
 
 pub mod condition;
 mod engine;

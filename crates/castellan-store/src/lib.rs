@@ -1,15 +1,6 @@
 //! Castellan's control-plane persistence: one interface, two real backends — SQLite in the data
 //! directory by default, PostgreSQL when one machine is outgrown — with embedded migrations.
 //! Secrets arrive here already hashed or sealed; this crate never sees a plaintext credential.
-#![cfg_attr(
-    test,
-    allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};

@@ -1,13 +1,4 @@
 //! The `castellan` binary: parses the command line and hands over to the command modules.
-#![cfg_attr(
-    test,
-    allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
 
 mod policy_cmd;
 
