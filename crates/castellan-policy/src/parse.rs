@@ -478,6 +478,13 @@ fn parse_rule(
         None => Some(To::default()),
     };
     let when = match f.get("when") {
+        Some(n) if !n.to_json().is_string() => {
+            ck.error(
+                n.pos,
+                "rule.when must be a CEL expression string (quote it), not a number or boolean",
+            );
+            None
+        }
         Some(n) => ck
             .string(n, "rule.when")
             .and_then(|src| match Condition::compile(src) {
