@@ -230,15 +230,15 @@ impl PolicySet {
             host: &host,
         };
         let authenticated = caller.is_some() || req.user.is_some();
+        let with_effect = |effect: Effect| {
+            cands
+                .iter()
+                .filter_map(|c| self.rules.get(c.rule as usize).map(|r| (c, r)))
+                .filter(move |(_, r)| r.effect == effect)
+        };
 
         // Deny overrides: the first matching deny rule (in file order) decides.
-        for c in cands
-            .iter()
-            .filter(|c| self.effect(c.rule) == Some(Effect::Deny))
-        {
-            let Some(rule) = self.rules.get(c.rule as usize) else {
-                continue;
-            };
+        for (c, rule) in with_effect(Effect::Deny) {
             match self.rule_matches(rule, c, &caps, req, &ctx, authenticated) {
                 Match::No => {}
                 Match::Yes => {
@@ -262,13 +262,7 @@ impl PolicySet {
             }
         }
         let mut first_error: Option<(&RuleId, String)> = None;
-        for c in cands
-            .iter()
-            .filter(|c| self.effect(c.rule) == Some(Effect::Allow))
-        {
-            let Some(rule) = self.rules.get(c.rule as usize) else {
-                continue;
-            };
+        for (c, rule) in with_effect(Effect::Allow) {
             match self.rule_matches(rule, c, &caps, req, &ctx, authenticated) {
                 Match::No => {}
                 Match::Yes => {
@@ -297,10 +291,6 @@ impl PolicySet {
             ),
             None => apply_mode(svc.mode, Effect::Deny, None, Reason::NoMatchingAllow, None),
         })
-    }
-
-    fn effect(&self, idx: u32) -> Option<Effect> {
-        self.rules.get(idx as usize).map(|r| r.effect)
     }
 
     fn rule_matches(

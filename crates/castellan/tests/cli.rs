@@ -59,23 +59,29 @@ fn demo_policies_pass_their_tests_and_write_junit() {
     assert!(xml.contains("attack: /%2Fadmin/x (encoded slash) as alice"));
 }
 
+/// `castellan policy eval` on the demo policies with `input` on stdin.
+fn eval_demo(input: &str) -> Output {
+    let dir = demo_dir();
+    castellan(
+        &[
+            "policy",
+            "eval",
+            "--policy",
+            dir.to_str().unwrap(),
+            "--input",
+            "-",
+        ],
+        Some(input),
+    )
+}
+
 #[test]
 fn eval_prints_the_decision_json() {
     let input = r#"{"source": {"service": "gateway"},
       "user": {"sub": "u-42", "roles": ["customer"], "claims": {"customer_id": "42"}},
       "destination": {"service": "orders"},
       "request": {"method": "GET", "path": "/orders/42?x=1", "host": "orders", "headers": {}}}"#;
-    let out = castellan(
-        &[
-            "policy",
-            "eval",
-            "--policy",
-            demo_dir().to_str().unwrap(),
-            "--input",
-            "-",
-        ],
-        Some(input),
-    );
+    let out = eval_demo(input);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
@@ -84,33 +90,13 @@ fn eval_prints_the_decision_json() {
                            "mode": "enforce", "reason": "matched-allow"})
     );
     let malformed = input.replace("/orders/42?x=1", "/orders/%2e%2e/%2e%2e/x");
-    let out = castellan(
-        &[
-            "policy",
-            "eval",
-            "--policy",
-            demo_dir().to_str().unwrap(),
-            "--input",
-            "-",
-        ],
-        Some(&malformed),
-    );
+    let out = eval_demo(&malformed);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["decision"], "deny");
     assert_eq!(v["reason"], "malformed-request");
     assert_eq!(v["rule"], serde_json::Value::Null);
     // Input that is not a decision input is an error naming where, exit 2.
-    let out = castellan(
-        &[
-            "policy",
-            "eval",
-            "--policy",
-            demo_dir().to_str().unwrap(),
-            "--input",
-            "-",
-        ],
-        Some("{\"destination\": 1}"),
-    );
+    let out = eval_demo("{\"destination\": 1}");
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("-:1:"), "{}", text(&out.stderr));
 }
