@@ -141,15 +141,45 @@ impl CertificateAuthority {
         now: i64,
         ttl: Duration,
     ) -> Result<IssuedSvid, CaError> {
+        let checked = check_csr(csr_der, id)?;
+        self.issue(&checked.public_key_spki, id, &[], now, ttl)
+    }
+
+    /// Issues the control plane's own serving certificate: an SVID for `id` (one URI SAN, as
+    /// the SPIFFE standard requires) that also names the DNS names and IP addresses clients
+    /// dial, for the key whose SubjectPublicKeyInfo DER is `spki`.
+    pub fn issue_serving_cert(
+        &self,
+        spki: &[u8],
+        id: &SpiffeId,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        now: i64,
+        ttl: Duration,
+    ) -> Result<IssuedSvid, CaError> {
+        let mut sans = Vec::with_capacity(dns_names.len() + ips.len());
+        for d in dns_names {
+            sans.push(SanType::DnsName(d.as_str().try_into().map_err(gen_err)?));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        self.issue(spki, id, &sans, now, ttl)
+    }
+
+    fn issue(
+        &self,
+        spki: &[u8],
+        id: &SpiffeId,
+        extra_sans: &[SanType],
+        now: i64,
+        ttl: Duration,
+    ) -> Result<IssuedSvid, CaError> {
         if id.trust_domain() != self.trust_domain {
             return Err(CaError::Generate(format!(
                 "{id} is not in trust domain {}",
                 self.trust_domain
             )));
         }
-        let checked = check_csr(csr_der, id)?;
-        let public_key =
-            SubjectPublicKeyInfo::from_der(&checked.public_key_spki).map_err(gen_err)?;
+        let public_key = SubjectPublicKeyInfo::from_der(spki).map_err(gen_err)?;
         let issuer = Issuer::from_ca_cert_der(&self.cert, &self.key).map_err(gen_err)?;
         let serial = random_serial()?;
         let not_after = now.saturating_add(ttl.as_secs() as i64);
@@ -161,6 +191,7 @@ impl CertificateAuthority {
         }
         p.distinguished_name = dn;
         p.subject_alt_names = vec![SanType::URI(id.as_str().try_into().map_err(gen_err)?)];
+        p.subject_alt_names.extend_from_slice(extra_sans);
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![

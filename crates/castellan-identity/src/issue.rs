@@ -1,10 +1,11 @@
 //! Issuing castellan's JWT access tokens: ES256 signing keys with their public JWKs, and
 //! short-lived tokens carrying `iss sub aud exp iat nbf jti` plus caller-chosen claims.
 
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rcgen::KeyPair;
 use serde_json::{Map, Value, json};
 
@@ -23,6 +24,11 @@ pub enum IssueError {
 pub struct SigningKey {
     kid: String,
     key: KeyPair,
+    // The same key parsed once for signing: parsing PKCS#8 on every token would cost more than
+    // the signature itself.
+    signer: EcdsaKeyPair,
+    // `{"alg":"ES256","kid":…,"typ":"JWT"}`, base64url, computed once.
+    header_b64: String,
 }
 
 impl std::fmt::Debug for SigningKey {
@@ -39,18 +45,20 @@ impl SigningKey {
         let key = KeyPair::generate().map_err(|e| IssueError::Key(e.to_string()))?;
         let mut id = [0u8; 12];
         aws_lc_rs::rand::fill(&mut id).map_err(|_| IssueError::Key("no randomness".to_owned()))?;
-        Ok(SigningKey {
-            kid: URL_SAFE_NO_PAD.encode(id),
-            key,
-        })
+        SigningKey::from_pkcs8(&URL_SAFE_NO_PAD.encode(id), &key.serialize_der())
     }
 
     /// A key loaded from storage.
     pub fn from_pkcs8(kid: &str, pkcs8: &[u8]) -> Result<SigningKey, IssueError> {
         let key = KeyPair::try_from(pkcs8).map_err(|e| IssueError::Key(e.to_string()))?;
+        let signer = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8)
+            .map_err(|e| IssueError::Key(format!("not a P-256 PKCS#8 key: {e}")))?;
+        let header = json!({"alg": "ES256", "kid": kid, "typ": "JWT"});
         Ok(SigningKey {
             kid: kid.to_owned(),
             key,
+            signer,
+            header_b64: URL_SAFE_NO_PAD.encode(header.to_string()),
         })
     }
 
@@ -112,8 +120,23 @@ pub fn issue_token(
     ] {
         claims.insert(k.to_owned(), v);
     }
-    let mut header = Header::new(Algorithm::ES256);
-    header.kid = Some(key.kid.clone());
-    let enc = EncodingKey::from_ec_der(&key.key.serialize_der());
-    jsonwebtoken::encode(&header, &claims, &enc).map_err(|e| IssueError::Sign(e.to_string()))
+    key.sign_jws(&Value::Object(claims))
+}
+
+impl SigningKey {
+    /// Signs `claims` as a compact JWS with this key's ES256 header.
+    pub fn sign_jws(&self, claims: &Value) -> Result<String, IssueError> {
+        let payload = serde_json::to_vec(claims).map_err(|e| IssueError::Sign(e.to_string()))?;
+        let mut out = String::with_capacity(self.header_b64.len() + payload.len() * 4 / 3 + 90);
+        out.push_str(&self.header_b64);
+        out.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut out);
+        let sig = self
+            .signer
+            .sign(&SystemRandom::new(), out.as_bytes())
+            .map_err(|_| IssueError::Sign("ECDSA signing failed".to_owned()))?;
+        out.push('.');
+        URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut out);
+        Ok(out)
+    }
 }

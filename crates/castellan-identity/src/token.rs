@@ -99,7 +99,8 @@ struct VerifyingKey {
 /// Verifies tokens of one issuer for one audience.
 pub struct TokenVerifier {
     issuer: String,
-    audience: String,
+    // `None` only for the issuer checking its own tokens (see `for_issuer`).
+    audience: Option<String>,
     keys: HashMap<String, VerifyingKey>,
     leeway: i64,
 }
@@ -146,10 +147,19 @@ impl TokenVerifier {
         }
         Ok(TokenVerifier {
             issuer: issuer.to_owned(),
-            audience: audience.to_owned(),
+            audience: Some(audience.to_owned()),
             keys,
             leeway: DEFAULT_LEEWAY_SECS,
         })
+    }
+
+    /// A verifier that accepts any single audience: only for the issuer reading back its own
+    /// tokens (introspection, token exchange), which reports `aud` instead of enforcing it. A
+    /// resource server must use [`TokenVerifier::new`].
+    pub fn for_issuer(issuer: &str, jwks: &JwkSet) -> Result<TokenVerifier, TokenError> {
+        let mut v = TokenVerifier::new(issuer, "", jwks)?;
+        v.audience = None;
+        Ok(v)
     }
 
     /// Verifies `token` at `now` (seconds since the Unix epoch).
@@ -221,13 +231,17 @@ impl TokenVerifier {
         if claims.get("iss").and_then(Value::as_str) != Some(self.issuer.as_str()) {
             return Err(TokenError::WrongIssuer);
         }
-        match claims.get("aud") {
-            Some(Value::String(a)) if *a == self.audience => {}
+        let aud = match claims.get("aud") {
+            Some(Value::String(a)) => Some(a.as_str()),
             Some(Value::Array(list)) if list.len() > 1 => {
                 return Err(TokenError::MultipleAudiences);
             }
-            Some(Value::Array(list))
-                if list.first().and_then(Value::as_str) == Some(self.audience.as_str()) => {}
+            Some(Value::Array(list)) => list.first().and_then(Value::as_str),
+            _ => None,
+        };
+        match (aud, &self.audience) {
+            (Some(a), Some(want)) if a == want => {}
+            (Some(_), None) => {}
             _ => return Err(TokenError::WrongAudience),
         }
         Ok(VerifiedToken {

@@ -37,6 +37,10 @@ fn conflict_or(e: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
 
 /// `(kid, public_jwk, sealed_key, created_at, retired_at)`.
 type SigningKeyTuple = (String, String, Vec<u8>, i64, Option<i64>);
+/// `(serial, service, issued_at, not_after, revoked_at)`.
+type CertificateTuple = (Vec<u8>, String, i64, i64, Option<i64>);
+/// `(client_id, secret_hash, scopes, tls_san_uri, disabled_at)`.
+type ClientTuple = (String, Vec<u8>, String, Option<String>, Option<i64>);
 /// `(id, cert_der, sealed_key, created_at, retired_at)`.
 type CaKeyTuple = (String, Vec<u8>, Vec<u8>, i64, Option<i64>);
 
@@ -107,8 +111,22 @@ pub struct ClientRow {
     pub secret_hash: Vec<u8>,
     /// Space-separated scopes it may request.
     pub scopes: String,
+    /// The SPIFFE ID it authenticates with over mTLS (`tls_client_auth`), if any.
+    pub tls_san_uri: Option<String>,
     /// Disabled time, if disabled.
     pub disabled_at: Option<i64>,
+}
+
+impl From<ClientTuple> for ClientRow {
+    fn from((client_id, secret_hash, scopes, tls_san_uri, disabled_at): ClientTuple) -> Self {
+        ClientRow {
+            client_id,
+            secret_hash,
+            scopes,
+            tls_san_uri,
+            disabled_at,
+        }
+    }
 }
 
 /// An admin credential.
@@ -405,32 +423,115 @@ impl Store {
     // ---- OAuth2 clients and admin tokens --------------------------------------------------
 
     /// Registers an OAuth2 client.
-    pub async fn create_client(
-        &self,
-        client_id: &str,
-        secret_hash: &[u8],
-        scopes: &str,
-        now: i64,
-    ) -> Result<(), StoreError> {
-        let sql = "INSERT INTO oauth_clients (client_id, secret_hash, scopes, created_at) VALUES ($1, $2, $3, $4)";
-        on_pool!(self, p => sqlx::query(sql).bind(client_id).bind(secret_hash).bind(scopes).bind(now).execute(p).await.map(|r| r.rows_affected()))
-            .map_err(|e| conflict_or(e, || format!("client {client_id:?}")))?;
+    pub async fn create_client(&self, c: &ClientRow, now: i64) -> Result<(), StoreError> {
+        let sql = "INSERT INTO oauth_clients (client_id, secret_hash, scopes, tls_san_uri, created_at) VALUES ($1, $2, $3, $4, $5)";
+        on_pool!(self, p => sqlx::query(sql).bind(&c.client_id).bind(&c.secret_hash).bind(&c.scopes).bind(&c.tls_san_uri).bind(now).execute(p).await.map(|r| r.rows_affected()))
+            .map_err(|e| conflict_or(e, || format!("client {:?}", c.client_id)))?;
         Ok(())
     }
 
     /// One OAuth2 client.
     pub async fn client(&self, client_id: &str) -> Result<ClientRow, StoreError> {
-        let sql = "SELECT client_id, secret_hash, scopes, disabled_at FROM oauth_clients WHERE client_id = $1";
-        let row: Option<(String, Vec<u8>, String, Option<i64>)> =
+        let sql = "SELECT client_id, secret_hash, scopes, tls_san_uri, disabled_at FROM oauth_clients WHERE client_id = $1";
+        let row: Option<ClientTuple> =
             on_pool!(self, p => sqlx::query_as(sql).bind(client_id).fetch_optional(p).await)?;
-        let (client_id, secret_hash, scopes, disabled_at) =
-            row.ok_or_else(|| StoreError::NotFound(format!("client {client_id:?}")))?;
-        Ok(ClientRow {
-            client_id,
-            secret_hash,
-            scopes,
-            disabled_at,
-        })
+        row.map(ClientRow::from)
+            .ok_or_else(|| StoreError::NotFound(format!("client {client_id:?}")))
+    }
+
+    /// Every OAuth2 client, by id.
+    pub async fn clients(&self) -> Result<Vec<ClientRow>, StoreError> {
+        let sql = "SELECT client_id, secret_hash, scopes, tls_san_uri, disabled_at FROM oauth_clients ORDER BY client_id";
+        let rows: Vec<ClientTuple> = on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        Ok(rows.into_iter().map(ClientRow::from).collect())
+    }
+
+    /// Disables an OAuth2 client.
+    pub async fn disable_client(&self, client_id: &str, now: i64) -> Result<(), StoreError> {
+        let sql = "UPDATE oauth_clients SET disabled_at = $1 WHERE client_id = $2 AND disabled_at IS NULL";
+        let n = on_pool!(self, p => sqlx::query(sql).bind(now).bind(client_id).execute(p).await.map(|r| r.rows_affected()))?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(format!(
+                "enabled client {client_id:?}"
+            )))
+        }
+    }
+
+    // ---- revoked access tokens (RFC 7009) -------------------------------------------------
+
+    /// Records that the token with `jti` is revoked until it would have expired anyway.
+    pub async fn revoke_token(&self, jti: &str, expires_at: i64) -> Result<(), StoreError> {
+        let sql = "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT (jti) DO NOTHING";
+        on_pool!(self, p => sqlx::query(sql).bind(jti).bind(expires_at).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    /// Whether the token with `jti` was revoked.
+    pub async fn is_token_revoked(&self, jti: &str) -> Result<bool, StoreError> {
+        let sql = "SELECT jti FROM revoked_tokens WHERE jti = $1";
+        let row: Option<(String,)> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(jti).fetch_optional(p).await)?;
+        Ok(row.is_some())
+    }
+
+    /// Forgets revocations of tokens that have expired by `now`.
+    pub async fn purge_revoked_tokens(&self, now: i64) -> Result<u64, StoreError> {
+        let sql = "DELETE FROM revoked_tokens WHERE expires_at <= $1";
+        let n = on_pool!(self, p => sqlx::query(sql).bind(now).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(n)
+    }
+
+    // ---- settings -------------------------------------------------------------------------
+
+    /// A setting's value, if set.
+    pub async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let sql = "SELECT value FROM settings WHERE key = $1";
+        let row: Option<(String,)> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(key).fetch_optional(p).await)?;
+        Ok(row.map(|(v,)| v))
+    }
+
+    /// Sets a setting once; a second attempt is a conflict (settings fixed at init stay fixed).
+    pub async fn init_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let sql = "INSERT INTO settings (key, value) VALUES ($1, $2)";
+        on_pool!(self, p => sqlx::query(sql).bind(key).bind(value).execute(p).await.map(|r| r.rows_affected()))
+            .map_err(|e| conflict_or(e, || format!("setting {key:?}")))?;
+        Ok(())
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_pool!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Every certificate issued to `service`, newest first.
+    pub async fn certificates(&self, service: &str) -> Result<Vec<CertificateRow>, StoreError> {
+        let sql = "SELECT serial, service, issued_at, not_after, revoked_at FROM certificates WHERE service = $1 ORDER BY issued_at DESC, serial";
+        let rows: Vec<CertificateTuple> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(service).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(serial, service, issued_at, not_after, revoked_at)| CertificateRow {
+                    serial,
+                    service,
+                    issued_at,
+                    not_after,
+                    revoked_at,
+                },
+            )
+            .collect())
+    }
+
+    /// Retires a CA: it signs nothing more but stays in the bundle until its certificate
+    /// expires.
+    pub async fn retire_ca_keys_except(&self, keep: &str, now: i64) -> Result<u64, StoreError> {
+        let sql = "UPDATE ca_keys SET retired_at = $1 WHERE id <> $2 AND retired_at IS NULL";
+        let n = on_pool!(self, p => sqlx::query(sql).bind(now).bind(keep).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(n)
     }
 
     /// Stores an admin credential's hash.

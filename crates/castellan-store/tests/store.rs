@@ -8,7 +8,7 @@
     clippy::indexing_slicing
 )]
 
-use castellan_store::{CertificateRow, KeyRow, Store, StoreError};
+use castellan_store::{CertificateRow, ClientRow, KeyRow, Store, StoreError};
 use std::sync::Arc;
 
 const NOW: i64 = 1_795_000_000;
@@ -214,19 +214,46 @@ async fn suite(store: Store) {
     assert_eq!(keys[1].public, b"{\"kid\":\"k2\"}");
 
     // Clients and admin tokens.
-    store
-        .create_client("billing", b"secret-hash", "orders.read orders.write", NOW)
-        .await
-        .unwrap();
-    let c = store.client("billing").await.unwrap();
-    assert_eq!(
-        (c.secret_hash.as_slice(), c.scopes.as_str()),
-        (&b"secret-hash"[..], "orders.read orders.write")
-    );
+    let billing = ClientRow {
+        client_id: "billing".to_owned(),
+        secret_hash: b"secret-hash".to_vec(),
+        scopes: "orders.read orders.write".to_owned(),
+        tls_san_uri: Some("spiffe://example.org/svc/billing".to_owned()),
+        disabled_at: None,
+    };
+    store.create_client(&billing, NOW).await.unwrap();
+    assert_eq!(store.client("billing").await.unwrap(), billing);
     assert!(matches!(
-        store.create_client("billing", b"x", "", NOW).await,
+        store.create_client(&billing, NOW).await,
         Err(StoreError::Conflict(_))
     ));
+    store.disable_client("billing", NOW + 1).await.unwrap();
+    assert_eq!(store.clients().await.unwrap()[0].disabled_at, Some(NOW + 1));
+    assert!(store.disable_client("billing", NOW + 2).await.is_err());
+
+    // Revoked access tokens: remembered until they would have expired, idempotent.
+    store.revoke_token("jti-1", NOW + 300).await.unwrap();
+    store.revoke_token("jti-1", NOW + 300).await.unwrap();
+    assert!(store.is_token_revoked("jti-1").await.unwrap());
+    assert!(!store.is_token_revoked("jti-2").await.unwrap());
+    assert_eq!(store.purge_revoked_tokens(NOW + 300).await.unwrap(), 1);
+    assert!(!store.is_token_revoked("jti-1").await.unwrap());
+
+    // Settings fixed at init stay fixed.
+    assert_eq!(store.setting("trust_domain").await.unwrap(), None);
+    store
+        .init_setting("trust_domain", "example.org")
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.init_setting("trust_domain", "evil.org").await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.setting("trust_domain").await.unwrap().as_deref(),
+        Some("example.org")
+    );
+    store.ping().await.unwrap();
     store
         .add_admin_token(b"admin-hash", "first admin", "admin", NOW)
         .await

@@ -1,6 +1,8 @@
 //! The `castellan` binary: parses the command line and hands over to the command modules.
 
+mod admin_cmd;
 mod policy_cmd;
+mod server_cmd;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
@@ -30,11 +32,88 @@ enum Command {
     /// Check, evaluate and test access policies.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+    /// Run the control plane.
+    #[command(subcommand)]
+    Server(server_cmd::ServerCommand),
+    /// Register services and issue join tokens.
+    Service {
+        #[command(subcommand)]
+        cmd: admin_cmd::ServiceCommand,
+        #[command(flatten)]
+        conn: admin_cmd::Connection,
+    },
+    /// Revoke and list certificates.
+    Cert {
+        #[command(subcommand)]
+        cmd: admin_cmd::CertCommand,
+        #[command(flatten)]
+        conn: admin_cmd::Connection,
+    },
+    /// Rotate the CA, print the trust bundle.
+    Ca {
+        #[command(subcommand)]
+        cmd: admin_cmd::CaCommand,
+        #[command(flatten)]
+        conn: admin_cmd::Connection,
+    },
+    /// Manage OAuth2 clients.
+    Client {
+        #[command(subcommand)]
+        cmd: admin_cmd::ClientCommand,
+        #[command(flatten)]
+        conn: admin_cmd::Connection,
+    },
+    /// Rotate token-signing keys.
+    Keys {
+        #[command(subcommand)]
+        cmd: admin_cmd::KeysCommand,
+        #[command(flatten)]
+        conn: admin_cmd::Connection,
+    },
+    /// Manage admin credentials (roles admin and viewer).
+    Operator {
+        #[command(subcommand)]
+        cmd: admin_cmd::OperatorCommand,
+        #[command(flatten)]
+        conn: admin_cmd::Connection,
+    },
+}
+
+/// JSON logs on stderr; `CASTELLAN_LOG` (or `RUST_LOG`) sets the filter, default `info`.
+fn init_logging() {
+    let filter = std::env::var("CASTELLAN_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_owned());
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS crypto provider for the whole process: both ring and aws-lc-rs are linked (through
+    // dependencies); choosing explicitly keeps every handshake on the same implementation.
+    if rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .is_err()
+    {
+        eprintln!("error: a TLS crypto provider was already installed");
+        return ExitCode::FAILURE;
+    }
+    let json = cli.output == Output::Json;
     match cli.command {
         Command::Policy(cmd) => policy_cmd::run(cmd, cli.output),
+        Command::Server(cmd) => {
+            init_logging();
+            server_cmd::run(cmd, json)
+        }
+        Command::Service { cmd, conn } => admin_cmd::service(cmd, &conn, json),
+        Command::Cert { cmd, conn } => admin_cmd::cert(cmd, &conn, json),
+        Command::Ca { cmd, conn } => admin_cmd::ca(cmd, &conn, json),
+        Command::Client { cmd, conn } => admin_cmd::client(cmd, &conn, json),
+        Command::Keys { cmd, conn } => admin_cmd::keys(cmd, &conn, json),
+        Command::Operator { cmd, conn } => admin_cmd::operator(cmd, &conn, json),
     }
 }

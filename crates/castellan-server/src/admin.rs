@@ -1,0 +1,481 @@
+//! The admin REST API (`/v1/…`), authenticated by bearer admin credentials with a role:
+//! `admin` may change things, `viewer` may only read.
+
+use crate::keys::{self, credential_hash, random_id};
+use crate::problem::Problem;
+use crate::{Server, ServerError, unix_now};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use castellan_identity::SpiffeId;
+use castellan_store::{ClientRow, Store};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Prefix of admin credentials (recognisable in a leaked-secret scan).
+pub const ADMIN_TOKEN_PREFIX: &str = "cadm_";
+/// Prefix of join tokens.
+pub const JOIN_TOKEN_PREFIX: &str = "cjt_";
+/// Prefix of OAuth2 client secrets.
+pub const CLIENT_SECRET_PREFIX: &str = "ccs_";
+
+/// What an admin credential may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Read and change.
+    Admin,
+    /// Read only.
+    Viewer,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "viewer" => Some(Role::Viewer),
+            _ => None,
+        }
+    }
+}
+
+/// Creates and stores (hashed) a new admin credential; returns it — the only time it is seen.
+pub async fn new_admin_token(
+    store: &Store,
+    name: &str,
+    role: Role,
+    now: i64,
+) -> Result<String, ServerError> {
+    let token = format!("{ADMIN_TOKEN_PREFIX}{}", random_id(32)?);
+    store
+        .add_admin_token(&credential_hash(&token), name, role.as_str(), now)
+        .await?;
+    Ok(token)
+}
+
+/// An authenticated admin caller.
+#[derive(Debug)]
+pub(crate) struct Caller {
+    name: String,
+    role: Role,
+}
+
+impl Caller {
+    fn require_admin(&self) -> Result<(), Problem> {
+        match self.role {
+            Role::Admin => Ok(()),
+            Role::Viewer => Err(Problem::forbidden("this operation needs the admin role")),
+        }
+    }
+}
+
+impl FromRequestParts<Arc<Server>> for Caller {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, s: &Arc<Server>) -> Result<Caller, Problem> {
+        let value = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| Problem::unauthorized("admin credential required"))?;
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .filter(|t| t.starts_with(ADMIN_TOKEN_PREFIX) && t.len() < 256)
+            .ok_or_else(|| Problem::unauthorized("expected Authorization: Bearer cadm_…"))?;
+        match s.store.admin_token(&credential_hash(token)).await {
+            Ok(row) => {
+                let role = Role::parse(&row.role)
+                    .ok_or_else(|| Problem::internal("stored role is unknown"))?;
+                Ok(Caller {
+                    name: row.name,
+                    role,
+                })
+            }
+            Err(castellan_store::StoreError::NotFound(_)) => {
+                metrics::counter!("castellan_server_admin_auth_failures_total").increment(1);
+                Err(Problem::unauthorized("unknown or revoked admin credential"))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// A JSON request body whose rejections are problem JSON.
+pub(crate) struct Body<T>(T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<Server>> for Body<T> {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, s: &Arc<Server>) -> Result<Body<T>, Problem> {
+        match Json::<T>::from_request(req, s).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(JsonRejection::BytesRejection(e)) => Err(Problem::new(e.status(), e.body_text())),
+            Err(e) => Err(Problem::new(e.status(), e.body_text())),
+        }
+    }
+}
+
+pub(crate) fn routes() -> Router<Arc<Server>> {
+    Router::new()
+        .route("/v1/services", get(list_services).post(add_service))
+        .route("/v1/services/{name}/join-token", post(new_join_token))
+        .route("/v1/services/{name}/disable", post(disable_service))
+        .route("/v1/services/{name}/certificates", get(list_certificates))
+        .route("/v1/certificates/{serial}/revoke", post(revoke_certificate))
+        .route("/v1/revocations", get(revocations))
+        .route("/v1/bundle", get(bundle))
+        .route("/v1/ca/rotate", post(rotate_ca))
+        .route("/v1/clients", get(list_clients).post(add_client))
+        .route("/v1/clients/{id}/disable", post(disable_client))
+        .route("/v1/keys", get(list_keys))
+        .route("/v1/keys/rotate", post(rotate_keys))
+        .route("/v1/admin-tokens", post(add_admin_token))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn is_name(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+}
+
+fn service_id(s: &Server, name: &str) -> Result<SpiffeId, Problem> {
+    if !is_name(name) {
+        return Err(Problem::bad_request(
+            "service names are 1-63 characters of a-z, 0-9 and '-'",
+        ));
+    }
+    SpiffeId::for_service(&s.trust_domain, name).map_err(|e| Problem::bad_request(e.to_string()))
+}
+
+async fn list_services(_c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value>, Problem> {
+    let rows = s.store.services().await?;
+    let out: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "spiffe_id": format!("spiffe://{}/svc/{}", s.trust_domain, r.name),
+                "created_at": r.created_at,
+                "disabled_at": r.disabled_at,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(out)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewService {
+    name: String,
+}
+
+async fn issue_join_token(s: &Server, name: &str, now: i64) -> Result<(String, i64), Problem> {
+    let token = format!("{JOIN_TOKEN_PREFIX}{}", random_id(32)?);
+    let expires_at = now + s.cfg.join_token_ttl_secs;
+    s.store
+        .add_join_token(&credential_hash(&token), name, expires_at)
+        .await?;
+    Ok((token, expires_at))
+}
+
+async fn add_service(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    Body(b): Body<NewService>,
+) -> Result<Response, Problem> {
+    c.require_admin()?;
+    let id = service_id(&s, &b.name)?;
+    let now = unix_now();
+    s.store.create_service(&b.name, now).await?;
+    let (token, expires_at) = issue_join_token(&s, &b.name, now).await?;
+    tracing::info!(admin = %c.name, service = %b.name, "service added; join token issued");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"name": b.name, "spiffe_id": id.as_str(), "join_token": token, "expires_at": expires_at})),
+    )
+        .into_response())
+}
+
+async fn new_join_token(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    Path(name): Path<String>,
+) -> Result<Response, Problem> {
+    c.require_admin()?;
+    service_id(&s, &name)?;
+    let svc = s.store.service(&name).await?;
+    if svc.disabled_at.is_some() {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            format!("service {name:?} is disabled"),
+        ));
+    }
+    let (token, expires_at) = issue_join_token(&s, &name, unix_now()).await?;
+    tracing::info!(admin = %c.name, service = %name, "join token issued");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"name": name, "join_token": token, "expires_at": expires_at})),
+    )
+        .into_response())
+}
+
+async fn disable_service(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    c.require_admin()?;
+    service_id(&s, &name)?;
+    let now = unix_now();
+    s.store.disable_service(&name, now).await?;
+    tracing::info!(admin = %c.name, service = %name, "service disabled");
+    Ok(Json(json!({"name": name, "disabled_at": now})))
+}
+
+async fn list_certificates(
+    _c: Caller,
+    State(s): State<Arc<Server>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    service_id(&s, &name)?;
+    let rows = s.store.certificates(&name).await?;
+    Ok(Json(Value::Array(
+        rows.iter()
+            .map(|r| json!({"serial": hex(&r.serial), "issued_at": r.issued_at, "not_after": r.not_after, "revoked_at": r.revoked_at}))
+            .collect(),
+    )))
+}
+
+fn parse_serial(s: &str) -> Option<Vec<u8>> {
+    let s: String = s.chars().filter(|c| *c != ':').collect();
+    if s.is_empty() || s.len() > 64 || !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len() / 2)
+        .map(|i| {
+            s.get(i * 2..i * 2 + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect()
+}
+
+async fn revoke_certificate(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    Path(serial): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    c.require_admin()?;
+    let bytes = parse_serial(&serial).ok_or_else(|| Problem::bad_request("serial must be hex"))?;
+    let now = unix_now();
+    s.store.revoke_certificate(&bytes, now).await?;
+    tracing::info!(admin = %c.name, serial = %hex(&bytes), "certificate revoked");
+    Ok(Json(json!({"serial": hex(&bytes), "revoked_at": now})))
+}
+
+#[derive(Deserialize)]
+struct Since {
+    #[serde(default)]
+    since: i64,
+}
+
+async fn revocations(
+    _c: Caller,
+    State(s): State<Arc<Server>>,
+    Query(q): Query<Since>,
+) -> Result<Json<Value>, Problem> {
+    let rows = s.store.revocations_since(q.since).await?;
+    Ok(Json(Value::Array(
+        rows.iter()
+            .map(|r| json!({"seq": r.seq, "kind": r.kind, "subject": r.subject, "at": r.at}))
+            .collect(),
+    )))
+}
+
+async fn bundle(_c: Caller, State(s): State<Arc<Server>>) -> Json<Value> {
+    let certs = s.bundle();
+    Json(
+        json!({"trust_domain": s.trust_domain, "pem": keys::pem_bundle(&certs), "count": certs.len()}),
+    )
+}
+
+async fn rotate_ca(c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value>, Problem> {
+    c.require_admin()?;
+    let now = unix_now();
+    let id = keys::add_ca(
+        &s.store,
+        &s.kek,
+        &s.trust_domain,
+        now,
+        Duration::from_secs(s.cfg.ca_ttl_secs as u64),
+    )
+    .await?;
+    s.store.retire_ca_keys_except(&id, now).await?;
+    s.reload().await?;
+    let ks = s.keys.load();
+    tracing::info!(admin = %c.name, ca = %id, bundle = ks.bundle.len(), "CA rotated");
+    Ok(Json(
+        json!({"id": id, "not_after": ks.active_ca.not_after, "bundle_size": ks.bundle.len()}),
+    ))
+}
+
+fn client_json(r: &ClientRow) -> Value {
+    json!({"client_id": r.client_id, "scopes": r.scopes.split_whitespace().collect::<Vec<_>>(),
+           "tls_san_uri": r.tls_san_uri, "disabled_at": r.disabled_at})
+}
+
+async fn list_clients(_c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value>, Problem> {
+    Ok(Json(Value::Array(
+        s.store.clients().await?.iter().map(client_json).collect(),
+    )))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewClient {
+    name: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    tls_san_uri: Option<String>,
+}
+
+/// RFC 6749 §3.3 scope-token.
+pub(crate) fn is_scope_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+}
+
+fn is_client_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+async fn add_client(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    Body(b): Body<NewClient>,
+) -> Result<Response, Problem> {
+    c.require_admin()?;
+    if !is_client_id(&b.name) {
+        return Err(Problem::bad_request(
+            "client names are 1-64 characters of A-Z, a-z, 0-9, '-', '_', '.'",
+        ));
+    }
+    if let Some(bad) = b.scopes.iter().find(|x| !is_scope_token(x)) {
+        return Err(Problem::bad_request(format!("invalid scope {bad:?}")));
+    }
+    if let Some(uri) = &b.tls_san_uri {
+        let id =
+            SpiffeId::parse(uri).map_err(|e| Problem::bad_request(format!("tls_san_uri: {e}")))?;
+        if id.trust_domain() != s.trust_domain {
+            return Err(Problem::bad_request(
+                "tls_san_uri must be in this trust domain",
+            ));
+        }
+    }
+    // A certificate-bound client gets no secret: its only credential is its SVID.
+    let secret = match b.tls_san_uri {
+        None => Some(format!("{CLIENT_SECRET_PREFIX}{}", random_id(32)?)),
+        Some(_) => None,
+    };
+    let row = ClientRow {
+        client_id: b.name.clone(),
+        secret_hash: secret.as_deref().map(credential_hash).unwrap_or_default(),
+        scopes: b.scopes.join(" "),
+        tls_san_uri: b.tls_san_uri,
+        disabled_at: None,
+    };
+    s.store.create_client(&row, unix_now()).await?;
+    tracing::info!(admin = %c.name, client = %row.client_id, "OAuth2 client added");
+    let mut out = client_json(&row);
+    if let (Some(secret), Some(o)) = (secret, out.as_object_mut()) {
+        o.insert("client_secret".to_owned(), Value::String(secret));
+    }
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+async fn disable_client(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    c.require_admin()?;
+    let now = unix_now();
+    s.store.disable_client(&id, now).await?;
+    s.forget_client(&id);
+    tracing::info!(admin = %c.name, client = %id, "OAuth2 client disabled");
+    Ok(Json(json!({"client_id": id, "disabled_at": now})))
+}
+
+async fn list_keys(_c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value>, Problem> {
+    let active = s.keys.load().signing.kid().to_owned();
+    let rows = s.store.signing_keys().await?;
+    Ok(Json(Value::Array(
+        rows.iter()
+            .map(|r| json!({"kid": r.id, "created_at": r.created_at, "retired_at": r.retired_at, "active": r.id == active}))
+            .collect(),
+    )))
+}
+
+async fn rotate_keys(c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value>, Problem> {
+    c.require_admin()?;
+    let now = unix_now();
+    let kid = keys::add_signing_key(&s.store, &s.kek, now).await?;
+    s.store.retire_signing_keys_except(&kid, now).await?;
+    s.reload().await?;
+    tracing::info!(admin = %c.name, %kid, "token signing key rotated");
+    Ok(Json(
+        json!({"kid": kid, "published": s.keys.load().jwks.keys.len()}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewAdminToken {
+    name: String,
+    role: String,
+}
+
+async fn add_admin_token(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    Body(b): Body<NewAdminToken>,
+) -> Result<Response, Problem> {
+    c.require_admin()?;
+    let role =
+        Role::parse(&b.role).ok_or_else(|| Problem::bad_request("role must be admin or viewer"))?;
+    if b.name.is_empty() || b.name.len() > 128 || b.name.chars().any(char::is_control) {
+        return Err(Problem::bad_request(
+            "name must be 1-128 printable characters",
+        ));
+    }
+    let token = new_admin_token(&s.store, &b.name, role, unix_now()).await?;
+    tracing::info!(admin = %c.name, name = %b.name, role = role.as_str(), "admin credential created");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"name": b.name, "role": role.as_str(), "token": token})),
+    )
+        .into_response())
+}

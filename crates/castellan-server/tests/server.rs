@@ -1,0 +1,1083 @@
+//! The control plane end to end over real TLS: admin roles, OAuth2 (client_credentials with
+//! each client authentication method, certificate-bound tokens, token exchange, introspection,
+//! revocation, lockout), gRPC certify/renew, CA and key rotation — on SQLite, and on a fresh
+//! PostgreSQL database when one is reachable.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use castellan_identity::{SvidUsage, SvidValidator, TokenVerifier, TrustBundle};
+use castellan_proto::v1::identity_client::IdentityClient;
+use castellan_proto::v1::{CertifyRequest, RenewRequest};
+use castellan_server::{Running, Server, ServerConfig};
+use rcgen::{CertificateParams, KeyPair, SanType};
+use reqwest::StatusCode;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+const TD: &str = "example.org";
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    running: Running,
+    admin: String,
+    http: reqwest::Client,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn tls_client(
+    bundle: &[CertificateDer<'static>],
+    ident: Option<(&[CertificateDer<'static>], &KeyPair)>,
+) -> reqwest::Client {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in bundle {
+        roots.add(c.clone()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let cfg = match ident {
+        Some((chain, key)) => b
+            .with_client_auth_cert(
+                chain.to_vec(),
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(cfg)
+        .build()
+        .unwrap()
+}
+
+async fn start(database_url: Option<String>) -> Harness {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ServerConfig {
+        data_dir: dir.path().join("data"),
+        database_url,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        auth_failures_per_minute: 3,
+        max_body_bytes: 4096,
+        ..ServerConfig::default()
+    };
+    let init = castellan_server::init(&cfg, TD, None).await.unwrap();
+    let running = Server::start(cfg, None).await.unwrap();
+    let http = tls_client(&running.server.bundle(), None);
+    Harness {
+        _dir: dir,
+        running,
+        admin: init.admin_token,
+        http,
+    }
+}
+
+impl Harness {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.running.url)
+    }
+
+    async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut r = self.http.request(method, self.url(path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn post_form(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        basic: Option<(&str, &str)>,
+        form: &[(&str, &str)],
+    ) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+        let mut r = client.post(self.url(path)).form(form);
+        if let Some((u, p)) = basic {
+            r = r.basic_auth(u, Some(p));
+        }
+        let resp = r.send().await.unwrap();
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            headers,
+        )
+    }
+
+    async fn add_client(
+        &self,
+        name: &str,
+        scopes: &[&str],
+        tls_san_uri: Option<&str>,
+    ) -> Option<String> {
+        let (st, v) = self
+            .admin(
+                reqwest::Method::POST,
+                "/v1/clients",
+                Some(&self.admin),
+                Some(json!({"name": name, "scopes": scopes, "tls_san_uri": tls_san_uri})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        v.get("client_secret")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    }
+
+    async fn grpc(
+        &self,
+        ident: Option<(&[CertificateDer<'static>], &KeyPair)>,
+    ) -> IdentityClient<tonic::transport::Channel> {
+        let bundle_pem = castellan_server::keys::pem_bundle(&self.running.server.bundle());
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(bundle_pem))
+            .domain_name("localhost");
+        if let Some((chain, key)) = ident {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                castellan_server::keys::pem_bundle(chain),
+                key.serialize_pem(),
+            ));
+        }
+        let ch = tonic::transport::Channel::from_shared(
+            self.running.url.replace("127.0.0.1", "localhost"),
+        )
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+        IdentityClient::new(ch)
+    }
+
+    async fn join_token(&self, service: &str) -> String {
+        let (st, v) = self
+            .admin(
+                reqwest::Method::POST,
+                "/v1/services",
+                Some(&self.admin),
+                Some(json!({"name": service})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        v["join_token"].as_str().unwrap().to_owned()
+    }
+
+    fn verifier(&self, aud: &str) -> TokenVerifier {
+        let jwks = &self.running.server.jwks();
+        TokenVerifier::new(self.running.server.issuer(), aud, jwks).unwrap()
+    }
+}
+
+fn csr(uri: Option<&str>) -> (KeyPair, Vec<u8>) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    if let Some(u) = uri {
+        p.subject_alt_names = vec![SanType::URI(u.try_into().unwrap())];
+    }
+    let der = p.serialize_request(&key).unwrap().der().to_vec();
+    (key, der)
+}
+
+fn claims(token: &str) -> Value {
+    let p = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).unwrap()).unwrap()
+}
+
+async fn suite(h: Harness) {
+    use reqwest::Method;
+    // ---- admin API: 401 without or with a bad credential, 403 for a viewer's changes -------
+    let (st, v) = h.admin(Method::GET, "/v1/services", None, None).await;
+    assert_eq!(
+        (st, v["status"].as_u64()),
+        (StatusCode::UNAUTHORIZED, Some(401)),
+        "{v}"
+    );
+    let (st, _) = h
+        .admin(Method::GET, "/v1/services", Some("cadm_forged"), None)
+        .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, v) = h
+        .admin(
+            Method::POST,
+            "/v1/admin-tokens",
+            Some(&h.admin),
+            Some(json!({"name": "auditor", "role": "viewer"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let viewer = v["token"].as_str().unwrap().to_owned();
+    let (st, _) = h
+        .admin(Method::GET, "/v1/services", Some(&viewer), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "a viewer may read");
+    for (m, path, body) in [
+        (Method::POST, "/v1/services", Some(json!({"name": "x"}))),
+        (Method::POST, "/v1/ca/rotate", None),
+        (Method::POST, "/v1/keys/rotate", None),
+        (Method::POST, "/v1/clients", Some(json!({"name": "x"}))),
+        (
+            Method::POST,
+            "/v1/admin-tokens",
+            Some(json!({"name": "x", "role": "admin"})),
+        ),
+    ] {
+        let (st, v) = h.admin(m, path, Some(&viewer), body).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "viewer {path}: {v}");
+        assert_eq!(v["status"], 403);
+    }
+    // Bad input: problem JSON, never a 500.
+    let (st, v) = h
+        .admin(
+            Method::POST,
+            "/v1/services",
+            Some(&h.admin),
+            Some(json!({"name": "../etc"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    let (st, _) = h
+        .admin(
+            Method::POST,
+            "/v1/services",
+            Some(&h.admin),
+            Some(json!({"name": "a", "extra": 1})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    let big = "x".repeat(10_000);
+    let (st, v) = h
+        .admin(
+            Method::POST,
+            "/v1/services",
+            Some(&h.admin),
+            Some(json!({"name": big})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    let (st, v) = h.admin(Method::GET, "/nope", None, None).await;
+    assert_eq!(
+        (st, v["status"].as_u64()),
+        (StatusCode::NOT_FOUND, Some(404))
+    );
+
+    // ---- workload identity: certify with a join token, once -----------------------------
+    let join = h.join_token("orders").await;
+    let mut g = h.grpc(None).await;
+    let (bad_key, other_san) = csr(Some(&format!("spiffe://{TD}/svc/payments")));
+    let e = g
+        .certify(CertifyRequest {
+            join_token: join.clone(),
+            csr_der: other_san,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::InvalidArgument,
+        "CSR naming another service: {e}"
+    );
+    drop(bad_key);
+    // The failed attempt above consumed the token: a join token is single use, whatever happens.
+    let (key, der) = csr(None);
+    let e = g
+        .certify(CertifyRequest {
+            join_token: join,
+            csr_der: der.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let join = {
+        let (st, v) = h
+            .admin(
+                Method::POST,
+                "/v1/services/orders/join-token",
+                Some(&h.admin),
+                None,
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED);
+        v["join_token"].as_str().unwrap().to_owned()
+    };
+    let svid = g
+        .certify(CertifyRequest {
+            join_token: join.clone(),
+            csr_der: der.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(svid.spiffe_id, format!("spiffe://{TD}/svc/orders"));
+    let e = g
+        .certify(CertifyRequest {
+            join_token: join,
+            csr_der: der,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "join token reuse");
+    let chain: Vec<CertificateDer<'static>> = svid
+        .cert_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let bundle: Vec<CertificateDer<'static>> = svid
+        .trust_bundle
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let validator = SvidValidator::new(TrustBundle::new(TD, bundle.clone()).unwrap());
+    let id = validator
+        .validate(&chain, UnixTime::now(), SvidUsage::Client)
+        .unwrap();
+    assert_eq!(id.service_name(), Some("orders"));
+    assert!(svid.not_after - castellan_server::unix_now() <= 3600);
+
+    // ---- renewal over mTLS with the current SVID --------------------------------------
+    let e = g
+        .renew(RenewRequest {
+            csr_der: csr(None).1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::Unauthenticated,
+        "renew without a certificate"
+    );
+    let mut gm = h.grpc(Some((&chain, &key))).await;
+    let (key2, der2) = csr(None);
+    let renewed = gm
+        .renew(RenewRequest { csr_der: der2 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(renewed.spiffe_id, svid.spiffe_id);
+    assert_ne!(renewed.cert_chain, svid.cert_chain);
+    let chain2: Vec<CertificateDer<'static>> = renewed
+        .cert_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+
+    // ---- OAuth2: client_credentials, each client authentication method --------------------
+    let secret = h
+        .add_client("billing", &["orders.read", "orders.write"], None)
+        .await
+        .unwrap();
+    let (st, v, hd) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("billing", &secret)),
+            &[
+                ("grant_type", "client_credentials"),
+                ("scope", "orders.read"),
+            ],
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(hd["cache-control"], "no-store");
+    let tok = v["access_token"].as_str().unwrap().to_owned();
+    let c = claims(&tok);
+    for k in ["iss", "sub", "aud", "exp", "iat", "jti", "scope"] {
+        assert!(c.get(k).is_some(), "claim {k} missing: {c}");
+    }
+    assert_eq!(
+        (c["sub"].as_str(), c["scope"].as_str(), c["aud"].as_str()),
+        (Some("billing"), Some("orders.read"), Some(TD))
+    );
+    assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 300);
+    h.verifier(TD)
+        .verify(&tok, castellan_server::unix_now())
+        .unwrap();
+    let (st, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            None,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "billing"),
+                ("client_secret", &secret),
+            ],
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "client_secret_post: {v}");
+    assert_eq!(
+        claims(v["access_token"].as_str().unwrap())["scope"],
+        "orders.read orders.write"
+    );
+    let (st, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("billing", &secret)),
+            &[("grant_type", "client_credentials"), ("scope", "admin")],
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_scope"))
+    );
+    let (st, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("billing", &secret)),
+            &[("grant_type", "password")],
+        )
+        .await;
+    assert_eq!(v["error"], "unsupported_grant_type", "{st}");
+    let (st, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("billing", &secret)),
+            &[
+                ("grant_type", "client_credentials"),
+                ("grant_type", "client_credentials"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request")),
+        "repeated parameter"
+    );
+    let (st, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("billing", &secret)),
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_secret", &secret),
+            ],
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request")),
+        "two auth methods"
+    );
+    let (st, v, hd) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            None,
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_client"))
+    );
+    assert!(hd.contains_key("www-authenticate"));
+
+    // tls_client_auth: the SVID is the credential, the token is bound to it (RFC 8705).
+    h.add_client(
+        "orders-worker",
+        &["orders.read"],
+        Some(&format!("spiffe://{TD}/svc/orders")),
+    )
+    .await;
+    let mtls = tls_client(&h.running.server.bundle(), Some((&chain2, &key2)));
+    let (st, v, _) = h
+        .post_form(
+            &mtls,
+            "/oauth2/token",
+            None,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "orders-worker"),
+            ],
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let bound = v["access_token"].as_str().unwrap().to_owned();
+    let thumb = URL_SAFE_NO_PAD
+        .encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, chain2[0].as_ref()).as_ref());
+    assert_eq!(claims(&bound)["cnf"]["x5t#S256"], thumb);
+    let (st, _, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            None,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "orders-worker"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        st,
+        StatusCode::UNAUTHORIZED,
+        "tls_client_auth without a certificate"
+    );
+    // Another service's SVID does not authenticate this client.
+    let pay_join = h.join_token("payments").await;
+    let (pkey, pder) = csr(None);
+    let pay = g
+        .certify(CertifyRequest {
+            join_token: pay_join,
+            csr_der: pder,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let pchain: Vec<CertificateDer<'static>> = pay
+        .cert_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let wrong = tls_client(&h.running.server.bundle(), Some((&pchain, &pkey)));
+    let (st, _, _) = h
+        .post_form(
+            &wrong,
+            "/oauth2/token",
+            None,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "orders-worker"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        st,
+        StatusCode::UNAUTHORIZED,
+        "wrong SVID for tls_client_auth"
+    );
+
+    // ---- token exchange: down-scoped, audience-restricted, never longer-lived -----------
+    let exch = [
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subject_token", tok.as_str()),
+        (
+            "subject_token_type",
+            "urn:ietf:params:oauth:token-type:access_token",
+        ),
+        ("audience", "inventory"),
+    ];
+    let (st, v, _) = h
+        .post_form(&h.http, "/oauth2/token", Some(("billing", &secret)), &exch)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let ex = claims(v["access_token"].as_str().unwrap());
+    assert_eq!(
+        (ex["aud"].as_str(), ex["scope"].as_str(), ex["sub"].as_str()),
+        (Some("inventory"), Some("orders.read"), Some("billing"))
+    );
+    assert_eq!(ex["act"]["sub"], "billing");
+    assert!(ex["exp"].as_i64() <= c["exp"].as_i64());
+    let mut up = exch.to_vec();
+    up.push(("scope", "orders.write"));
+    let (_, v, _) = h
+        .post_form(&h.http, "/oauth2/token", Some(("billing", &secret)), &up)
+        .await;
+    assert_eq!(v["error"], "invalid_scope", "exchange cannot widen scope");
+    let no_aud: Vec<_> = exch
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "audience")
+        .collect();
+    let (_, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("billing", &secret)),
+            &no_aud,
+        )
+        .await;
+    assert_eq!(v["error"], "invalid_target");
+    let mut forged = exch.to_vec();
+    let tampered = format!("{}x", &tok[..tok.len() - 1]);
+    forged[1] = ("subject_token", tampered.as_str());
+    let (_, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("billing", &secret)),
+            &forged,
+        )
+        .await;
+    assert_eq!(v["error"], "invalid_request", "forged subject token");
+    let mut stolen = exch.to_vec();
+    stolen[1] = ("subject_token", bound.as_str());
+    let (_, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("billing", &secret)),
+            &stolen,
+        )
+        .await;
+    assert_eq!(
+        v["error"], "invalid_request",
+        "certificate-bound token exchanged by another client"
+    );
+
+    // ---- introspection and revocation ------------------------------------------------
+    let (st, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/introspect",
+            Some(("billing", &secret)),
+            &[("token", &tok)],
+        )
+        .await;
+    assert_eq!(
+        (st, v["active"].as_bool(), v["scope"].as_str()),
+        (StatusCode::OK, Some(true), Some("orders.read"))
+    );
+    let (st, _, _) = h
+        .post_form(&h.http, "/oauth2/introspect", None, &[("token", &tok)])
+        .await;
+    assert_eq!(
+        st,
+        StatusCode::UNAUTHORIZED,
+        "introspection needs client authentication"
+    );
+    let (_, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/introspect",
+            Some(("billing", &secret)),
+            &[("token", "not.a.token")],
+        )
+        .await;
+    assert_eq!(v, json!({"active": false}));
+    let (st, v, _) = h
+        .post_form(
+            &mtls,
+            "/oauth2/revoke",
+            None,
+            &[("client_id", "orders-worker"), ("token", &tok)],
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("unauthorized_client")),
+        "revoking another client's token"
+    );
+    let (st, _, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/revoke",
+            Some(("billing", &secret)),
+            &[("token", &tok)],
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (_, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/introspect",
+            Some(("billing", &secret)),
+            &[("token", &tok)],
+        )
+        .await;
+    assert_eq!(v, json!({"active": false}), "revoked token is inactive");
+    let (_, v, _) = h
+        .post_form(&h.http, "/oauth2/token", Some(("billing", &secret)), &exch)
+        .await;
+    assert_eq!(
+        v["error"], "invalid_request",
+        "revoked token cannot be exchanged"
+    );
+
+    // ---- failed client authentication is rate-limited per client ----------------------
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let (st, _, _) = h
+            .post_form(
+                &h.http,
+                "/oauth2/token",
+                Some(("billing", "wrong")),
+                &[("grant_type", "client_credentials")],
+            )
+            .await;
+        codes.push(st.as_u16());
+    }
+    assert_eq!(
+        codes,
+        [401, 401, 401, 429, 429],
+        "3 failures/min allowed in this config"
+    );
+    let (st, _, hd) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("billing", &secret)),
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
+    assert_eq!(
+        st,
+        StatusCode::TOO_MANY_REQUESTS,
+        "locked out even with the right secret"
+    );
+    assert!(hd["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    // Another client is not affected.
+    let (st, _, _) = h
+        .post_form(
+            &mtls,
+            "/oauth2/token",
+            None,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "orders-worker"),
+            ],
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+
+    // ---- revocation and disable reach renewals --------------------------------------
+    let serial = {
+        let (_, v) = h
+            .admin(
+                Method::GET,
+                "/v1/services/orders/certificates",
+                Some(&viewer),
+                None,
+            )
+            .await;
+        assert_eq!(v.as_array().unwrap().len(), 2);
+        let (_, cert) = x509_parser::parse_x509_certificate(chain2[0].as_ref()).unwrap();
+        let serial: String = cert
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(
+            v.as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["serial"] == serial.as_str())
+        );
+        serial
+    };
+    let (st, _) = h
+        .admin(
+            Method::POST,
+            &format!("/v1/certificates/{serial}/revoke"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let e = h
+        .grpc(Some((&chain2, &key2)))
+        .await
+        .renew(RenewRequest {
+            csr_der: csr(None).1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::Unauthenticated,
+        "revoked SVID cannot renew: {e}"
+    );
+    let (st, _, _) = h
+        .post_form(
+            &mtls,
+            "/oauth2/token",
+            None,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "orders-worker"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        st,
+        StatusCode::UNAUTHORIZED,
+        "revoked SVID cannot authenticate a client"
+    );
+    let (key3, der3) = csr(None);
+    let r3 = h
+        .grpc(Some((&chain, &key)))
+        .await
+        .renew(RenewRequest { csr_der: der3 })
+        .await
+        .unwrap()
+        .into_inner();
+    let chain3: Vec<CertificateDer<'static>> = r3
+        .cert_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let mtls = tls_client(&h.running.server.bundle(), Some((&chain3, &key3)));
+    let (st, _) = h
+        .admin(
+            Method::POST,
+            "/v1/services/payments/disable",
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let e = h
+        .grpc(Some((&pchain, &pkey)))
+        .await
+        .renew(RenewRequest {
+            csr_der: csr(None).1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::PermissionDenied,
+        "disabled service cannot renew"
+    );
+    let (_, v) = h
+        .admin(Method::GET, "/v1/revocations", Some(&viewer), None)
+        .await;
+    let kinds: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["certificate", "service"]);
+
+    // ---- CA rotation: both CAs in the bundle; old SVIDs still validate ------------------
+    let (st, v) = h
+        .admin(Method::POST, "/v1/ca/rotate", Some(&h.admin), None)
+        .await;
+    assert_eq!(
+        (st, v["bundle_size"].as_u64()),
+        (StatusCode::OK, Some(2)),
+        "{v}"
+    );
+    let new_bundle = h.running.server.bundle();
+    assert!(new_bundle.contains(&bundle[0]));
+    let v2 = SvidValidator::new(TrustBundle::new(TD, new_bundle.clone()).unwrap());
+    v2.validate(&chain, UnixTime::now(), SvidUsage::Server)
+        .unwrap();
+    let j = h.join_token("inventory").await;
+    let inv = h
+        .grpc(None)
+        .await
+        .certify(CertifyRequest {
+            join_token: j,
+            csr_der: csr(None).1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ichain: Vec<CertificateDer<'static>> = inv
+        .cert_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    assert_eq!(inv.trust_bundle.len(), 2);
+    v2.validate(&ichain, UnixTime::now(), SvidUsage::Server)
+        .unwrap();
+    let old_only = SvidValidator::new(TrustBundle::new(TD, bundle.clone()).unwrap());
+    assert!(
+        old_only
+            .validate(&ichain, UnixTime::now(), SvidUsage::Server)
+            .is_err(),
+        "new SVIDs come from the new CA"
+    );
+
+    // ---- signing-key rotation: old public key stays published -------------------------
+    let (st, v, _) = h
+        .post_form(
+            &mtls,
+            "/oauth2/token",
+            None,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "orders-worker"),
+            ],
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let before = v["access_token"].as_str().unwrap().to_owned();
+    let (st, _) = h
+        .admin(Method::POST, "/v1/keys/rotate", Some(&h.admin), None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let jwks: Value = h
+        .http
+        .get(h.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
+    let (_, v, _) = h
+        .post_form(
+            &mtls,
+            "/oauth2/token",
+            None,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "orders-worker"),
+            ],
+        )
+        .await;
+    let after = v["access_token"].as_str().unwrap().to_owned();
+    let ver = h.verifier(TD);
+    ver.verify(&before, castellan_server::unix_now()).unwrap();
+    ver.verify(&after, castellan_server::unix_now()).unwrap();
+    assert_ne!(claims_header_kid(&before), claims_header_kid(&after));
+
+    // ---- discovery, health, metrics, OpenAPI ------------------------------------------
+    let d: Value = h
+        .http
+        .get(h.url("/.well-known/openid-configuration"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(d["issuer"].as_str(), Some(h.running.server.issuer()));
+    assert_eq!(
+        d["token_endpoint"],
+        format!("{}/oauth2/token", h.running.url)
+    );
+    for p in ["/healthz", "/readyz"] {
+        assert_eq!(
+            h.http.get(h.url(p)).send().await.unwrap().status(),
+            StatusCode::OK,
+            "{p}"
+        );
+    }
+    let m = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("castellan_server_tokens_issued_total"), "{m}");
+    assert!(m.contains("castellan_server_client_auth_failures_total"));
+    let api: Value = h
+        .http
+        .get(h.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(api["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/v1/services",
+        "/oauth2/token",
+        "/oauth2/introspect",
+        "/oauth2/revoke",
+        "/v1/ca/rotate",
+        "/v1/keys/rotate",
+    ] {
+        assert!(api["paths"].get(path).is_some(), "OpenAPI lacks {path}");
+    }
+    h.running.shutdown().await;
+}
+
+fn claims_header_kid(token: &str) -> String {
+    let h = token.split('.').next().unwrap();
+    let v: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).unwrap()).unwrap();
+    v["kid"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_on_sqlite() {
+    suite(start(None).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_on_postgres() {
+    let admin_url = "postgres://postgres@127.0.0.1:5432/test";
+    let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(admin_url).await else {
+        if std::env::var_os("CI").is_some() {
+            panic!("PostgreSQL at {admin_url} is required in CI");
+        }
+        eprintln!("SKIPPED control_plane_on_postgres: no PostgreSQL at {admin_url}");
+        return;
+    };
+    let db = format!(
+        "castellan_server_test_{}_{}",
+        std::process::id(),
+        castellan_server::unix_now()
+    );
+    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {db}").as_str())
+        .await
+        .unwrap();
+    suite(start(Some(format!("postgres://postgres@127.0.0.1:5432/{db}"))).await).await;
+    sqlx::Executor::execute(
+        &mut conn,
+        format!("DROP DATABASE {db} WITH (FORCE)").as_str(),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_refuses_an_uninitialized_or_foreign_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ServerConfig {
+        data_dir: dir.path().to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..ServerConfig::default()
+    };
+    let e = Server::start(cfg.clone(), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("kek"), "{e}");
+    castellan_server::init(&cfg, TD, None).await.unwrap();
+    let e = castellan_server::init(&cfg, TD, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already initialized"), "{e}");
+    // The wrong key-encryption key cannot open the CA.
+    let e = Server::start(cfg, Some("11".repeat(32)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("wrong key-encryption key"), "{e}");
+}

@@ -1,0 +1,426 @@
+//! Commands that talk to a running control plane through its admin API: `service`, `cert`,
+//! `ca`, `client`, `keys`, `operator`.
+
+use clap::{Args, Subcommand};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// How to reach the control plane.
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// Control-plane URL, e.g. https://127.0.0.1:8443.
+    #[arg(long, env = "CASTELLAN_SERVER", global = true)]
+    server: Option<String>,
+    /// Admin credential (cadm_…).
+    #[arg(long, env = "CASTELLAN_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// PEM file with the trust bundle that signed the server's certificate.
+    #[arg(long, env = "CASTELLAN_CA_BUNDLE", global = true)]
+    ca_bundle: Option<PathBuf>,
+}
+
+/// Workload identities.
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Register a service and print a single-use join token for its proxy.
+    Add {
+        /// Service name (a-z, 0-9, '-').
+        name: String,
+    },
+    /// Print a new join token for a registered service.
+    JoinToken {
+        /// Service name.
+        name: String,
+    },
+    /// Disable a service: no more certificates, and proxies learn of it.
+    Disable {
+        /// Service name.
+        name: String,
+    },
+    /// List services.
+    List,
+}
+
+/// Certificates.
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Revoke a certificate by serial number (hex).
+    Revoke {
+        /// Serial number, hex (colons allowed).
+        serial: String,
+    },
+    /// List the certificates issued to a service.
+    List {
+        /// Service name.
+        service: String,
+    },
+}
+
+/// The trust domain's CA.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Add a new CA; the old one stays in the bundle until it expires.
+    Rotate,
+    /// Print the trust bundle (PEM).
+    Bundle,
+}
+
+/// OAuth2 clients.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Register a client and print its secret (shown once), or bind it to an SVID.
+    Add {
+        /// Client id.
+        name: String,
+        /// Scopes it may request (comma or space separated).
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// Authenticate with this SPIFFE ID over mTLS (tls_client_auth) instead of a secret.
+        #[arg(long)]
+        tls_san_uri: Option<String>,
+    },
+    /// Disable a client.
+    Disable {
+        /// Client id.
+        name: String,
+    },
+    /// List clients.
+    List,
+}
+
+/// Token-signing keys.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Start signing with a new key; old public keys stay published until their tokens expire.
+    Rotate,
+    /// List signing keys.
+    List,
+}
+
+/// Admin credentials.
+#[derive(Debug, Subcommand)]
+pub enum OperatorCommand {
+    /// Create an admin credential and print it (shown once).
+    Add {
+        /// Who it is for.
+        name: String,
+        /// admin (read and change) or viewer (read only).
+        #[arg(long, default_value = "viewer")]
+        role: String,
+    },
+}
+
+/// One admin API call.
+struct Call {
+    method: reqwest::Method,
+    path: String,
+    body: Option<Value>,
+}
+
+fn call(method: reqwest::Method, path: impl Into<String>, body: Option<Value>) -> Call {
+    Call {
+        method,
+        path: path.into(),
+        body,
+    }
+}
+
+impl Connection {
+    fn client(&self) -> Result<(reqwest::Client, String, String), String> {
+        let server = self
+            .server
+            .clone()
+            .ok_or("--server or CASTELLAN_SERVER is required")?;
+        let token = self
+            .token
+            .clone()
+            .ok_or("--token or CASTELLAN_TOKEN is required")?;
+        let bundle = self
+            .ca_bundle
+            .clone()
+            .ok_or("--ca-bundle or CASTELLAN_CA_BUNDLE is required")?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&bundle)
+            .map_err(|e| format!("{}: {e}", bundle.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{}: {e}", bundle.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| format!("{}: {e}", bundle.display()))?;
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok((client, server.trim_end_matches('/').to_owned(), token))
+    }
+}
+
+fn send(conn: &Connection, c: Call) -> Result<Value, String> {
+    let (client, server, token) = conn.client()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let mut req = client
+            .request(c.method, format!("{server}{}", c.path))
+            .bearer_auth(token);
+        if let Some(b) = c.body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|e| format!("{server}: {e}"))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| e.to_string())?;
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status.is_success() {
+            Ok(body)
+        } else {
+            let detail = body
+                .get("detail")
+                .and_then(Value::as_str)
+                .map_or_else(|| body.to_string(), str::to_owned);
+            Err(format!(
+                "{} {}: {detail}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            ))
+        }
+    })
+}
+
+fn finish(
+    conn: &Connection,
+    c: Call,
+    json_out: bool,
+    text: impl FnOnce(&Value) -> String,
+) -> ExitCode {
+    match send(conn, c) {
+        Ok(v) => {
+            if json_out {
+                println!("{v}");
+            } else {
+                println!("{}", text(&v));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+fn table(v: &Value, cols: &[&str]) -> String {
+    let mut out = cols.join("\t");
+    for row in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+        out.push('\n');
+        let cells: Vec<String> = cols
+            .iter()
+            .map(|c| match row.get(*c) {
+                Some(Value::String(x)) => x.clone(),
+                Some(Value::Null) | None => "-".to_owned(),
+                Some(x) => x.to_string(),
+            })
+            .collect();
+        out.push_str(&cells.join("\t"));
+    }
+    out
+}
+
+use reqwest::Method;
+
+/// Runs `service …`.
+pub fn service(cmd: ServiceCommand, conn: &Connection, json_out: bool) -> ExitCode {
+    match cmd {
+        ServiceCommand::Add { name } => finish(
+            conn,
+            call(Method::POST, "/v1/services", Some(json!({"name": name}))),
+            json_out,
+            |v| {
+                format!(
+                    "service {} ({})\njoin token (single use, expires at {}):\n{}",
+                    s(v, "name"),
+                    s(v, "spiffe_id"),
+                    v["expires_at"],
+                    s(v, "join_token")
+                )
+            },
+        ),
+        ServiceCommand::JoinToken { name } => finish(
+            conn,
+            call(
+                Method::POST,
+                format!("/v1/services/{name}/join-token"),
+                None,
+            ),
+            json_out,
+            |v| s(v, "join_token").to_owned(),
+        ),
+        ServiceCommand::Disable { name } => finish(
+            conn,
+            call(Method::POST, format!("/v1/services/{name}/disable"), None),
+            json_out,
+            |v| format!("service {} disabled", s(v, "name")),
+        ),
+        ServiceCommand::List => finish(
+            conn,
+            call(Method::GET, "/v1/services", None),
+            json_out,
+            |v| table(v, &["name", "spiffe_id", "created_at", "disabled_at"]),
+        ),
+    }
+}
+
+/// Runs `cert …`.
+pub fn cert(cmd: CertCommand, conn: &Connection, json_out: bool) -> ExitCode {
+    match cmd {
+        CertCommand::Revoke { serial } => finish(
+            conn,
+            call(
+                Method::POST,
+                format!("/v1/certificates/{serial}/revoke"),
+                None,
+            ),
+            json_out,
+            |v| format!("certificate {} revoked", s(v, "serial")),
+        ),
+        CertCommand::List { service } => finish(
+            conn,
+            call(
+                Method::GET,
+                format!("/v1/services/{service}/certificates"),
+                None,
+            ),
+            json_out,
+            |v| table(v, &["serial", "issued_at", "not_after", "revoked_at"]),
+        ),
+    }
+}
+
+/// Runs `ca …`.
+pub fn ca(cmd: CaCommand, conn: &Connection, json_out: bool) -> ExitCode {
+    match cmd {
+        CaCommand::Rotate => finish(
+            conn,
+            call(Method::POST, "/v1/ca/rotate", None),
+            json_out,
+            |v| {
+                format!(
+                    "new CA {} (bundle now holds {} certificates)",
+                    s(v, "id"),
+                    v["bundle_size"]
+                )
+            },
+        ),
+        CaCommand::Bundle => finish(conn, call(Method::GET, "/v1/bundle", None), json_out, |v| {
+            s(v, "pem").trim_end().to_owned()
+        }),
+    }
+}
+
+/// Runs `client …`.
+pub fn client(cmd: ClientCommand, conn: &Connection, json_out: bool) -> ExitCode {
+    match cmd {
+        ClientCommand::Add {
+            name,
+            scopes,
+            tls_san_uri,
+        } => {
+            let scopes: Vec<String> = scopes
+                .iter()
+                .flat_map(|s| s.split_whitespace())
+                .map(str::to_owned)
+                .collect();
+            let body = json!({"name": name, "scopes": scopes, "tls_san_uri": tls_san_uri});
+            finish(
+                conn,
+                call(Method::POST, "/v1/clients", Some(body)),
+                json_out,
+                |v| match v.get("client_secret").and_then(Value::as_str) {
+                    Some(secret) => format!(
+                        "client {}\nclient secret (shown once; store it now):\n{secret}",
+                        s(v, "client_id")
+                    ),
+                    None => format!(
+                        "client {} authenticates as {} (tls_client_auth)",
+                        s(v, "client_id"),
+                        s(v, "tls_san_uri")
+                    ),
+                },
+            )
+        }
+        ClientCommand::Disable { name } => finish(
+            conn,
+            call(Method::POST, format!("/v1/clients/{name}/disable"), None),
+            json_out,
+            |v| format!("client {} disabled", s(v, "client_id")),
+        ),
+        ClientCommand::List => finish(
+            conn,
+            call(Method::GET, "/v1/clients", None),
+            json_out,
+            |v| table(v, &["client_id", "scopes", "tls_san_uri", "disabled_at"]),
+        ),
+    }
+}
+
+/// Runs `keys …`.
+pub fn keys(cmd: KeysCommand, conn: &Connection, json_out: bool) -> ExitCode {
+    match cmd {
+        KeysCommand::Rotate => finish(
+            conn,
+            call(Method::POST, "/v1/keys/rotate", None),
+            json_out,
+            |v| {
+                format!(
+                    "now signing with {} ({} keys published)",
+                    s(v, "kid"),
+                    v["published"]
+                )
+            },
+        ),
+        KeysCommand::List => finish(conn, call(Method::GET, "/v1/keys", None), json_out, |v| {
+            table(v, &["kid", "active", "created_at", "retired_at"])
+        }),
+    }
+}
+
+/// Runs `operator …`.
+pub fn operator(cmd: OperatorCommand, conn: &Connection, json_out: bool) -> ExitCode {
+    match cmd {
+        OperatorCommand::Add { name, role } => finish(
+            conn,
+            call(
+                Method::POST,
+                "/v1/admin-tokens",
+                Some(json!({"name": name, "role": role})),
+            ),
+            json_out,
+            |v| {
+                format!(
+                    "{} credential for {} (shown once):\n{}",
+                    s(v, "role"),
+                    s(v, "name"),
+                    s(v, "token")
+                )
+            },
+        ),
+    }
+}
