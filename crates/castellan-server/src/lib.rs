@@ -159,6 +159,7 @@ pub struct Server {
     clients: Mutex<HashMap<String, (ClientRow, Instant)>>,
     external: Vec<(String, TokenVerifier)>,
     metrics: PrometheusHandle,
+    tokens_issued: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Server {
@@ -261,6 +262,7 @@ impl Server {
             clients: Mutex::new(HashMap::new()),
             external,
             metrics: metrics_handle(),
+            tokens_issued: std::sync::atomic::AtomicU64::new(0),
             kek,
             cfg,
         });
@@ -300,6 +302,12 @@ impl Server {
     /// The current trust bundle.
     pub fn bundle(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
         self.keys.load().bundle.clone()
+    }
+
+    /// Access tokens issued since start (all grants).
+    pub fn tokens_issued(&self) -> u64 {
+        self.tokens_issued
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The published JWKS (active and still-live retired keys).

@@ -290,7 +290,11 @@ impl Server {
         now: i64,
     ) -> Result<String, OAuthError> {
         let key = self.keys.load().signing.clone();
-        issue_token(&key, &self.issuer, sub, aud, now, ttl, extra).map_err(OAuthError::internal)
+        let t = issue_token(&key, &self.issuer, sub, aud, now, ttl, extra)
+            .map_err(OAuthError::internal)?;
+        self.tokens_issued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(t)
     }
 
     /// Verifies one of our own tokens and that it was not revoked.

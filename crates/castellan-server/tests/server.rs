@@ -1081,3 +1081,91 @@ async fn start_refuses_an_uninitialized_or_foreign_data_dir() {
         .to_string();
     assert!(e.contains("wrong key-encryption key"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_exchange_accepts_a_configured_external_issuer_only() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    // The external IdP's key: its JWKS is configured as a file, never fetched.
+    let idp = castellan_identity::SigningKey::generate().unwrap();
+    let jwks_file = dir.path().join("idp-jwks.json");
+    std::fs::write(
+        &jwks_file,
+        serde_json::to_string(&castellan_identity::jwks(&[&idp]).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let cfg = ServerConfig {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        external_issuers: vec![castellan_server::ExternalIssuer {
+            issuer: "https://idp.example".to_owned(),
+            audience: "castellan".to_owned(),
+            jwks_file,
+        }],
+        ..ServerConfig::default()
+    };
+    let init = castellan_server::init(&cfg, TD, None).await.unwrap();
+    let running = Server::start(cfg, None).await.unwrap();
+    let h = Harness {
+        _dir: dir,
+        running,
+        admin: init.admin_token,
+        http: reqwest::Client::new(),
+    };
+    let h = Harness {
+        http: tls_client(&h.running.server.bundle(), None),
+        ..h
+    };
+    let secret = h
+        .add_client("gateway", &["orders.read", "orders.write"], None)
+        .await
+        .unwrap();
+    let now = castellan_server::unix_now();
+    let mint = |iss: &str, aud: &str, key: &castellan_identity::SigningKey| {
+        let mut extra = serde_json::Map::new();
+        extra.insert("scope".to_owned(), json!("orders.read profile"));
+        castellan_identity::issue_token(key, iss, "alice", aud, now, 120, &extra).unwrap()
+    };
+    let exchange = |subject: String| {
+        let h = &h;
+        let secret = secret.clone();
+        async move {
+            h.post_form(
+                &h.http,
+                "/oauth2/token",
+                Some(("gateway", &secret)),
+                &[
+                    (
+                        "grant_type",
+                        "urn:ietf:params:oauth:grant-type:token-exchange",
+                    ),
+                    ("subject_token", &subject),
+                    ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                    ("audience", "orders"),
+                ],
+            )
+            .await
+        }
+    };
+    let (st, v, _) = exchange(mint("https://idp.example", "castellan", &idp)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let c = claims(v["access_token"].as_str().unwrap());
+    assert_eq!(
+        (c["sub"].as_str(), c["aud"].as_str(), c["scope"].as_str()),
+        (Some("alice"), Some("orders"), Some("orders.read"))
+    );
+    assert_eq!(c["subject_issuer"], "https://idp.example");
+    assert!(
+        c["exp"].as_i64().unwrap() <= now + 120,
+        "never outlives the subject token"
+    );
+    // Wrong audience for this server, an unconfigured issuer, a key the IdP does not publish.
+    let (_, v, _) = exchange(mint("https://idp.example", "someone-else", &idp)).await;
+    assert_eq!(v["error"], "invalid_request");
+    let (_, v, _) = exchange(mint("https://evil.example", "castellan", &idp)).await;
+    assert_eq!(v["error"], "invalid_request");
+    let other = castellan_identity::SigningKey::generate().unwrap();
+    let (_, v, _) = exchange(mint("https://idp.example", "castellan", &other)).await;
+    assert_eq!(v["error"], "invalid_request");
+    h.running.shutdown().await;
+}

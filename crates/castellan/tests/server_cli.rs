@@ -1,7 +1,12 @@
 //! `castellan server` and the admin commands run as an operator runs them, with a real Python
 //! OAuth2 client (authlib, PyJWT's PyJWKClient) against the running binary, and the server's
 //! debug log searched afterwards for every secret that went through it.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use serde_json::Value;
 use std::path::Path;
@@ -10,7 +15,9 @@ use std::time::{Duration, Instant};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_castellan"));
-    c.env_remove("CASTELLAN_KEK").env_remove("CASTELLAN_SERVER").env_remove("CASTELLAN_TOKEN");
+    c.env_remove("CASTELLAN_KEK")
+        .env_remove("CASTELLAN_SERVER")
+        .env_remove("CASTELLAN_TOKEN");
     c
 }
 
@@ -20,7 +27,11 @@ fn run(c: &mut Command) -> Output {
 
 fn ok(out: &Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout
 }
 
@@ -47,11 +58,40 @@ fn operator_flow_python_client_and_no_secret_in_debug_log() {
     let d = data.to_str().unwrap();
 
     // init prints the first admin credential once; bad input exits 2 with a message.
-    let out = run(bin().args(["server", "init", "--trust-domain", "Bad_Domain", "--data-dir", d]));
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
-    let init: Value = serde_json::from_str(&ok(&run(bin().args(["server", "init", "--trust-domain", "demo.castellan", "--data-dir", d, "-o", "json"])))).unwrap();
+    let out = run(bin().args([
+        "server",
+        "init",
+        "--trust-domain",
+        "Bad_Domain",
+        "--data-dir",
+        d,
+    ]));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let init: Value = serde_json::from_str(&ok(&run(bin().args([
+        "server",
+        "init",
+        "--trust-domain",
+        "demo.castellan",
+        "--data-dir",
+        d,
+        "-o",
+        "json",
+    ]))))
+    .unwrap();
     let admin = init["admin_token"].as_str().unwrap().to_owned();
-    let out = run(bin().args(["server", "init", "--trust-domain", "demo.castellan", "--data-dir", d]));
+    let out = run(bin().args([
+        "server",
+        "init",
+        "--trust-domain",
+        "demo.castellan",
+        "--data-dir",
+        d,
+    ]));
     assert_eq!(out.status.code(), Some(2));
 
     let log_path = dir.path().join("server.log");
@@ -68,36 +108,66 @@ fn operator_flow_python_client_and_no_secret_in_debug_log() {
     let endpoint = data.join("server.json");
     let t0 = Instant::now();
     while !endpoint.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "server did not start: {}", std::fs::read_to_string(&log_path).unwrap());
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "server did not start: {}",
+            std::fs::read_to_string(&log_path).unwrap()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let ep: Value = serde_json::from_str(&std::fs::read_to_string(&endpoint).unwrap()).unwrap();
     let url = ep["url"].as_str().unwrap().to_owned();
     let bundle = ep["ca_bundle"].as_str().unwrap().to_owned();
     let admin_cmd = |args: &[&str], token: &str| -> Output {
-        run(bin().args(args).args(["-o", "json"]).env("CASTELLAN_SERVER", &url).env("CASTELLAN_TOKEN", token).env("CASTELLAN_CA_BUNDLE", &bundle))
+        run(bin()
+            .args(args)
+            .args(["-o", "json"])
+            .env("CASTELLAN_SERVER", &url)
+            .env("CASTELLAN_TOKEN", token)
+            .env("CASTELLAN_CA_BUNDLE", &bundle))
     };
 
-    let svc: Value = serde_json::from_str(&ok(&admin_cmd(&["service", "add", "orders"], &admin))).unwrap();
+    let svc: Value =
+        serde_json::from_str(&ok(&admin_cmd(&["service", "add", "orders"], &admin))).unwrap();
     let join = svc["join_token"].as_str().unwrap().to_owned();
     assert!(join.starts_with("cjt_"));
     assert_eq!(svc["spiffe_id"], "spiffe://demo.castellan/svc/orders");
-    let cl: Value = serde_json::from_str(&ok(&admin_cmd(&["client", "add", "billing", "--scopes", "orders.read,orders.write"], &admin))).unwrap();
+    let cl: Value = serde_json::from_str(&ok(&admin_cmd(
+        &[
+            "client",
+            "add",
+            "billing",
+            "--scopes",
+            "orders.read,orders.write",
+        ],
+        &admin,
+    )))
+    .unwrap();
     let secret = cl["client_secret"].as_str().unwrap().to_owned();
-    let op: Value = serde_json::from_str(&ok(&admin_cmd(&["operator", "add", "auditor", "--role", "viewer"], &admin))).unwrap();
+    let op: Value = serde_json::from_str(&ok(&admin_cmd(
+        &["operator", "add", "auditor", "--role", "viewer"],
+        &admin,
+    )))
+    .unwrap();
     let viewer = op["token"].as_str().unwrap().to_owned();
     ok(&admin_cmd(&["service", "list"], &viewer));
     let out = admin_cmd(&["service", "disable", "orders"], &viewer);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("403"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = admin_cmd(&["service", "list"], "cadm_not-a-real-credential");
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
-    let rotated: Value = serde_json::from_str(&ok(&admin_cmd(&["keys", "rotate"], &admin))).unwrap();
+    let rotated: Value =
+        serde_json::from_str(&ok(&admin_cmd(&["keys", "rotate"], &admin))).unwrap();
     assert_eq!(rotated["published"], 2);
     let ca: Value = serde_json::from_str(&ok(&admin_cmd(&["ca", "rotate"], &admin))).unwrap();
     assert_eq!(ca["bundle_size"], 2);
     ok(&admin_cmd(&["service", "disable", "orders"], &admin));
-    let certs: Value = serde_json::from_str(&ok(&admin_cmd(&["cert", "list", "orders"], &viewer))).unwrap();
+    let certs: Value =
+        serde_json::from_str(&ok(&admin_cmd(&["cert", "list", "orders"], &viewer))).unwrap();
     assert_eq!(certs, Value::Array(vec![]));
 
     // A real OAuth2 client.
@@ -116,7 +186,9 @@ fn operator_flow_python_client_and_no_secret_in_debug_log() {
             secrets.push(t.as_str().unwrap().to_owned());
         }
     } else if std::env::var_os("CI").is_some() {
-        panic!("CI needs python3 with PyJWT, authlib, requests, cryptography (pip install pyjwt authlib requests cryptography)");
+        panic!(
+            "CI needs python3 with PyJWT, authlib, requests, cryptography (pip install pyjwt authlib requests cryptography)"
+        );
     } else {
         eprintln!("SKIPPED python OAuth2 client: pip install pyjwt authlib requests cryptography");
     }
@@ -124,13 +196,19 @@ fn operator_flow_python_client_and_no_secret_in_debug_log() {
     // Nothing secret in the debug log — neither credentials nor tokens nor the KEK.
     drop(server);
     let log = std::fs::read_to_string(&log_path).unwrap();
-    assert!(log.lines().count() > 20 && log.contains("\"DEBUG\""), "debug logging was not on:\n{log}");
+    assert!(
+        log.lines().count() > 20 && log.contains("\"DEBUG\""),
+        "debug logging was not on:\n{log}"
+    );
     let kek = std::fs::read_to_string(data.join("kek")).unwrap();
     secrets.push(kek.trim().to_owned());
     for s in &secrets {
         // Any 16-character window of a secret is enough to count as a leak.
         let probe = &s[s.len() - 16..];
-        assert!(!log.contains(probe), "secret ending {probe:?} found in the server log");
+        assert!(
+            !log.contains(probe),
+            "secret ending {probe:?} found in the server log"
+        );
     }
     for prefix in ["cadm_", "cjt_", "ccs_", "eyJ"] {
         assert!(!log.contains(prefix), "{prefix}… found in the server log");
