@@ -2,7 +2,10 @@
 //! `protoc` on the machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/castellan/v1/identity.proto"];
+    let protos = [
+        "proto/castellan/v1/identity.proto",
+        "proto/castellan/v1/distribution.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -9,7 +9,7 @@
     reason = "generated code"
 )]
 
-/// `castellan.v1`: identity (certify, renew).
+/// `castellan.v1`: identity (certify, renew) and distribution (watch, report).
 pub mod v1 {
     tonic::include_proto!("castellan.v1");
 }

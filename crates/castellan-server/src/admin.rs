@@ -144,7 +144,23 @@ pub(crate) fn routes() -> Router<Arc<Server>> {
         .route("/v1/keys", get(list_keys))
         .route("/v1/keys/rotate", post(rotate_keys))
         .route("/v1/admin-tokens", post(add_admin_token))
+        .route(
+            "/v1/policy",
+            get(current_policy)
+                .post(apply_policy)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_POLICY_BYTES)),
+        )
+        .route("/v1/policy/history", get(policy_history))
+        .route("/v1/policy/rollback/{rev}", post(rollback_policy))
+        .route("/v1/proxies", get(list_proxies))
+        .route("/v1/apikeys", get(list_api_keys).post(add_api_key))
+        .route("/v1/apikeys/{id}/revoke", post(revoke_api_key))
 }
+
+/// Largest policy bundle accepted by `policy apply`.
+const MAX_POLICY_BYTES: usize = 4 * 1024 * 1024;
+/// Prefix of end-user API keys (product.md §7).
+pub const API_KEY_PREFIX: &str = "cak_";
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -247,6 +263,7 @@ async fn disable_service(
     service_id(&s, &name)?;
     let now = unix_now();
     s.store.disable_service(&name, now).await?;
+    s.changed().await;
     tracing::info!(admin = %c.name, service = %name, "service disabled");
     Ok(Json(json!({"name": name, "disabled_at": now})))
 }
@@ -287,6 +304,7 @@ async fn revoke_certificate(
     let bytes = parse_serial(&serial).ok_or_else(|| Problem::bad_request("serial must be hex"))?;
     let now = unix_now();
     s.store.revoke_certificate(&bytes, now).await?;
+    s.changed().await;
     tracing::info!(admin = %c.name, serial = %hex(&bytes), "certificate revoked");
     Ok(Json(json!({"serial": hex(&bytes), "revoked_at": now})))
 }
@@ -330,6 +348,7 @@ async fn rotate_ca(c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value
     .await?;
     s.store.retire_ca_keys_except(&id, now).await?;
     s.reload().await?;
+    s.changed().await;
     let ks = s.keys.load();
     tracing::info!(admin = %c.name, ca = %id, bundle = ks.bundle.len(), "CA rotated");
     Ok(Json(
@@ -478,4 +497,245 @@ async fn add_admin_token(
         Json(json!({"name": b.name, "role": role.as_str(), "token": token})),
     )
         .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyPolicy {
+    files: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    comment: String,
+}
+
+fn is_policy_file_name(n: &str) -> bool {
+    (1..=128).contains(&n.len())
+        && (n.ends_with(".yaml") || n.ends_with(".yml"))
+        && !castellan_policy::is_test_file(std::path::Path::new(n))
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+        && !n
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+}
+
+/// Validates with the engine and stores a revision; `Ok(None)` when identical to the current.
+async fn store_revision(
+    s: &Server,
+    author: &str,
+    files: &std::collections::BTreeMap<String, String>,
+    comment: &str,
+) -> Result<(i64, String, usize, bool), Response> {
+    if files.is_empty() {
+        return Err(Problem::bad_request("no policy files").into_response());
+    }
+    if let Some(bad) = files.keys().find(|n| !is_policy_file_name(n)) {
+        return Err(Problem::bad_request(format!(
+            "bad policy file name {bad:?} (relative .yaml path, no test files)"
+        ))
+        .into_response());
+    }
+    let set = match castellan_policy::PolicySet::from_sources(
+        files.iter().map(|(n, t)| (n.as_str(), t.as_str())),
+    ) {
+        Ok(set) => set,
+        Err(castellan_policy::LoadError::Invalid(diags)) => {
+            let errors: Vec<String> = diags.iter().map(ToString::to_string).collect();
+            let body = json!({"type": "about:blank", "title": "Bad Request", "status": 400,
+                              "detail": format!("{} error(s) in the policy", errors.len()), "errors": errors});
+            let mut r = (StatusCode::BAD_REQUEST, body.to_string()).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/problem+json"),
+            );
+            return Err(r);
+        }
+        Err(e) => return Err(Problem::bad_request(e.to_string()).into_response()),
+    };
+    if set.trust_domain() != s.trust_domain {
+        return Err(Problem::bad_request(format!(
+            "policy trust domain {:?} is not this server's {:?} (set it in a MeshConfig)",
+            set.trust_domain(),
+            s.trust_domain
+        ))
+        .into_response());
+    }
+    let hash = crate::dist::content_hash(files).map_err(|e| Problem::from(e).into_response())?;
+    if let Some(cur) = s
+        .store
+        .latest_policy_revision()
+        .await
+        .map_err(|e| Problem::from(e).into_response())?
+        && cur.content_hash == hash
+    {
+        return Ok((cur.rev, hash, set.rule_count(), false));
+    }
+    let files_json =
+        serde_json::to_string(files).map_err(|e| Problem::internal(e).into_response())?;
+    let rev = s
+        .store
+        .add_policy_revision(author, unix_now(), &hash, &files_json, comment)
+        .await
+        .map_err(|e| Problem::from(e).into_response())?;
+    s.changed().await;
+    Ok((rev, hash, set.rule_count(), true))
+}
+
+async fn apply_policy(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    Body(b): Body<ApplyPolicy>,
+) -> Response {
+    if let Err(p) = c.require_admin() {
+        return p.into_response();
+    }
+    match store_revision(&s, &c.name, &b.files, &b.comment).await {
+        Ok((rev, hash, rules, created)) => {
+            tracing::info!(admin = %c.name, revision = rev, %hash, rules, created, "policy applied");
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (status, Json(json!({"revision": rev, "content_hash": hash, "rules": rules, "changed": created}))).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn current_policy(_c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value>, Problem> {
+    let cur = s
+        .store
+        .latest_policy_revision()
+        .await?
+        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "no policy applied yet"))?;
+    let files: Value = serde_json::from_str(&cur.files).map_err(Problem::internal)?;
+    Ok(Json(
+        json!({"revision": cur.rev, "author": cur.author, "created_at": cur.created_at,
+                   "content_hash": cur.content_hash, "comment": cur.comment, "files": files}),
+    ))
+}
+
+async fn policy_history(_c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value>, Problem> {
+    let rows = s.store.policy_history(1000).await?;
+    Ok(Json(Value::Array(
+        rows.iter()
+            .map(|r| json!({"revision": r.rev, "author": r.author, "created_at": r.created_at, "content_hash": r.content_hash, "comment": r.comment}))
+            .collect(),
+    )))
+}
+
+async fn rollback_policy(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    Path(rev): Path<i64>,
+) -> Response {
+    if let Err(p) = c.require_admin() {
+        return p.into_response();
+    }
+    let old = match s.store.policy_revision(rev).await {
+        Ok(r) => r,
+        Err(e) => return Problem::from(e).into_response(),
+    };
+    let files: std::collections::BTreeMap<String, String> = match serde_json::from_str(&old.files) {
+        Ok(f) => f,
+        Err(e) => return Problem::internal(e).into_response(),
+    };
+    match store_revision(&s, &c.name, &files, &format!("rollback to {rev}")).await {
+        Ok((new_rev, hash, rules, created)) => {
+            tracing::info!(admin = %c.name, to = rev, revision = new_rev, "policy rolled back");
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (status, Json(json!({"revision": new_rev, "content_hash": hash, "rules": rules, "rolled_back_to": rev, "changed": created}))).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn list_proxies(_c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value>, Problem> {
+    let now = unix_now();
+    let current = s.store.latest_policy_revision().await?.map(|r| r.rev);
+    Ok(Json(Value::Array(
+        s.store
+            .proxies()
+            .await?
+            .iter()
+            .map(|p| json!({"proxy_id": p.proxy_id, "service": p.service, "mode": p.mode, "address": p.address,
+                            "revision": p.revision, "up_to_date": Some(p.revision) == current,
+                            "cert_not_after": p.cert_not_after, "last_contact": p.last_contact,
+                            "seconds_since_contact": now - p.last_contact}))
+            .collect(),
+    )))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewApiKey {
+    user: String,
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default)]
+    claims: std::collections::BTreeMap<String, String>,
+}
+
+async fn add_api_key(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    Body(b): Body<NewApiKey>,
+) -> Result<Response, Problem> {
+    c.require_admin()?;
+    let ok = |x: &str| (1..=128).contains(&x.len()) && !x.chars().any(char::is_control);
+    if !ok(&b.user)
+        || !b.roles.iter().all(|r| ok(r))
+        || !b.claims.iter().all(|(k, v)| ok(k) && ok(v))
+    {
+        return Err(Problem::bad_request(
+            "user, roles and claims must be 1-128 printable characters",
+        ));
+    }
+    let key_id = random_id(9)?;
+    let key = format!("{API_KEY_PREFIX}{key_id}.{}", random_id(32)?);
+    s.store
+        .add_api_key(
+            &castellan_store::ApiKeyRow {
+                key_id: key_id.clone(),
+                key_hash: credential_hash(&key),
+                username: b.user.clone(),
+                roles: serde_json::to_string(&b.roles).map_err(Problem::internal)?,
+                claims: serde_json::to_string(&b.claims).map_err(Problem::internal)?,
+                revoked_at: None,
+            },
+            unix_now(),
+        )
+        .await?;
+    s.changed().await;
+    tracing::info!(admin = %c.name, %key_id, user = %b.user, "API key created");
+    Ok((StatusCode::CREATED, Json(json!({"key_id": key_id, "user": b.user, "roles": b.roles, "claims": b.claims, "api_key": key}))).into_response())
+}
+
+async fn list_api_keys(_c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value>, Problem> {
+    Ok(Json(Value::Array(
+        s.store
+            .active_api_keys()
+            .await?
+            .iter()
+            .map(|k| json!({"key_id": k.key_id, "user": k.username,
+                            "roles": serde_json::from_str::<Value>(&k.roles).unwrap_or(Value::Null),
+                            "claims": serde_json::from_str::<Value>(&k.claims).unwrap_or(Value::Null)}))
+            .collect(),
+    )))
+}
+
+async fn revoke_api_key(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    c.require_admin()?;
+    s.store.revoke_api_key(&id, unix_now()).await?;
+    s.changed().await;
+    tracing::info!(admin = %c.name, key_id = %id, "API key revoked");
+    Ok(Json(json!({"key_id": id, "revoked": true})))
 }

@@ -35,7 +35,9 @@ pub(crate) struct PeerCerts(pub(crate) Option<Arc<Vec<CertificateDer<'static>>>>
 const OPENAPI: &str = include_str!("openapi.json");
 
 pub(crate) fn router(s: Arc<Server>) -> Router {
-    let grpc = tonic::service::Routes::new(grpc::service(s.clone())).into_axum_router();
+    let grpc = tonic::service::Routes::new(grpc::service(s.clone()))
+        .add_service(crate::dist::service(s.clone()))
+        .into_axum_router();
     let max_body = s.cfg.max_body_bytes;
     Router::new()
         .route("/healthz", get(|| async { "ok" }))

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod config;
+mod dist;
 mod grpc;
 mod http;
 pub mod keys;
@@ -160,6 +161,7 @@ pub struct Server {
     external: Vec<(String, TokenVerifier)>,
     metrics: PrometheusHandle,
     tokens_issued: std::sync::atomic::AtomicU64,
+    hub: dist::Hub,
 }
 
 impl std::fmt::Debug for Server {
@@ -263,13 +265,15 @@ impl Server {
             external,
             metrics: metrics_handle(),
             tokens_issued: std::sync::atomic::AtomicU64::new(0),
+            hub: dist::Hub::new(),
             kek,
             cfg,
         });
         server.write_bundle()?;
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(http::serve(server.clone(), listener, stop_rx.clone()));
-        tokio::spawn(reload_loop(Arc::downgrade(&server), stop_rx));
+        tokio::spawn(reload_loop(Arc::downgrade(&server), stop_rx.clone()));
+        tokio::spawn(dist::run_hub(Arc::downgrade(&server), stop_rx));
         let endpoint = serde_json::json!({
             "url": url,
             "ca_bundle": server.cfg.data_dir.join(BUNDLE_FILE),

@@ -63,6 +63,10 @@ fn tls_client(
 }
 
 async fn start(database_url: Option<String>) -> Harness {
+    start_td(TD, database_url).await
+}
+
+async fn start_td(td: &str, database_url: Option<String>) -> Harness {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let cfg = ServerConfig {
@@ -73,7 +77,7 @@ async fn start(database_url: Option<String>) -> Harness {
         max_body_bytes: 4096,
         ..ServerConfig::default()
     };
-    let init = castellan_server::init(&cfg, TD, None).await.unwrap();
+    let init = castellan_server::init(&cfg, td, None).await.unwrap();
     let running = Server::start(cfg, None).await.unwrap();
     let http = tls_client(&running.server.bundle(), None);
     Harness {
@@ -1168,4 +1172,379 @@ async fn token_exchange_accepts_a_configured_external_issuer_only() {
     let (_, v, _) = exchange(mint("https://idp.example", "castellan", &other)).await;
     assert_eq!(v["error"], "invalid_request");
     h.running.shutdown().await;
+}
+
+// ---- distribution: policy revisions, the watch stream, two replicas -----------------------
+
+fn demo_policy_files() -> serde_json::Map<String, Value> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo/policies");
+    let mut files = serde_json::Map::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.ends_with(".yaml") && !name.ends_with("_test.yaml") {
+            files.insert(name, Value::String(std::fs::read_to_string(&p).unwrap()));
+        }
+    }
+    files
+}
+
+async fn certified(h: &Harness, service: &str) -> (Vec<CertificateDer<'static>>, KeyPair) {
+    let join = h.join_token(service).await;
+    let (key, der) = csr(None);
+    let svid = h
+        .grpc(None)
+        .await
+        .certify(CertifyRequest {
+            join_token: join,
+            csr_der: der,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        svid.cert_chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect(),
+        key,
+    )
+}
+
+async fn channel_to(
+    url: &str,
+    bundle: &[CertificateDer<'static>],
+    chain: &[CertificateDer<'static>],
+    key: &KeyPair,
+) -> tonic::transport::Channel {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            castellan_server::keys::pem_bundle(bundle),
+        ))
+        .domain_name("localhost")
+        .identity(tonic::transport::Identity::from_pem(
+            castellan_server::keys::pem_bundle(chain),
+            key.serialize_pem(),
+        ));
+    tonic::transport::Channel::from_shared(url.replace("127.0.0.1", "localhost"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn next(
+    stream: &mut tonic::Streaming<castellan_proto::v1::WatchUpdate>,
+) -> castellan_proto::v1::WatchUpdate {
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
+        .await
+        .expect("no update within 10 s")
+        .unwrap()
+        .unwrap()
+}
+
+/// `watch_url`: the replica the proxy watches (another replica on the same database, or the same).
+async fn distribution_suite(h: &Harness, watch_url: &str) {
+    use castellan_proto::v1::distribution_client::DistributionClient;
+    use castellan_proto::v1::{ProxyReport, WatchRequest};
+    use reqwest::Method;
+    let (chain, key) = certified(h, "orders").await;
+    let files = demo_policy_files();
+    let (st, v) = h
+        .admin(
+            Method::POST,
+            "/v1/policy",
+            Some(&h.admin),
+            Some(json!({"files": files, "comment": "demo"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let r1 = v["revision"].as_i64().unwrap();
+    let (st, v) = h
+        .admin(
+            Method::POST,
+            "/v1/policy",
+            Some(&h.admin),
+            Some(json!({"files": files})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["changed"].as_bool(), v["revision"].as_i64()),
+        (StatusCode::OK, Some(false), Some(r1)),
+        "same content, same revision"
+    );
+    let mut broken = files.clone();
+    broken.insert(
+        "orders.yaml".to_owned(),
+        Value::String("apiVersion: castellan/v1\nkind: AccessPolicy\nbogus: 1\n".to_owned()),
+    );
+    let (st, v) = h
+        .admin(
+            Method::POST,
+            "/v1/policy",
+            Some(&h.admin),
+            Some(json!({"files": broken})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e.as_str().unwrap().starts_with("orders.yaml:")),
+        "{v}"
+    );
+    let mut traversal = files.clone();
+    traversal.insert("../x.yaml".to_owned(), Value::String(String::new()));
+    let (st, _) = h
+        .admin(
+            Method::POST,
+            "/v1/policy",
+            Some(&h.admin),
+            Some(json!({"files": traversal})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+
+    // Watching needs an SVID.
+    let bundle = h.running.server.bundle();
+    let anon = tonic::transport::Channel::from_shared(watch_url.replace("127.0.0.1", "localhost"))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(
+                    castellan_server::keys::pem_bundle(&bundle),
+                ))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let e = DistributionClient::new(anon)
+        .watch(WatchRequest {
+            proxy_id: "x".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+
+    let mut client = DistributionClient::new(channel_to(watch_url, &bundle, &chain, &key).await);
+    let mut stream = client
+        .watch(WatchRequest {
+            proxy_id: "orders-1".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snap = next(&mut stream).await;
+    assert_eq!(snap.sequence, 1);
+    let p = snap.policy.unwrap();
+    assert_eq!((p.revision, p.files.len()), (r1, files.len()));
+    assert!(snap.api_keys.is_some() && snap.endpoints.is_some() && !snap.trust_bundle.is_empty());
+
+    // A policy change arrives as the next update.
+    let mut changed = files.clone();
+    let orders = changed["orders.yaml"].as_str().unwrap().to_owned() + "\n# changed\n";
+    changed.insert("orders.yaml".to_owned(), Value::String(orders));
+    let t0 = std::time::Instant::now();
+    let (st, v) = h
+        .admin(
+            Method::POST,
+            "/v1/policy",
+            Some(&h.admin),
+            Some(json!({"files": changed})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let r2 = v["revision"].as_i64().unwrap();
+    let u = next(&mut stream).await;
+    eprintln!(
+        "policy apply -> update on the watch stream: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        (u.sequence, u.policy.as_ref().map(|p| p.revision)),
+        (2, Some(r2))
+    );
+    assert!(
+        u.api_keys.is_none() && u.revocations.is_empty(),
+        "only what changed"
+    );
+
+    // API keys travel as hashes.
+    let (st, v) = h
+        .admin(
+            Method::POST,
+            "/v1/apikeys",
+            Some(&h.admin),
+            Some(json!({"user": "alice", "roles": ["customer"], "claims": {"customer_id": "42"}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let api_key = v["api_key"].as_str().unwrap().to_owned();
+    assert!(api_key.starts_with("cak_"));
+    let u = next(&mut stream).await;
+    let keys = u.api_keys.unwrap().keys;
+    assert_eq!(keys.len(), 1);
+    assert_eq!(
+        keys[0].key_hash,
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, api_key.as_bytes()).as_ref()
+    );
+    assert_eq!(
+        (
+            keys[0].user.as_str(),
+            keys[0].roles.as_slice(),
+            keys[0].claims["customer_id"].as_str()
+        ),
+        ("alice", &["customer".to_owned()][..], "42")
+    );
+
+    // A revocation reaches the watcher.
+    let (other, _) = certified(h, "inventory").await;
+    let (_, cert) = x509_parser::parse_x509_certificate(other[0].as_ref()).unwrap();
+    let serial: String = cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (st, _) = h
+        .admin(
+            Method::POST,
+            &format!("/v1/certificates/{serial}/revoke"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let u = next(&mut stream).await;
+    assert_eq!(
+        u.revocations
+            .iter()
+            .map(|r| (r.kind.as_str(), r.subject.as_str()))
+            .collect::<Vec<_>>(),
+        [("certificate", serial.as_str())]
+    );
+
+    // The proxy acknowledges what it enforces; its address becomes an endpoint.
+    client
+        .report(ProxyReport {
+            proxy_id: "orders-1".to_owned(),
+            mode: "sidecar".to_owned(),
+            address: "127.0.0.1:9999".to_owned(),
+            revision: r2,
+            cert_not_after: 1,
+        })
+        .await
+        .unwrap();
+    let u = next(&mut stream).await;
+    let eps = u.endpoints.unwrap().endpoints;
+    assert_eq!(
+        eps.iter()
+            .map(|e| (e.service.as_str(), e.address.as_str()))
+            .collect::<Vec<_>>(),
+        [("orders", "127.0.0.1:9999")]
+    );
+    let (_, v) = h
+        .admin(Method::GET, "/v1/proxies", Some(&h.admin), None)
+        .await;
+    assert_eq!(
+        (
+            v[0]["proxy_id"].as_str(),
+            v[0]["revision"].as_i64(),
+            v[0]["up_to_date"].as_bool()
+        ),
+        (Some("orders-1"), Some(r2), Some(true))
+    );
+    let e = client
+        .report(ProxyReport {
+            proxy_id: "orders-1".to_owned(),
+            mode: "evil".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // Rollback makes r1's content current as a new revision.
+    let (st, v) = h
+        .admin(
+            Method::POST,
+            &format!("/v1/policy/rollback/{r1}"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let r3 = v["revision"].as_i64().unwrap();
+    let u = next(&mut stream).await;
+    let p = u.policy.unwrap();
+    let (_, hist) = h
+        .admin(Method::GET, "/v1/policy/history", Some(&h.admin), None)
+        .await;
+    assert_eq!(
+        hist.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["revision"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [r3, r2, r1]
+    );
+    assert_eq!(p.revision, r3);
+    assert_eq!(p.content_hash, hist[2]["content_hash"].as_str().unwrap());
+    assert_eq!(hist[0]["comment"], format!("rollback to {r1}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distribution_on_sqlite() {
+    let h = start_td("demo.castellan", None).await;
+    distribution_suite(&h, &h.running.url.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_postgres_push_every_change() {
+    let admin_url = "postgres://postgres@127.0.0.1:5432/test";
+    let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(admin_url).await else {
+        if std::env::var_os("CI").is_some() {
+            panic!("PostgreSQL at {admin_url} is required in CI");
+        }
+        eprintln!(
+            "SKIPPED two_replicas_on_postgres_push_every_change: no PostgreSQL at {admin_url}"
+        );
+        return;
+    };
+    let db = format!(
+        "castellan_replicas_{}_{}",
+        std::process::id(),
+        castellan_server::unix_now()
+    );
+    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {db}").as_str())
+        .await
+        .unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:5432/{db}");
+    let a = start_td("demo.castellan", Some(url.clone())).await;
+    // Replica B: same database, same key-encryption key, its own data directory and port.
+    let kek = std::fs::read_to_string(a._dir.path().join("data/kek")).unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir_b.path()).unwrap();
+    let cfg_b = ServerConfig {
+        data_dir: dir_b.path().to_owned(),
+        database_url: Some(url),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..ServerConfig::default()
+    };
+    let b = Server::start(cfg_b, Some(kek)).await.unwrap();
+    // Changes are made on A; the proxy watches B.
+    distribution_suite(&a, &b.url.clone()).await;
+    b.shutdown().await;
+    a.running.shutdown().await;
+    sqlx::Executor::execute(
+        &mut conn,
+        format!("DROP DATABASE {db} WITH (FORCE)").as_str(),
+    )
+    .await
+    .unwrap();
 }

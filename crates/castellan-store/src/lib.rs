@@ -153,6 +153,79 @@ pub struct RevocationEvent {
     pub at: i64,
 }
 
+/// A stored policy revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRevision {
+    /// Revision number; strictly increasing.
+    pub rev: i64,
+    /// Who applied it (admin credential name).
+    pub author: String,
+    /// When.
+    pub created_at: i64,
+    /// SHA-256 of the files, hex.
+    pub content_hash: String,
+    /// The policy files: a JSON object, file name → YAML text.
+    pub files: String,
+    /// Why (e.g. `rollback to 3`).
+    pub comment: String,
+}
+
+/// An end-user API key, as proxies receive it (hash only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyRow {
+    /// Public id (also the key's prefix after `cak_`).
+    pub key_id: String,
+    /// SHA-256 of the whole key.
+    pub key_hash: Vec<u8>,
+    /// The user it authenticates.
+    pub username: String,
+    /// Roles, JSON array.
+    pub roles: String,
+    /// Extra claims, JSON object.
+    pub claims: String,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// A proxy's last report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyRow {
+    /// Its id (stable across restarts).
+    pub proxy_id: String,
+    /// The service it fronts (sidecar) or `gateway`.
+    pub service: String,
+    /// `sidecar` or `gateway`.
+    pub mode: String,
+    /// Its inbound address (`host:port`), dialled by other proxies.
+    pub address: String,
+    /// Policy revision it enforces.
+    pub revision: i64,
+    /// Its certificate's expiry.
+    pub cert_not_after: i64,
+    /// Last contact.
+    pub last_contact: i64,
+}
+
+/// `(rev, author, created_at, content_hash, files, comment)`.
+type RevisionTuple = (i64, String, i64, String, String, String);
+/// `(key_id, key_hash, username, roles, claims, revoked_at)`.
+type ApiKeyTuple = (String, Vec<u8>, String, String, String, Option<i64>);
+/// `(proxy_id, service, mode, address, revision, cert_not_after, last_contact)`.
+type ProxyTuple = (String, String, String, String, i64, i64, i64);
+
+fn revision(
+    (rev, author, created_at, content_hash, files, comment): RevisionTuple,
+) -> PolicyRevision {
+    PolicyRevision {
+        rev,
+        author,
+        created_at,
+        content_hash,
+        files,
+        comment,
+    }
+}
+
 /// The control plane's database.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -561,5 +634,127 @@ impl Store {
             role,
             revoked_at,
         })
+    }
+
+    // ---- policy revisions ------------------------------------------------------------------
+
+    /// Stores a new policy revision; returns its number.
+    pub async fn add_policy_revision(
+        &self,
+        author: &str,
+        now: i64,
+        content_hash: &str,
+        files: &str,
+        comment: &str,
+    ) -> Result<i64, StoreError> {
+        let sql = "INSERT INTO policy_revisions (author, created_at, content_hash, files, comment) VALUES ($1, $2, $3, $4, $5) RETURNING rev";
+        let (rev,): (i64,) = on_pool!(self, p => sqlx::query_as(sql).bind(author).bind(now).bind(content_hash).bind(files).bind(comment).fetch_one(p).await)?;
+        Ok(rev)
+    }
+
+    /// One revision.
+    pub async fn policy_revision(&self, rev: i64) -> Result<PolicyRevision, StoreError> {
+        let sql = "SELECT rev, author, created_at, content_hash, files, comment FROM policy_revisions WHERE rev = $1";
+        let row: Option<RevisionTuple> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(rev).fetch_optional(p).await)?;
+        row.map(revision)
+            .ok_or_else(|| StoreError::NotFound(format!("policy revision {rev}")))
+    }
+
+    /// The newest revision (the one in force), if any.
+    pub async fn latest_policy_revision(&self) -> Result<Option<PolicyRevision>, StoreError> {
+        let sql = "SELECT rev, author, created_at, content_hash, files, comment FROM policy_revisions ORDER BY rev DESC LIMIT 1";
+        let row: Option<RevisionTuple> =
+            on_pool!(self, p => sqlx::query_as(sql).fetch_optional(p).await)?;
+        Ok(row.map(revision))
+    }
+
+    /// Revisions newest first, without their files.
+    pub async fn policy_history(&self, limit: i64) -> Result<Vec<PolicyRevision>, StoreError> {
+        let sql = "SELECT rev, author, created_at, content_hash, '' AS files, comment FROM policy_revisions ORDER BY rev DESC LIMIT $1";
+        let rows: Vec<RevisionTuple> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(limit).fetch_all(p).await)?;
+        Ok(rows.into_iter().map(revision).collect())
+    }
+
+    // ---- API keys -------------------------------------------------------------------------
+
+    /// Stores an API key's hash and identity.
+    pub async fn add_api_key(&self, k: &ApiKeyRow, now: i64) -> Result<(), StoreError> {
+        let sql = "INSERT INTO api_keys (key_id, key_hash, username, roles, claims, created_at) VALUES ($1, $2, $3, $4, $5, $6)";
+        on_pool!(self, p => sqlx::query(sql).bind(&k.key_id).bind(&k.key_hash).bind(&k.username).bind(&k.roles).bind(&k.claims).bind(now).execute(p).await.map(|r| r.rows_affected()))
+            .map_err(|e| conflict_or(e, || format!("API key {:?}", k.key_id)))?;
+        Ok(())
+    }
+
+    /// Revokes an API key.
+    pub async fn revoke_api_key(&self, key_id: &str, now: i64) -> Result<(), StoreError> {
+        let sql = "UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL";
+        let n = on_pool!(self, p => sqlx::query(sql).bind(now).bind(key_id).execute(p).await.map(|r| r.rows_affected()))?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(format!("active API key {key_id:?}")))
+        }
+    }
+
+    /// Every API key that is not revoked.
+    pub async fn active_api_keys(&self) -> Result<Vec<ApiKeyRow>, StoreError> {
+        let sql = "SELECT key_id, key_hash, username, roles, claims, revoked_at FROM api_keys WHERE revoked_at IS NULL ORDER BY key_id";
+        let rows: Vec<ApiKeyTuple> = on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(key_id, key_hash, username, roles, claims, revoked_at)| ApiKeyRow {
+                    key_id,
+                    key_hash,
+                    username,
+                    roles,
+                    claims,
+                    revoked_at,
+                },
+            )
+            .collect())
+    }
+
+    // ---- proxies --------------------------------------------------------------------------
+
+    /// Records a proxy's report (insert or update).
+    pub async fn report_proxy(&self, r: &ProxyRow) -> Result<(), StoreError> {
+        let sql = "INSERT INTO proxies (proxy_id, service, mode, address, revision, cert_not_after, last_contact) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                   ON CONFLICT (proxy_id) DO UPDATE SET service = excluded.service, mode = excluded.mode, address = excluded.address, \
+                   revision = excluded.revision, cert_not_after = excluded.cert_not_after, last_contact = excluded.last_contact";
+        on_pool!(self, p => sqlx::query(sql).bind(&r.proxy_id).bind(&r.service).bind(&r.mode).bind(&r.address).bind(r.revision).bind(r.cert_not_after).bind(r.last_contact).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    /// Every proxy, by id.
+    pub async fn proxies(&self) -> Result<Vec<ProxyRow>, StoreError> {
+        let sql = "SELECT proxy_id, service, mode, address, revision, cert_not_after, last_contact FROM proxies ORDER BY proxy_id";
+        let rows: Vec<ProxyTuple> = on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(proxy_id, service, mode, address, revision, cert_not_after, last_contact)| {
+                    ProxyRow {
+                        proxy_id,
+                        service,
+                        mode,
+                        address,
+                        revision,
+                        cert_not_after,
+                        last_contact,
+                    }
+                },
+            )
+            .collect())
+    }
+
+    /// The PostgreSQL pool, for LISTEN/NOTIFY; `None` on SQLite (one replica only).
+    pub fn postgres_pool(&self) -> Option<&PgPool> {
+        match &self.backend {
+            Backend::Postgres(p) => Some(p),
+            Backend::Sqlite(_) => None,
+        }
     }
 }

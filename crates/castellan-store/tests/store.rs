@@ -305,7 +305,8 @@ async fn postgres_backend() {
         .map(|(base, _)| format!("{base}/{db}"))
         .unwrap();
     suite(Store::connect(&url).await.unwrap()).await;
-    sqlx::query(&format!("DROP DATABASE {db}"))
+    distribution_suite(Store::connect(&url).await.unwrap()).await;
+    sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)"))
         .execute(&admin)
         .await
         .unwrap();
@@ -317,4 +318,72 @@ async fn unsupported_urls_are_refused() {
         Store::connect("mysql://x").await,
         Err(StoreError::UnsupportedUrl)
     ));
+}
+
+async fn distribution_suite(store: Store) {
+    use castellan_store::{ApiKeyRow, ProxyRow};
+    assert_eq!(store.latest_policy_revision().await.unwrap(), None);
+    let r1 = store
+        .add_policy_revision("alice", NOW, "h1", "{\"a.yaml\":\"x\"}", "first")
+        .await
+        .unwrap();
+    let r2 = store
+        .add_policy_revision("bob", NOW + 1, "h2", "{}", "second")
+        .await
+        .unwrap();
+    assert!(r2 > r1);
+    let latest = store.latest_policy_revision().await.unwrap().unwrap();
+    assert_eq!((latest.rev, latest.author.as_str()), (r2, "bob"));
+    assert_eq!(
+        store.policy_revision(r1).await.unwrap().files,
+        "{\"a.yaml\":\"x\"}"
+    );
+    let h = store.policy_history(10).await.unwrap();
+    assert_eq!(h.iter().map(|r| r.rev).collect::<Vec<_>>(), [r2, r1]);
+    assert!(h[0].files.is_empty(), "history omits the files");
+    assert!(matches!(
+        store.policy_revision(999).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    let k = ApiKeyRow {
+        key_id: "k1".to_owned(),
+        key_hash: b"hash".to_vec(),
+        username: "alice".to_owned(),
+        roles: "[\"customer\"]".to_owned(),
+        claims: "{\"customer_id\":\"42\"}".to_owned(),
+        revoked_at: None,
+    };
+    store.add_api_key(&k, NOW).await.unwrap();
+    assert_eq!(
+        store.active_api_keys().await.unwrap(),
+        std::slice::from_ref(&k)
+    );
+    assert!(matches!(
+        store.add_api_key(&k, NOW).await,
+        Err(StoreError::Conflict(_))
+    ));
+    store.revoke_api_key("k1", NOW).await.unwrap();
+    assert!(store.active_api_keys().await.unwrap().is_empty());
+
+    let mut p = ProxyRow {
+        proxy_id: "orders-1".to_owned(),
+        service: "orders".to_owned(),
+        mode: "sidecar".to_owned(),
+        address: "127.0.0.1:1".to_owned(),
+        revision: r1,
+        cert_not_after: NOW + 3600,
+        last_contact: NOW,
+    };
+    store.report_proxy(&p).await.unwrap();
+    p.revision = r2;
+    store.report_proxy(&p).await.unwrap();
+    assert_eq!(store.proxies().await.unwrap(), [p]);
+}
+
+#[tokio::test]
+async fn distribution_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("d.db").display());
+    distribution_suite(Store::connect(&url).await.unwrap()).await;
 }

@@ -424,3 +424,166 @@ pub fn operator(cmd: OperatorCommand, conn: &Connection, json_out: bool) -> Exit
         ),
     }
 }
+
+/// `policy apply` (files already validated locally).
+pub fn policy_apply(body: Value, conn: &Connection, json_out: bool) -> ExitCode {
+    finish(
+        conn,
+        call(Method::POST, "/v1/policy", Some(body)),
+        json_out,
+        |v| {
+            if v["changed"] == Value::Bool(true) {
+                format!(
+                    "applied revision {} ({} rules, sha256 {})",
+                    v["revision"],
+                    v["rules"],
+                    s(v, "content_hash")
+                )
+            } else {
+                format!(
+                    "unchanged: revision {} already has this content",
+                    v["revision"]
+                )
+            }
+        },
+    )
+}
+
+/// `policy history`.
+pub fn policy_history(conn: &Connection, json_out: bool) -> ExitCode {
+    finish(
+        conn,
+        call(Method::GET, "/v1/policy/history", None),
+        json_out,
+        |v| {
+            table(
+                v,
+                &[
+                    "revision",
+                    "author",
+                    "created_at",
+                    "content_hash",
+                    "comment",
+                ],
+            )
+        },
+    )
+}
+
+/// `policy rollback REV`.
+pub fn policy_rollback(rev: i64, conn: &Connection, json_out: bool) -> ExitCode {
+    finish(
+        conn,
+        call(Method::POST, format!("/v1/policy/rollback/{rev}"), None),
+        json_out,
+        |v| {
+            format!(
+                "revision {} now has the content of revision {rev}",
+                v["revision"]
+            )
+        },
+    )
+}
+
+/// Proxies.
+#[derive(Debug, Subcommand)]
+pub enum ProxyCommand {
+    /// Every proxy with its policy revision, certificate expiry and last contact.
+    List,
+}
+
+/// Runs `proxy …`.
+pub fn proxy(cmd: ProxyCommand, conn: &Connection, json_out: bool) -> ExitCode {
+    match cmd {
+        ProxyCommand::List => finish(
+            conn,
+            call(Method::GET, "/v1/proxies", None),
+            json_out,
+            |v| {
+                table(
+                    v,
+                    &[
+                        "proxy_id",
+                        "service",
+                        "mode",
+                        "address",
+                        "revision",
+                        "up_to_date",
+                        "cert_not_after",
+                        "seconds_since_contact",
+                    ],
+                )
+            },
+        ),
+    }
+}
+
+/// End-user API keys.
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create an API key for a user and print it (shown once; proxies receive only its hash).
+    Create {
+        /// The user it authenticates.
+        #[arg(long)]
+        user: String,
+        /// Roles (comma separated).
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Extra claims, NAME=VALUE (repeatable).
+        #[arg(long = "claim")]
+        claims: Vec<String>,
+    },
+    /// Revoke an API key by id.
+    Revoke {
+        /// Key id.
+        key_id: String,
+    },
+    /// List active API keys (ids, users, roles; never the keys).
+    List,
+}
+
+/// Runs `apikey …`.
+pub fn apikey(cmd: ApiKeyCommand, conn: &Connection, json_out: bool) -> ExitCode {
+    match cmd {
+        ApiKeyCommand::Create {
+            user,
+            roles,
+            claims,
+        } => {
+            let mut map = serde_json::Map::new();
+            for c in &claims {
+                let Some((k, v)) = c.split_once('=') else {
+                    eprintln!("error: --claim expects NAME=VALUE, got {c:?}");
+                    return ExitCode::from(2);
+                };
+                map.insert(k.to_owned(), Value::String(v.to_owned()));
+            }
+            let body = json!({"user": user, "roles": roles, "claims": map});
+            finish(
+                conn,
+                call(Method::POST, "/v1/apikeys", Some(body)),
+                json_out,
+                |v| {
+                    format!(
+                        "API key {} for {} (shown once; store it now):\n{}",
+                        s(v, "key_id"),
+                        s(v, "user"),
+                        s(v, "api_key")
+                    )
+                },
+            )
+        }
+        ApiKeyCommand::Revoke { key_id } => finish(
+            conn,
+            call(Method::POST, format!("/v1/apikeys/{key_id}/revoke"), None),
+            json_out,
+            |v| format!("API key {} revoked", s(v, "key_id")),
+        ),
+        ApiKeyCommand::List => finish(
+            conn,
+            call(Method::GET, "/v1/apikeys", None),
+            json_out,
+            |v| table(v, &["key_id", "user", "roles", "claims"]),
+        ),
+    }
+}

@@ -70,6 +70,20 @@ enum Command {
         #[command(flatten)]
         conn: admin_cmd::Connection,
     },
+    /// List proxies and what they enforce.
+    Proxy {
+        #[command(subcommand)]
+        cmd: admin_cmd::ProxyCommand,
+        #[command(flatten)]
+        conn: admin_cmd::Connection,
+    },
+    /// Manage end-user API keys.
+    Apikey {
+        #[command(subcommand)]
+        cmd: admin_cmd::ApiKeyCommand,
+        #[command(flatten)]
+        conn: admin_cmd::Connection,
+    },
     /// Manage admin credentials (roles admin and viewer).
     Operator {
         #[command(subcommand)]
@@ -115,5 +129,7 @@ fn main() -> ExitCode {
         Command::Client { cmd, conn } => admin_cmd::client(cmd, &conn, json),
         Command::Keys { cmd, conn } => admin_cmd::keys(cmd, &conn, json),
         Command::Operator { cmd, conn } => admin_cmd::operator(cmd, &conn, json),
+        Command::Proxy { cmd, conn } => admin_cmd::proxy(cmd, &conn, json),
+        Command::Apikey { cmd, conn } => admin_cmd::apikey(cmd, &conn, json),
     }
 }

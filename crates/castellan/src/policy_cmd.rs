@@ -42,6 +42,28 @@ pub enum PolicyCommand {
         #[arg(short, long)]
         verbose: bool,
     },
+    /// Validate DIR and store it on the control plane as a new revision, pushed to every proxy.
+    Apply {
+        /// Directory of policy files (test files are not sent).
+        dir: PathBuf,
+        /// Why, recorded with the revision.
+        #[arg(long, default_value = "")]
+        comment: String,
+        #[command(flatten)]
+        conn: crate::admin_cmd::Connection,
+    },
+    /// List stored revisions, newest first.
+    History {
+        #[command(flatten)]
+        conn: crate::admin_cmd::Connection,
+    },
+    /// Make an earlier revision's content current again (as a new revision).
+    Rollback {
+        /// The revision to return to.
+        rev: i64,
+        #[command(flatten)]
+        conn: crate::admin_cmd::Connection,
+    },
 }
 
 pub fn run(cmd: PolicyCommand, output: Output) -> ExitCode {
@@ -53,7 +75,52 @@ pub fn run(cmd: PolicyCommand, output: Output) -> ExitCode {
             junit,
             verbose,
         } => test(&dir, junit.as_deref(), verbose, output),
+        PolicyCommand::Apply { dir, comment, conn } => apply(&dir, &comment, &conn, output),
+        PolicyCommand::History { conn } => {
+            crate::admin_cmd::policy_history(&conn, output == Output::Json)
+        }
+        PolicyCommand::Rollback { rev, conn } => {
+            crate::admin_cmd::policy_rollback(rev, &conn, output == Output::Json)
+        }
     }
+}
+
+/// Checks locally (so errors name the operator's files and lines), then sends the files.
+fn apply(
+    dir: &Path,
+    comment: &str,
+    conn: &crate::admin_cmd::Connection,
+    output: Output,
+) -> ExitCode {
+    if let Err(e) = PolicySet::load_dir(dir) {
+        return load_error(e, output);
+    }
+    let mut files = serde_json::Map::new();
+    let paths = match yaml_files(dir) {
+        Ok(p) => p,
+        Err(e) => return load_error(e, output),
+    };
+    for path in paths.into_iter().filter(|p| !is_test_file(p)) {
+        let name = path
+            .strip_prefix(dir)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                files.insert(name, serde_json::Value::String(text));
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                return ExitCode::from(EXIT_INVALID);
+            }
+        }
+    }
+    crate::admin_cmd::policy_apply(
+        json!({"files": files, "comment": comment}),
+        conn,
+        output == Output::Json,
+    )
 }
 
 fn print_diagnostics(diags: &[Diagnostic], output: Output) {
