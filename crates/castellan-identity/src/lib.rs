@@ -5,6 +5,8 @@
 #[cfg(feature = "x509")]
 pub mod ca;
 #[cfg(feature = "x509")]
+pub mod context;
+#[cfg(feature = "x509")]
 pub mod csr;
 #[cfg(feature = "x509")]
 pub mod issue;
@@ -16,6 +18,8 @@ pub mod token;
 
 #[cfg(feature = "x509")]
 pub use ca::{CaError, CertificateAuthority, IssuedSvid};
+#[cfg(feature = "x509")]
+pub use context::{ContextError, ContextSigner, UserContext, verify_context};
 #[cfg(feature = "x509")]
 pub use csr::{CheckedCsr, CsrError, check_csr};
 #[cfg(feature = "x509")]

@@ -80,6 +80,7 @@ struct ServiceIndex {
 pub struct PolicySet {
     trust_domain: String,
     default_mode: Mode,
+    context_issuers: Vec<crate::principal::ServicePattern>,
     services: FastMap<String, ServiceIndex>,
     rules: Vec<Rule>,
 }
@@ -91,6 +92,8 @@ pub struct SetOptions {
     pub trust_domain: String,
     /// The mode of a service that has no policy.
     pub default_mode: Mode,
+    /// Who may sign user-context tokens.
+    pub context_issuers: Vec<crate::principal::ServicePattern>,
 }
 
 impl Default for SetOptions {
@@ -98,6 +101,7 @@ impl Default for SetOptions {
         SetOptions {
             trust_domain: crate::model::DEFAULT_TRUST_DOMAIN.to_owned(),
             default_mode: Mode::Enforce,
+            context_issuers: Vec::new(),
         }
     }
 }
@@ -117,6 +121,7 @@ impl PolicySet {
         let mut set = PolicySet {
             trust_domain: options.trust_domain,
             default_mode: options.default_mode,
+            context_issuers: options.context_issuers,
             services: FastMap::default(),
             rules: Vec::new(),
         };
@@ -157,6 +162,15 @@ impl PolicySet {
     /// The number of rules.
     pub fn rule_count(&self) -> usize {
         self.rules.len()
+    }
+
+    /// Whether the workload `spiffe_id` may sign user-context tokens (MeshConfig
+    /// `contextIssuers`; nobody when unset).
+    pub fn may_mint_context(&self, spiffe_id: &str) -> bool {
+        match crate::principal::Caller::resolve(&self.trust_domain, None, Some(spiffe_id)) {
+            Ok(Some(caller)) => self.context_issuers.iter().any(|p| p.matches(&caller)),
+            _ => false,
+        }
     }
 
     /// The local trust domain.

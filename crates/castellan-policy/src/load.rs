@@ -120,6 +120,7 @@ impl PolicySet {
             .map(|m| SetOptions {
                 trust_domain: m.trust_domain.clone(),
                 default_mode: m.default_mode,
+                context_issuers: m.context_issuers.clone(),
             })
             .unwrap_or_default();
         Ok(PolicySet::compile(policies, options))

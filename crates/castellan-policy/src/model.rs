@@ -135,6 +135,8 @@ pub struct MeshConfig {
     pub trust_domain: String,
     /// What happens to a service that has no policy.
     pub default_mode: Mode,
+    /// Workloads whose SVID may sign user-context tokens (the gateways).
+    pub context_issuers: Vec<crate::principal::ServicePattern>,
     /// Where it was written.
     pub origin: Origin,
 }

@@ -331,7 +331,11 @@ fn parse_mesh_config(
         ck.error(doc.pos, "document is missing required field \"spec\"");
         return None;
     };
-    let sf = ck.fields(spec, "spec", &["trustDomain", "defaultMode"])?;
+    let sf = ck.fields(
+        spec,
+        "spec",
+        &["trustDomain", "defaultMode", "contextIssuers"],
+    )?;
     let mut trust_domain = DEFAULT_TRUST_DOMAIN.to_owned();
     let mut ok = name.is_some();
     if let Some(n) = sf.get("trustDomain") {
@@ -348,9 +352,14 @@ fn parse_mesh_config(
         Some(n) => parse_mode(ck, n, "spec.defaultMode"),
         None => Some(Mode::Enforce),
     };
+    let context_issuers = match sf.get("contextIssuers") {
+        Some(n) => ck.string_list(n, "spec.contextIssuers", ServicePattern::parse)?,
+        None => Vec::new(),
+    };
     Some(MeshConfig {
         trust_domain,
         default_mode: default_mode.filter(|_| ok)?,
+        context_issuers,
         origin,
     })
 }

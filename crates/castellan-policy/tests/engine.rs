@@ -472,3 +472,19 @@ fn a_header_repeated_with_another_case_is_malformed() {
         (Effect::Deny, Reason::MalformedRequest)
     );
 }
+
+#[test]
+fn context_issuers_come_from_the_mesh_config() {
+    let mesh = "apiVersion: castellan/v1\nkind: MeshConfig\nmetadata: {name: m}\nspec:\n  trustDomain: demo.castellan\n  contextIssuers: [gateway, \"spiffe://other.org/edge*\"]\n";
+    let set = castellan_policy::PolicySet::from_sources([("mesh.yaml", mesh)]).unwrap();
+    assert!(set.may_mint_context("spiffe://demo.castellan/svc/gateway"));
+    assert!(set.may_mint_context("spiffe://other.org/edge-1"));
+    assert!(!set.may_mint_context("spiffe://demo.castellan/svc/orders"));
+    assert!(!set.may_mint_context("spiffe://evil.org/svc/gateway"));
+    assert!(!set.may_mint_context("not a spiffe id"));
+    let none = castellan_policy::PolicySet::from_sources([("m.yaml", "apiVersion: castellan/v1\nkind: MeshConfig\nmetadata: {name: m}\nspec: {trustDomain: demo.castellan}\n")]).unwrap();
+    assert!(
+        !none.may_mint_context("spiffe://demo.castellan/svc/gateway"),
+        "nobody by default"
+    );
+}

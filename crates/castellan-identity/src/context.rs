@@ -1,0 +1,266 @@
+//! User-context tokens: what the gateway learned about the end user, carried to every hop as a
+//! compact JWS signed with the gateway's own SVID key (`x5c` holds its SVID chain), so each
+//! sidecar verifies it locally against the trust bundle — no shared secret, no remote call.
+//! Whether the signer may mint context at all is policy (MeshConfig `contextIssuers`), checked by
+//! the caller with the signer's SPIFFE ID returned here.
+
+use crate::spiffe::SpiffeId;
+use crate::svid::{SvidUsage, SvidValidator};
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{
+    ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, UnparsedPublicKey,
+};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use serde_json::{Map, Value, json};
+
+/// The header `typ` of a context token.
+pub const CONTEXT_TYP: &str = "castellan-context+jwt";
+/// Longest accepted context token.
+pub const MAX_CONTEXT_LEN: usize = 8192;
+/// Longest lifetime a context token may claim (product.md §3: ≤ 5 min).
+pub const MAX_CONTEXT_TTL: i64 = 300;
+/// Clock skew tolerated.
+const LEEWAY: i64 = 30;
+
+/// Why a context token was refused (the presenter's fault) or could not be made (ours).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContextError {
+    /// Not a well-formed compact JWS with JSON header and claims.
+    #[error("malformed context token: {0}")]
+    Malformed(&'static str),
+    /// Too large.
+    #[error("context token larger than {MAX_CONTEXT_LEN} bytes")]
+    TooLarge,
+    /// A header other than alg ES256, typ and x5c.
+    #[error("context token header not accepted: {0}")]
+    Header(String),
+    /// The x5c chain is not a valid SVID of this trust domain.
+    #[error("context token signer: {0}")]
+    Signer(String),
+    /// The signature does not verify with the x5c leaf's key.
+    #[error("context token signature does not verify")]
+    BadSignature,
+    /// A claim is missing, mistyped or wrong.
+    #[error("context token claim {0}")]
+    Claim(&'static str),
+    /// Expired, not yet valid, or claiming a lifetime over the maximum.
+    #[error("context token is expired or not yet valid")]
+    Time,
+    /// Signing failed (ours).
+    #[error("cannot sign context token: {0}")]
+    Sign(String),
+}
+
+/// What a verified context token says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserContext {
+    /// The workload that signed it.
+    pub signer: SpiffeId,
+    /// The end user.
+    pub sub: String,
+    /// The user's roles.
+    pub roles: Vec<String>,
+    /// Selected claims.
+    pub claims: Map<String, Value>,
+    /// The request it was minted for.
+    pub txn: String,
+    /// Expiry.
+    pub exp: i64,
+}
+
+/// Signs context tokens with a workload's SVID key.
+pub struct ContextSigner {
+    id: SpiffeId,
+    key: EcdsaKeyPair,
+    header_b64: String,
+}
+
+impl std::fmt::Debug for ContextSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContextSigner")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ContextSigner {
+    /// A signer for the SVID `chain` (leaf first) whose P-256 key is `key_pkcs8`.
+    pub fn new(
+        id: SpiffeId,
+        chain: &[CertificateDer<'_>],
+        key_pkcs8: &[u8],
+    ) -> Result<ContextSigner, ContextError> {
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, key_pkcs8)
+            .map_err(|e| ContextError::Sign(format!("not a P-256 PKCS#8 key: {e}")))?;
+        let x5c: Vec<String> = chain.iter().map(|c| STANDARD.encode(c.as_ref())).collect();
+        let header = json!({"alg": "ES256", "typ": CONTEXT_TYP, "x5c": x5c});
+        Ok(ContextSigner {
+            id,
+            key,
+            header_b64: URL_SAFE_NO_PAD.encode(header.to_string()),
+        })
+    }
+
+    /// The signer's SPIFFE ID (`iss` of its tokens).
+    pub fn id(&self) -> &SpiffeId {
+        &self.id
+    }
+
+    /// Mints a token for `sub` with `roles` and `claims`, for audience `aud` (the next hop's
+    /// trust domain), for request `txn`, valid from `now` for `ttl` seconds (at most 300).
+    #[allow(clippy::too_many_arguments)]
+    pub fn mint(
+        &self,
+        aud: &str,
+        sub: &str,
+        roles: &[String],
+        claims: &Map<String, Value>,
+        txn: &str,
+        now: i64,
+        ttl: i64,
+    ) -> Result<String, ContextError> {
+        let body = json!({
+            "iss": self.id.as_str(), "aud": aud, "sub": sub, "roles": roles, "claims": claims,
+            "txn": txn, "iat": now, "exp": now + ttl.clamp(1, MAX_CONTEXT_TTL),
+        });
+        let mut out = self.header_b64.clone();
+        out.push('.');
+        URL_SAFE_NO_PAD.encode_string(body.to_string(), &mut out);
+        let sig = self
+            .key
+            .sign(&SystemRandom::new(), out.as_bytes())
+            .map_err(|_| ContextError::Sign("ECDSA signing failed".to_owned()))?;
+        out.push('.');
+        URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut out);
+        Ok(out)
+    }
+}
+
+fn b64url_json(seg: &str) -> Result<Map<String, Value>, ContextError> {
+    if seg.is_empty()
+        || !seg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ContextError::Malformed("segment is not base64url"));
+    }
+    let bytes = URL_SAFE_NO_PAD
+        .decode(seg)
+        .map_err(|_| ContextError::Malformed("segment is not base64url"))?;
+    match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(ContextError::Malformed("segment is not a JSON object")),
+    }
+}
+
+/// Verifies a context token: header exactly `alg ES256`, `typ`, `x5c`; the chain a valid SVID
+/// (with the validator's revocations) whose key made the signature; `iss` the signer; `aud` this
+/// trust domain; time within a 30 s leeway and a lifetime of at most 5 minutes.
+pub fn verify_context(
+    token: &str,
+    validator: &SvidValidator,
+    audience: &str,
+    now: i64,
+) -> Result<UserContext, ContextError> {
+    if token.len() > MAX_CONTEXT_LEN {
+        return Err(ContextError::TooLarge);
+    }
+    let mut parts = token.split('.');
+    let (Some(h64), Some(p64), Some(s64), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(ContextError::Malformed("expected three segments"));
+    };
+    let header = b64url_json(h64)?;
+    if let Some(k) = header
+        .keys()
+        .find(|k| !matches!(k.as_str(), "alg" | "typ" | "x5c"))
+    {
+        return Err(ContextError::Header(k.clone()));
+    }
+    if header.get("alg").and_then(Value::as_str) != Some("ES256") {
+        return Err(ContextError::Header("alg must be ES256".to_owned()));
+    }
+    if header.get("typ").and_then(Value::as_str) != Some(CONTEXT_TYP) {
+        return Err(ContextError::Header(format!("typ must be {CONTEXT_TYP}")));
+    }
+    let x5c = header
+        .get("x5c")
+        .and_then(Value::as_array)
+        .filter(|a| (1..=4).contains(&a.len()))
+        .ok_or_else(|| ContextError::Header("x5c must hold 1-4 certificates".to_owned()))?;
+    let chain: Vec<CertificateDer<'static>> = x5c
+        .iter()
+        .map(|c| {
+            c.as_str()
+                .and_then(|s| STANDARD.decode(s).ok())
+                .map(CertificateDer::from)
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(|| ContextError::Header("x5c entries must be base64 DER".to_owned()))?;
+    let now_t = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.max(0) as u64));
+    let signer = validator
+        .validate(&chain, now_t, SvidUsage::Client)
+        .map_err(|e| ContextError::Signer(e.to_string()))?;
+    let leaf = chain.first().ok_or(ContextError::Malformed("empty x5c"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|_| ContextError::Signer("unparsable leaf".to_owned()))?;
+    let sig = URL_SAFE_NO_PAD
+        .decode(s64)
+        .map_err(|_| ContextError::Malformed("signature is not base64url"))?;
+    let signed = token
+        .get(..h64.len() + 1 + p64.len())
+        .ok_or(ContextError::Malformed("bad lengths"))?;
+    UnparsedPublicKey::new(
+        &ECDSA_P256_SHA256_FIXED,
+        cert.public_key().subject_public_key.data.as_ref(),
+    )
+    .verify(signed.as_bytes(), &sig)
+    .map_err(|_| ContextError::BadSignature)?;
+
+    let c = b64url_json(p64)?;
+    let s = |k: &'static str| {
+        c.get(k)
+            .and_then(Value::as_str)
+            .ok_or(ContextError::Claim(k))
+    };
+    let i = |k: &'static str| {
+        c.get(k)
+            .and_then(Value::as_i64)
+            .ok_or(ContextError::Claim(k))
+    };
+    if s("iss")? != signer.as_str() {
+        return Err(ContextError::Claim("iss (not the signer)"));
+    }
+    if s("aud")? != audience {
+        return Err(ContextError::Claim("aud"));
+    }
+    let (iat, exp) = (i("iat")?, i("exp")?);
+    if now > exp + LEEWAY || iat > now + LEEWAY || exp - iat > MAX_CONTEXT_TTL || exp < iat {
+        return Err(ContextError::Time);
+    }
+    let roles = match c.get("roles") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|r| r.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or(ContextError::Claim("roles"))?,
+        None => Vec::new(),
+        _ => return Err(ContextError::Claim("roles")),
+    };
+    let claims = match c.get("claims") {
+        Some(Value::Object(m)) => m.clone(),
+        None => Map::new(),
+        _ => return Err(ContextError::Claim("claims")),
+    };
+    Ok(UserContext {
+        sub: s("sub")?.to_owned(),
+        txn: s("txn")?.to_owned(),
+        roles,
+        claims,
+        exp,
+        signer,
+    })
+}
