@@ -141,8 +141,22 @@ impl CertificateAuthority {
         now: i64,
         ttl: Duration,
     ) -> Result<IssuedSvid, CaError> {
+        self.issue_svid_with_names(csr_der, id, &[], &[], now, ttl)
+    }
+
+    /// As [`issue_svid`](Self::issue_svid), adding DNS names and IP addresses registered for
+    /// the workload (never ones the CSR asks for: the CSR may name only the SPIFFE ID).
+    pub fn issue_svid_with_names(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        now: i64,
+        ttl: Duration,
+    ) -> Result<IssuedSvid, CaError> {
         let checked = check_csr(csr_der, id)?;
-        self.issue(&checked.public_key_spki, id, &[], now, ttl)
+        self.issue_serving_cert(&checked.public_key_spki, id, dns_names, ips, now, ttl)
     }
 
     /// Issues the control plane's own serving certificate: an SVID for `id` (one URI SAN, as

@@ -192,6 +192,7 @@ async fn list_services(_c: Caller, State(s): State<Arc<Server>>) -> Result<Json<
                 "spiffe_id": format!("spiffe://{}/svc/{}", s.trust_domain, r.name),
                 "created_at": r.created_at,
                 "disabled_at": r.disabled_at,
+                "dns_names": r.dns_names.split_whitespace().collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -202,6 +203,19 @@ async fn list_services(_c: Caller, State(s): State<Arc<Server>>) -> Result<Json<
 #[serde(deny_unknown_fields)]
 struct NewService {
     name: String,
+    /// DNS names / IP addresses its SVIDs also carry (for an edge listener such as the gateway's).
+    #[serde(default)]
+    dns_names: Vec<String>,
+}
+
+fn is_dns_name_or_ip(n: &str) -> bool {
+    n.parse::<std::net::IpAddr>().is_ok()
+        || ((1..=253).contains(&n.len())
+            && n.split('.').all(|l| {
+                (1..=63).contains(&l.len())
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+            }))
 }
 
 async fn issue_join_token(s: &Server, name: &str, now: i64) -> Result<(String, i64), Problem> {
@@ -220,8 +234,15 @@ async fn add_service(
 ) -> Result<Response, Problem> {
     c.require_admin()?;
     let id = service_id(&s, &b.name)?;
+    if let Some(bad) = b.dns_names.iter().find(|n| !is_dns_name_or_ip(n)) {
+        return Err(Problem::bad_request(format!(
+            "{bad:?} is not a DNS name or IP address"
+        )));
+    }
     let now = unix_now();
-    s.store.create_service(&b.name, now).await?;
+    s.store
+        .create_service_with_names(&b.name, &b.dns_names.join(" "), now)
+        .await?;
     let (token, expires_at) = issue_join_token(&s, &b.name, now).await?;
     tracing::info!(admin = %c.name, service = %b.name, "service added; join token issued");
     Ok((

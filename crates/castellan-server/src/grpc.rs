@@ -37,14 +37,24 @@ impl IdentityService {
         kind: &'static str,
     ) -> Result<SvidResponse, Status> {
         let id = SpiffeId::for_service(&self.s.trust_domain, service).map_err(internal)?;
+        let row = self.s.store.service(service).await.map_err(internal)?;
+        let (mut dns, mut ips) = (Vec::new(), Vec::new());
+        for n in row.dns_names.split_whitespace() {
+            match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => dns.push(n.to_owned()),
+            }
+        }
         let now = unix_now();
         let ks = self.s.keys.load();
         let issued = ks
             .active_ca
             .ca
-            .issue_svid(
+            .issue_svid_with_names(
                 csr,
                 &id,
+                &dns,
+                &ips,
                 now,
                 Duration::from_secs(self.s.cfg.svid_ttl_secs as u64),
             )

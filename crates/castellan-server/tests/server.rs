@@ -367,6 +367,58 @@ async fn suite(h: Harness) {
     assert_eq!(id.service_name(), Some("orders"));
     assert!(svid.not_after - castellan_server::unix_now() <= 3600);
 
+    // An edge service's SVID also names the DNS names / IPs registered for it, never others.
+    let (st, v) = h
+        .admin(
+            Method::POST,
+            "/v1/services",
+            Some(&h.admin),
+            Some(json!({"name": "gateway", "dns_names": ["localhost", "127.0.0.1"]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let (st, _) = h
+        .admin(
+            Method::POST,
+            "/v1/services",
+            Some(&h.admin),
+            Some(json!({"name": "edge2", "dns_names": ["bad name!"]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (gkey, gder) = csr(None);
+    let gw = g
+        .certify(CertifyRequest {
+            join_token: v["join_token"].as_str().unwrap().to_owned(),
+            csr_der: gder,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let gw_chain: Vec<CertificateDer<'static>> = gw
+        .cert_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    validator
+        .validate(&gw_chain, UnixTime::now(), SvidUsage::Server)
+        .unwrap();
+    let (_, gcert) = x509_parser::parse_x509_certificate(gw_chain[0].as_ref()).unwrap();
+    let sans = format!(
+        "{:?}",
+        gcert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+    );
+    assert!(
+        sans.contains("localhost") && sans.contains("127.0.0.1") || sans.contains("[127, 0, 0, 1]"),
+        "{sans}"
+    );
+    drop(gkey);
+
     // ---- renewal over mTLS with the current SVID --------------------------------------
     let e = g
         .renew(RenewRequest {

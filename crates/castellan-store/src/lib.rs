@@ -70,6 +70,8 @@ pub struct ServiceRow {
     pub created_at: i64,
     /// When it was disabled, if it was.
     pub disabled_at: Option<i64>,
+    /// DNS names / IP addresses its SVIDs also carry, space-separated.
+    pub dns_names: String,
 }
 
 /// A certificate the CA issued.
@@ -284,37 +286,49 @@ impl Store {
 
     /// Registers a service.
     pub async fn create_service(&self, name: &str, now: i64) -> Result<(), StoreError> {
-        let sql = "INSERT INTO services (name, created_at) VALUES ($1, $2)";
-        on_pool!(self, p => sqlx::query(sql).bind(name).bind(now).execute(p).await.map(|r| r.rows_affected()))
+        self.create_service_with_names(name, "", now).await
+    }
+
+    /// Registers a service whose SVIDs also carry `dns_names` (space-separated DNS names/IPs).
+    pub async fn create_service_with_names(
+        &self,
+        name: &str,
+        dns_names: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let sql = "INSERT INTO services (name, created_at, dns_names) VALUES ($1, $2, $3)";
+        on_pool!(self, p => sqlx::query(sql).bind(name).bind(now).bind(dns_names).execute(p).await.map(|r| r.rows_affected()))
             .map_err(|e| conflict_or(e, || format!("service {name:?}")))?;
         Ok(())
     }
 
     /// One service.
     pub async fn service(&self, name: &str) -> Result<ServiceRow, StoreError> {
-        let sql = "SELECT name, created_at, disabled_at FROM services WHERE name = $1";
-        let row: Option<(String, i64, Option<i64>)> =
+        let sql = "SELECT name, created_at, disabled_at, dns_names FROM services WHERE name = $1";
+        let row: Option<(String, i64, Option<i64>, String)> =
             on_pool!(self, p => sqlx::query_as(sql).bind(name).fetch_optional(p).await)?;
-        let (name, created_at, disabled_at) =
+        let (name, created_at, disabled_at, dns_names) =
             row.ok_or_else(|| StoreError::NotFound(format!("service {name:?}")))?;
         Ok(ServiceRow {
             name,
             created_at,
             disabled_at,
+            dns_names,
         })
     }
 
     /// Every service, by name.
     pub async fn services(&self) -> Result<Vec<ServiceRow>, StoreError> {
-        let sql = "SELECT name, created_at, disabled_at FROM services ORDER BY name";
-        let rows: Vec<(String, i64, Option<i64>)> =
+        let sql = "SELECT name, created_at, disabled_at, dns_names FROM services ORDER BY name";
+        let rows: Vec<(String, i64, Option<i64>, String)> =
             on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
         Ok(rows
             .into_iter()
-            .map(|(name, created_at, disabled_at)| ServiceRow {
+            .map(|(name, created_at, disabled_at, dns_names)| ServiceRow {
                 name,
                 created_at,
                 disabled_at,
+                dns_names,
             })
             .collect())
     }

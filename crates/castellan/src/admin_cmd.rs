@@ -30,6 +30,9 @@ pub enum ServiceCommand {
     Add {
         /// Service name (a-z, 0-9, '-').
         name: String,
+        /// A DNS name or IP address its SVIDs also carry (repeatable; for an edge listener).
+        #[arg(long = "dns")]
+        dns_names: Vec<String>,
     },
     /// Print a new join token for a registered service.
     JoinToken {
@@ -249,9 +252,13 @@ use reqwest::Method;
 /// Runs `service …`.
 pub fn service(cmd: ServiceCommand, conn: &Connection, json_out: bool) -> ExitCode {
     match cmd {
-        ServiceCommand::Add { name } => finish(
+        ServiceCommand::Add { name, dns_names } => finish(
             conn,
-            call(Method::POST, "/v1/services", Some(json!({"name": name}))),
+            call(
+                Method::POST,
+                "/v1/services",
+                Some(json!({"name": name, "dns_names": dns_names})),
+            ),
             json_out,
             |v| {
                 format!(
