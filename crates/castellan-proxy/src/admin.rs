@@ -1,0 +1,101 @@
+//! The proxy's admin port: `/healthz`, `/readyz` (a policy revision is in force and the SVID is
+//! valid), `/metrics` (Prometheus), `/status` (revision, certificate expiry, identity).
+
+use crate::http::{Body, problem};
+use crate::{Inner, unix_now};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+static METRICS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Uses `handle` for `/metrics` (when another component of the process installed the recorder);
+/// otherwise the first proxy installs one.
+pub fn use_metrics_handle(handle: PrometheusHandle) {
+    let _ = METRICS.set(Some(handle));
+}
+
+fn metrics_handle() -> Option<&'static PrometheusHandle> {
+    METRICS
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .ok()
+        })
+        .as_ref()
+}
+
+fn text(status: StatusCode, ct: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(ct),
+    );
+    r
+}
+
+fn route(inner: &Inner, req: &Request<Incoming>) -> Response<Body> {
+    let ident = inner.identity.current();
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok".to_owned()),
+        "/readyz" => {
+            if inner.state.revision() > 0 && ident.not_after > unix_now() {
+                text(StatusCode::OK, "text/plain", "ready".to_owned())
+            } else {
+                problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no policy revision in force yet, or certificate expired",
+                    "-",
+                )
+            }
+        }
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics_handle()
+                .map(PrometheusHandle::render)
+                .unwrap_or_default(),
+        ),
+        "/status" => {
+            let body = serde_json::json!({
+                "proxy_id": inner.cfg.proxy_id, "mode": inner.cfg.mode.as_str(), "spiffe_id": ident.id.as_str(),
+                "policy_revision": inner.state.revision(), "cert_not_after": ident.not_after,
+            });
+            text(StatusCode::OK, "application/json", body.to_string())
+        }
+        _ => problem(StatusCode::NOT_FOUND, "no such endpoint", "-"),
+    }
+}
+
+pub(crate) async fn serve(
+    inner: Arc<Inner>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _ = metrics_handle();
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            _ = stop.changed() => return,
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let r = route(&inner, &req);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,338 @@
+//! Gateway mode: the TLS edge. Authenticates the end user (castellan API key, castellan OAuth2
+//! token, or a JWT from a configured OIDC issuer), routes by path prefix, decides locally as the
+//! gateway calling that service, mints the user-context token, and forwards over mTLS to the
+//! service's sidecar. Client-supplied `x-castellan-*` headers never pass.
+
+use crate::http::{self as h, Body, CONTEXT_HEADER, problem};
+use crate::sidecar::{decide, denial, http1_builder, normalized_target, record, unauthorized};
+use crate::{Inner, unix_now};
+use bytes::Bytes;
+use castellan_identity::{TokenVerifier, UserContext};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Map, Value};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Lifetime of minted context tokens.
+const CONTEXT_TTL: i64 = 60;
+/// Registered claims not passed on as user claims.
+const REGISTERED: &[&str] = &[
+    "iss",
+    "sub",
+    "aud",
+    "exp",
+    "iat",
+    "nbf",
+    "jti",
+    "roles",
+    "scope",
+    "client_id",
+    "cnf",
+    "act",
+];
+
+fn user_from_claims(
+    claims: &Map<String, Value>,
+    signer: &castellan_identity::SpiffeId,
+) -> Option<UserContext> {
+    let sub = claims.get("sub")?.as_str()?.to_owned();
+    let roles = claims
+        .get("roles")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let extra = claims
+        .iter()
+        .filter(|(k, v)| {
+            !REGISTERED.contains(&k.as_str()) && (v.is_string() || v.is_number() || v.is_boolean())
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Some(UserContext {
+        signer: signer.clone(),
+        sub,
+        roles,
+        claims: extra,
+        txn: String::new(),
+        exp: claims.get("exp").and_then(Value::as_i64).unwrap_or(0),
+    })
+}
+
+/// Who the request's credentials say the user is; `Err` is the 401 to send.
+fn authenticate(
+    inner: &Inner,
+    headers: &hyper::HeaderMap,
+    did: &str,
+) -> Result<UserContext, Box<Response<Body>>> {
+    let me = inner.identity.current().id.clone();
+    let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    let bearer = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let cred = match (api_key, bearer) {
+        (Some(_), Some(_)) => {
+            return Err(Box::new(unauthorized(
+                "send one credential, not both X-API-Key and Authorization",
+                did,
+            )));
+        }
+        (Some(k), None) | (None, Some(k)) => k,
+        (None, None) => return Err(Box::new(unauthorized("credentials required", did))),
+    };
+    if cred.starts_with(crate::state::API_KEY_PREFIX) {
+        let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cred.as_bytes());
+        return match inner.state.api_key(hash.as_ref()) {
+            Some(u) => Ok(UserContext {
+                signer: me,
+                sub: u.user.clone(),
+                roles: u.roles.clone(),
+                claims: u.claims.clone(),
+                txn: String::new(),
+                exp: 0,
+            }),
+            None => Err(Box::new(unauthorized("unknown or revoked API key", did))),
+        };
+    }
+    let now = unix_now();
+    let castellan = inner.castellan_tokens.load();
+    let verifiers = castellan
+        .as_ref()
+        .as_ref()
+        .into_iter()
+        .chain(inner.oidc.iter());
+    for v in verifiers {
+        if let Ok(t) = v.verify(cred, now)
+            && let Some(u) = user_from_claims(&t.claims, &me)
+        {
+            return Ok(u);
+        }
+    }
+    Err(Box::new(unauthorized("invalid token", did)))
+}
+
+async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
+    let t0 = Instant::now();
+    let did = h::decision_id();
+    if let Err(why) = h::check_framing(req.headers()) {
+        return problem(StatusCode::BAD_REQUEST, why, &did);
+    }
+    let (parts, body) = req.into_parts();
+    let Some(target) = normalized_target(&parts) else {
+        return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
+    };
+    let path = target.split('?').next().unwrap_or("/");
+    let route = inner
+        .cfg
+        .routes
+        .iter()
+        .filter(|(prefix, _)| {
+            path == prefix
+                || path
+                    .strip_prefix(prefix.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+        })
+        .max_by_key(|(prefix, _)| prefix.len());
+    let Some((_, service)) = route else {
+        return problem(StatusCode::NOT_FOUND, "no route", &did);
+    };
+    let user = match authenticate(&inner, &parts.headers, &did) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    let me = inner.identity.current().id.clone();
+    let d = decide(&inner, Some(&me), Some(&user), service, &parts);
+    if !d.is_allowed() {
+        let r = denial(&d, &did);
+        record(&inner, &did, &d, r.status(), t0);
+        return r;
+    }
+    let token = match inner.identity.signer().mint(
+        inner.state.trust_domain(),
+        &user.sub,
+        &user.roles,
+        &user.claims,
+        &did,
+        unix_now(),
+        CONTEXT_TTL,
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "minting the context token failed");
+            return problem(StatusCode::INTERNAL_SERVER_ERROR, "internal error", &did);
+        }
+    };
+    let body = match h::read_body(body, inner.cfg.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return h::body_error(e, &did),
+    };
+    let mut headers = parts.headers.clone();
+    h::strip_headers(&mut headers);
+    headers.remove(AUTHORIZATION);
+    headers.remove("x-api-key");
+    if let Ok(v) = HeaderValue::from_str(&token) {
+        headers.insert(CONTEXT_HEADER, v);
+    }
+    let eps = inner.state.endpoints(service);
+    let Some(ep) = eps.first() else {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "service unavailable", &did);
+    };
+    let client = match inner.upstream(service) {
+        Ok(c) => c,
+        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), &did),
+    };
+    let Ok(uri) = format!("https://{ep}{target}").parse::<hyper::Uri>() else {
+        return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
+    };
+    let up = match h::upstream_request(&parts, uri, headers, body) {
+        Ok(r) => r,
+        Err(_) => return problem(StatusCode::BAD_REQUEST, "malformed request", &did),
+    };
+    let r = match client.request(up).await {
+        Ok(resp) => h::relay(resp, inner.cfg.max_body_bytes, &did).await,
+        Err(e) => {
+            tracing::warn!(%service, error = %e, "upstream unavailable");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream unavailable",
+                &did,
+            )
+        }
+    };
+    record(&inner, &did, &d, r.status(), t0);
+    r
+}
+
+/// Serves the edge TLS listener.
+pub(crate) async fn serve(
+    inner: Arc<Inner>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let cfg = match rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+    {
+        Ok(b) => {
+            let mut c = b
+                .with_no_client_auth()
+                .with_cert_resolver(inner.identity.clone());
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(c)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "TLS configuration failed");
+            return;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            _ = stop.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (inner, acceptor) = (inner.clone(), acceptor.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let svc = service_fn(move |req| {
+                let inner = inner.clone();
+                async move { Ok::<_, Infallible>(handle(inner, req).await) }
+            });
+            let _ = http1_builder()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
+
+async fn get_json(
+    client: &Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        Full<Bytes>,
+    >,
+    url: &str,
+) -> Result<Value, String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let resp = client.get(uri).await.map_err(|e| format!("{url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url}: {}", resp.status()));
+    }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))
+}
+
+/// Keeps a verifier for castellan-issued OAuth2 tokens (audience: the trust domain) from the
+/// control plane's discovery document and JWKS, refreshed every minute.
+pub(crate) async fn refresh_castellan_keys(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let result: Result<TokenVerifier, String> = async {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in inner.state.bundle().iter() {
+                roots.add(c.clone()).map_err(|e| e.to_string())?;
+            }
+            let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let conn = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(cfg)
+                .https_only()
+                .enable_http1()
+                .build();
+            let client = Client::builder(TokioExecutor::new()).build(conn);
+            let base = inner.cfg.control_plane.trim_end_matches('/');
+            let meta =
+                get_json(&client, &format!("{base}/.well-known/openid-configuration")).await?;
+            let issuer = meta
+                .get("issuer")
+                .and_then(Value::as_str)
+                .ok_or("discovery without issuer")?;
+            let jwks_uri = meta
+                .get("jwks_uri")
+                .and_then(Value::as_str)
+                .ok_or("discovery without jwks_uri")?;
+            let jwks = serde_json::from_value(get_json(&client, jwks_uri).await?)
+                .map_err(|e| e.to_string())?;
+            TokenVerifier::new(issuer, inner.state.trust_domain(), &jwks).map_err(|e| e.to_string())
+        }
+        .await;
+        let wait = match result {
+            Ok(v) => {
+                inner.castellan_tokens.store(Arc::new(Some(v)));
+                Duration::from_secs(60)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "fetching the control plane's token keys failed");
+                Duration::from_secs(5)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

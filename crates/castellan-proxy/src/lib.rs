@@ -1,0 +1,439 @@
+//! The Castellan data plane: one proxy in two modes. A *sidecar* fronts one service — inbound
+//! mTLS with SVIDs, a local decision on every request, forwarding to the app over loopback — and
+//! gives the app outbound listeners that reach other services over mTLS. A *gateway* is the
+//! edge: TLS, end-user authentication, a user-context token for the hops behind it. Both take
+//! policy, keys and revocations pushed by the control plane; nothing on the request path calls
+//! out.
+
+mod admin;
+pub use admin::use_metrics_handle;
+mod gateway;
+pub mod http;
+pub mod identity;
+mod sidecar;
+pub mod state;
+pub mod tls;
+
+use arc_swap::ArcSwap;
+use castellan_identity::TokenVerifier;
+use castellan_proto::v1::distribution_client::DistributionClient;
+use castellan_proto::v1::{ProxyReport, WatchRequest};
+use http::Body;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use identity::CurrentIdentity;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
+use state::State;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Why the proxy could not start or do something.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Bad configuration (the operator's to fix).
+    #[error("{0}")]
+    Config(String),
+    /// The control plane refused or could not be reached.
+    #[error("control plane: {0}")]
+    ControlPlane(String),
+    /// Our certificate or key.
+    #[error("identity: {0}")]
+    Identity(String),
+    /// Network I/O.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Sidecar or gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// In front of one service.
+    Sidecar,
+    /// At the edge.
+    Gateway,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Sidecar => "sidecar",
+            Mode::Gateway => "gateway",
+        }
+    }
+}
+
+/// A JWT issuer the gateway accepts end-user tokens from.
+#[derive(Debug, Clone)]
+pub struct OidcIssuer {
+    /// `iss`.
+    pub issuer: String,
+    /// Required `aud`.
+    pub audience: String,
+    /// JWKS file (keys are never fetched from a URL in a token).
+    pub jwks_file: PathBuf,
+}
+
+/// Everything a proxy needs.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Sidecar or gateway.
+    pub mode: Mode,
+    /// Stable id, reported to the control plane.
+    pub proxy_id: String,
+    /// Control-plane URL.
+    pub control_plane: String,
+    /// PEM bundle trusted for the control plane until the first push.
+    pub ca_bundle: PathBuf,
+    /// Single-use join token for the first start.
+    pub join_token: Option<String>,
+    /// Where the SVID and key are kept.
+    pub state_dir: PathBuf,
+    /// Inbound listener (sidecar: mTLS; gateway: TLS).
+    pub listen: SocketAddr,
+    /// Admin listener: /metrics, /healthz, /readyz, /status.
+    pub admin_listen: SocketAddr,
+    /// Sidecar: the local app.
+    pub app: Option<SocketAddr>,
+    /// Sidecar: outbound listeners, service → local address.
+    pub upstreams: Vec<(String, SocketAddr)>,
+    /// Gateway: path prefix → service.
+    pub routes: Vec<(String, String)>,
+    /// Gateway: external OIDC issuers.
+    pub oidc: Vec<OidcIssuer>,
+    /// Largest request or response body, bytes.
+    pub max_body_bytes: usize,
+    /// Sidecar: the service it fronts (filled from the SVID at start).
+    pub service_name: Option<String>,
+}
+
+impl ProxyConfig {
+    /// Defaults for a proxy of `mode` talking to `control_plane`.
+    pub fn new(
+        mode: Mode,
+        proxy_id: &str,
+        control_plane: &str,
+        ca_bundle: PathBuf,
+        state_dir: PathBuf,
+    ) -> ProxyConfig {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        ProxyConfig {
+            mode,
+            proxy_id: proxy_id.to_owned(),
+            control_plane: control_plane.to_owned(),
+            ca_bundle,
+            join_token: None,
+            state_dir,
+            listen: any,
+            admin_listen: any,
+            app: None,
+            upstreams: Vec::new(),
+            routes: Vec::new(),
+            oidc: Vec::new(),
+            max_body_bytes: 1024 * 1024,
+            service_name: None,
+        }
+    }
+}
+
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+
+/// Shared by every task of one proxy.
+pub(crate) struct Inner {
+    cfg: ProxyConfig,
+    state: Arc<State>,
+    identity: Arc<CurrentIdentity>,
+    app: Client<HttpConnector, Body>,
+    upstreams: Mutex<HashMap<String, UpstreamClient>>,
+    oidc: Vec<TokenVerifier>,
+    castellan_tokens: ArcSwap<Option<TokenVerifier>>,
+    inbound_addr: SocketAddr,
+}
+
+impl Inner {
+    /// An mTLS client that accepts only `service`'s SVID, pooled per service.
+    fn upstream(&self, service: &str) -> Result<UpstreamClient, ProxyError> {
+        let mut map = self
+            .upstreams
+            .lock()
+            .map_err(|_| ProxyError::Config("lock poisoned".to_owned()))?;
+        if let Some(c) = map.get(service) {
+            return Ok(c.clone());
+        }
+        let expected =
+            castellan_identity::SpiffeId::for_service(self.state.trust_domain(), service)
+                .map_err(|e| ProxyError::Config(e.to_string()))?;
+        let verifier = Arc::new(tls::SvidServerVerifier {
+            state: self.state.clone(),
+            expected,
+        });
+        let mut cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ProxyError::Config(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(self.identity.clone());
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(cfg)
+            .https_only()
+            .enable_http1()
+            .build();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(conn);
+        map.insert(service.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
+/// A started proxy.
+#[derive(Debug)]
+pub struct RunningProxy {
+    /// Inbound listener.
+    pub inbound: SocketAddr,
+    /// Outbound listeners (sidecar), service → address.
+    pub outbound: Vec<(String, SocketAddr)>,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Enforcement state.
+    pub state: Arc<State>,
+    /// Identity in force.
+    pub identity: Arc<CurrentIdentity>,
+    stop: watch::Sender<bool>,
+}
+
+impl RunningProxy {
+    /// Waits until a policy revision is in force.
+    pub async fn ready(&self, timeout: Duration) -> Result<i64, ProxyError> {
+        let t0 = std::time::Instant::now();
+        while self.state.revision() == 0 {
+            if t0.elapsed() > timeout {
+                return Err(ProxyError::ControlPlane("no policy received".to_owned()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(self.state.revision())
+    }
+
+    /// Stops every listener and task.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn read_bundle(
+    path: &std::path::Path,
+) -> Result<(String, Vec<CertificateDer<'static>>), ProxyError> {
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| ProxyError::Config(format!("{}: {e}", path.display())))?;
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ProxyError::Config(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(ProxyError::Config(format!(
+            "{}: no certificates",
+            path.display()
+        )));
+    }
+    Ok((pem, certs))
+}
+
+fn bundle_pem(certs: &[CertificateDer<'_>]) -> String {
+    certs
+        .iter()
+        .map(|c| identity::pem("CERTIFICATE", c.as_ref()))
+        .collect()
+}
+
+/// Starts a proxy: identity, listeners, the watch stream and renewal.
+pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
+    if cfg.mode == Mode::Sidecar && cfg.app.is_none() {
+        return Err(ProxyError::Config(
+            "a sidecar needs the app's address".to_owned(),
+        ));
+    }
+    let (pem, file_bundle) = read_bundle(&cfg.ca_bundle)?;
+    let (ident, pushed) = identity::bootstrap(&cfg, &pem).await?;
+    let td = ident.id.trust_domain().to_owned();
+    let mut cfg = cfg;
+    cfg.service_name = ident.id.service_name().map(str::to_owned);
+    let state = Arc::new(State::new(&td, pushed.unwrap_or(file_bundle))?);
+    let identity = Arc::new(CurrentIdentity::new(ident)?);
+    let mut oidc = Vec::new();
+    for o in &cfg.oidc {
+        let text = std::fs::read_to_string(&o.jwks_file)
+            .map_err(|e| ProxyError::Config(format!("{}: {e}", o.jwks_file.display())))?;
+        let jwks = serde_json::from_str(&text)
+            .map_err(|e| ProxyError::Config(format!("{}: {e}", o.jwks_file.display())))?;
+        oidc.push(
+            TokenVerifier::new(&o.issuer, &o.audience, &jwks)
+                .map_err(|e| ProxyError::Config(format!("{}: {e}", o.jwks_file.display())))?,
+        );
+    }
+    let inbound = TcpListener::bind(cfg.listen).await?;
+    let admin = TcpListener::bind(cfg.admin_listen).await?;
+    let mut outbound = Vec::new();
+    for (svc, addr) in &cfg.upstreams {
+        let l = TcpListener::bind(addr).await?;
+        outbound.push((svc.clone(), l.local_addr()?, l));
+    }
+    let inner = Arc::new(Inner {
+        app: Client::builder(TokioExecutor::new()).build_http(),
+        upstreams: Mutex::new(HashMap::new()),
+        oidc,
+        castellan_tokens: ArcSwap::from_pointee(None),
+        inbound_addr: inbound.local_addr()?,
+        state: state.clone(),
+        identity: identity.clone(),
+        cfg,
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let running = RunningProxy {
+        inbound: inbound.local_addr()?,
+        outbound: outbound.iter().map(|(s, a, _)| (s.clone(), *a)).collect(),
+        admin: admin.local_addr()?,
+        state,
+        identity,
+        stop,
+    };
+    tokio::spawn(watch_loop(inner.clone(), stop_rx.clone()));
+    tokio::spawn(renew_loop(inner.clone(), stop_rx.clone()));
+    tokio::spawn(admin::serve(inner.clone(), admin, stop_rx.clone()));
+    match inner.cfg.mode {
+        Mode::Sidecar => {
+            tokio::spawn(sidecar::serve_inbound(
+                inner.clone(),
+                inbound,
+                stop_rx.clone(),
+            ));
+            for (svc, _, l) in outbound {
+                tokio::spawn(sidecar::serve_outbound(
+                    inner.clone(),
+                    svc,
+                    l,
+                    stop_rx.clone(),
+                ));
+            }
+        }
+        Mode::Gateway => {
+            tokio::spawn(gateway::refresh_castellan_keys(
+                inner.clone(),
+                stop_rx.clone(),
+            ));
+            tokio::spawn(gateway::serve(inner.clone(), inbound, stop_rx.clone()));
+        }
+    }
+    tracing::info!(proxy = %inner.cfg.proxy_id, mode = inner.cfg.mode.as_str(), inbound = %running.inbound, admin = %running.admin, "castellan proxy started");
+    Ok(running)
+}
+
+async fn report(inner: &Inner, client: &mut DistributionClient<tonic::transport::Channel>) {
+    let r = ProxyReport {
+        proxy_id: inner.cfg.proxy_id.clone(),
+        mode: inner.cfg.mode.as_str().to_owned(),
+        address: match inner.cfg.mode {
+            Mode::Sidecar => inner.inbound_addr.to_string(),
+            Mode::Gateway => String::new(),
+        },
+        revision: inner.state.revision(),
+        cert_not_after: inner.identity.current().not_after,
+    };
+    if let Err(e) = client.report(r).await {
+        tracing::warn!(error = %e.message(), "report to the control plane failed");
+    }
+}
+
+/// Holds the watch stream open, applying every update; reconnects with backoff.
+async fn watch_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let ident = inner.identity.current();
+        let pem = bundle_pem(&inner.state.bundle());
+        let result: Result<(), String> = async {
+            let ch = identity::control_channel(&inner.cfg, &pem, Some(&ident))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut client = DistributionClient::new(ch);
+            let mut stream = client
+                .watch(WatchRequest {
+                    proxy_id: inner.cfg.proxy_id.clone(),
+                })
+                .await
+                .map_err(|e| e.message().to_owned())?
+                .into_inner();
+            let mut tick = tokio::time::interval(Duration::from_secs(15));
+            loop {
+                tokio::select! {
+                    m = stream.message() => match m {
+                        Ok(Some(u)) => {
+                            backoff = Duration::from_millis(200);
+                            inner.state.apply(u);
+                            report(&inner, &mut client).await;
+                        }
+                        Ok(None) => return Err("stream ended".to_owned()),
+                        Err(e) => return Err(e.message().to_owned()),
+                    },
+                    _ = tick.tick() => report(&inner, &mut client).await,
+                    _ = stop.changed() => return Ok(()),
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "watch stream to the control plane lost")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Renews the SVID at half-life; retries every few seconds on failure.
+async fn renew_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let cur = inner.identity.current();
+        let wait = (cur.renew_at() - unix_now()).max(0) as u64;
+        metrics::gauge!("castellan_proxy_cert_not_after_seconds", "proxy" => inner.cfg.proxy_id.clone()).set(cur.not_after as f64);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
+            _ = stop.changed() => return,
+        }
+        let pem = bundle_pem(&inner.state.bundle());
+        match identity::renew(&inner.cfg, &pem, &cur).await {
+            Ok(new) => {
+                tracing::info!(not_after = new.not_after, "SVID renewed");
+                if let Err(e) = inner.identity.swap(new) {
+                    tracing::error!(error = %e, "renewed SVID unusable");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "SVID renewal failed; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! Sidecar mode. Inbound: mTLS with the caller's SVID, a local decision, the app over loopback
+//! with `x-castellan-source`, `x-castellan-user`, `x-castellan-decision-id` (and the verified
+//! context token, so the app can pass it on). Outbound: a plain listener per upstream on
+//! loopback, forwarded over mTLS to that service, whose SVID must be the one expected.
+
+use crate::http::{self as h, Body, CONTEXT_HEADER, problem};
+use crate::{Inner, unix_now};
+use castellan_identity::{SpiffeId, UserContext, verify_context};
+use castellan_policy::{
+    Decision, Destination, HttpRequest, Reason, Request as PolicyRequest, Source, User,
+};
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Largest request head; bigger gets 431 from hyper.
+pub(crate) const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// An HTTP/1.1 connection builder with our limits.
+pub(crate) fn http1_builder() -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(100);
+    b
+}
+
+/// Decides on a request. `raw_target` is the request target as sent.
+pub(crate) fn decide(
+    inner: &Inner,
+    source: Option<&SpiffeId>,
+    user: Option<&UserContext>,
+    destination: &str,
+    parts: &hyper::http::request::Parts,
+) -> Decision {
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in &parts.headers {
+        if k.as_str().starts_with(h::CASTELLAN_PREFIX) {
+            continue;
+        }
+        if let Ok(v) = v.to_str() {
+            headers
+                .entry(k.as_str().to_owned())
+                .and_modify(|e| {
+                    e.push_str(", ");
+                    e.push_str(v);
+                })
+                .or_insert_with(|| v.to_owned());
+        }
+    }
+    let host = parts
+        .headers
+        .get(hyper::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let req = PolicyRequest {
+        source: source.map(|s| Source {
+            service: None,
+            spiffe_id: Some(s.as_str().to_owned()),
+        }),
+        user: user.map(|u| User {
+            sub: Some(u.sub.clone()),
+            roles: u.roles.clone(),
+            claims: u.claims.clone().into_iter().collect(),
+        }),
+        destination: Destination {
+            service: destination.to_owned(),
+        },
+        request: HttpRequest {
+            method: parts.method.as_str().to_owned(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
+            host,
+            headers,
+        },
+        time: None,
+    };
+    inner.state.engine.decide(&req)
+}
+
+/// Records a decision in metrics and the log (never tokens or bodies).
+pub(crate) fn record(inner: &Inner, did: &str, d: &Decision, status: StatusCode, t0: Instant) {
+    let rule = d
+        .rule
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), |r| r.to_string());
+    metrics::counter!("castellan_proxy_decisions_total", "proxy" => inner.cfg.proxy_id.clone(), "decision" => if d.is_allowed() { "allow" } else { "deny" }, "rule" => rule.clone()).increment(1);
+    metrics::histogram!("castellan_proxy_decision_seconds", "proxy" => inner.cfg.proxy_id.clone())
+        .record(t0.elapsed().as_secs_f64());
+    tracing::debug!(decision_id = did, allowed = d.is_allowed(), %rule, reason = d.reason.as_str(), status = status.as_u16(), "decision");
+}
+
+/// The response for a denial: 400 for malformed requests, else 403.
+pub(crate) fn denial(d: &Decision, did: &str) -> Response<Body> {
+    if d.reason == Reason::MalformedRequest {
+        problem(StatusCode::BAD_REQUEST, "malformed request", did)
+    } else {
+        problem(StatusCode::FORBIDDEN, "access denied by policy", did)
+    }
+}
+
+pub(crate) fn unauthorized(detail: &str, did: &str) -> Response<Body> {
+    let mut r = problem(StatusCode::UNAUTHORIZED, detail, did);
+    r.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"castellan\""),
+    );
+    r
+}
+
+/// The normalized target the decision was made on (what the app receives).
+pub(crate) fn normalized_target(parts: &hyper::http::request::Parts) -> Option<String> {
+    let raw = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let t = castellan_policy::normalize_target(raw).ok()?;
+    Some(match t.query {
+        Some(q) => format!("{}?{q}", t.path),
+        None => t.path.into_owned(),
+    })
+}
+
+async fn inbound(inner: Arc<Inner>, source: SpiffeId, req: Request<Incoming>) -> Response<Body> {
+    let t0 = Instant::now();
+    let did = h::decision_id();
+    if let Err(why) = h::check_framing(req.headers()) {
+        return problem(StatusCode::BAD_REQUEST, why, &did);
+    }
+    let (parts, body) = req.into_parts();
+    let context = match parts.headers.get(CONTEXT_HEADER) {
+        None => None,
+        Some(v) => {
+            let token = v.to_str().unwrap_or_default();
+            match verify_context(
+                token,
+                &inner.state.validator(),
+                inner.state.trust_domain(),
+                unix_now(),
+            ) {
+                Ok(ctx)
+                    if inner
+                        .state
+                        .engine
+                        .current()
+                        .may_mint_context(ctx.signer.as_str()) =>
+                {
+                    Some((ctx, v.clone()))
+                }
+                Ok(ctx) => {
+                    tracing::info!(signer = %ctx.signer, "context token from a workload that may not mint context");
+                    return unauthorized("context token signer may not mint context", &did);
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "context token refused");
+                    return unauthorized("invalid context token", &did);
+                }
+            }
+        }
+    };
+    let d = decide(
+        &inner,
+        Some(&source),
+        context.as_ref().map(|c| &c.0),
+        &inner.cfg.proxy_service(),
+        &parts,
+    );
+    if !d.is_allowed() {
+        let r = denial(&d, &did);
+        record(&inner, &did, &d, r.status(), t0);
+        return r;
+    }
+    let Some(target) = normalized_target(&parts) else {
+        return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
+    };
+    let body = match h::read_body(body, inner.cfg.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return h::body_error(e, &did),
+    };
+    let mut headers = parts.headers.clone();
+    h::strip_headers(&mut headers);
+    let set = |headers: &mut hyper::HeaderMap, k: &'static str, v: &str| {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            headers.insert(k, v);
+        }
+    };
+    set(&mut headers, "x-castellan-source", source.as_str());
+    set(&mut headers, "x-castellan-decision-id", &did);
+    if let Some((ctx, raw)) = &context {
+        set(&mut headers, "x-castellan-user", &ctx.sub);
+        headers.insert(CONTEXT_HEADER, raw.clone());
+    }
+    let Some(app) = inner.cfg.app else {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "no app configured", &did);
+    };
+    let Ok(uri) = format!("http://{app}{target}").parse::<hyper::Uri>() else {
+        return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
+    };
+    let up = match h::upstream_request(&parts, uri, headers, body) {
+        Ok(r) => r,
+        Err(_) => return problem(StatusCode::BAD_REQUEST, "malformed request", &did),
+    };
+    let r = match inner.app.request(up).await {
+        Ok(resp) => h::relay(resp, inner.cfg.max_body_bytes, &did).await,
+        Err(e) => {
+            tracing::warn!(error = %e, "app unavailable");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream unavailable",
+                &did,
+            )
+        }
+    };
+    record(&inner, &did, &d, r.status(), t0);
+    r
+}
+
+impl crate::ProxyConfig {
+    /// The service this sidecar fronts (from its SVID's name in the proxy id's stead).
+    pub(crate) fn proxy_service(&self) -> String {
+        self.service_name.clone().unwrap_or_default()
+    }
+}
+
+/// Serves the inbound mTLS listener.
+pub(crate) async fn serve_inbound(
+    inner: Arc<Inner>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let verifier = Arc::new(crate::tls::SvidClientVerifier {
+        state: inner.state.clone(),
+    });
+    let cfg = match rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+    {
+        Ok(b) => {
+            let mut c = b
+                .with_client_cert_verifier(verifier)
+                .with_cert_resolver(inner.identity.clone());
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(c)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "TLS configuration failed");
+            return;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            _ = stop.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (inner, acceptor) = (inner.clone(), acceptor.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "inbound TLS refused");
+                    metrics::counter!("castellan_proxy_tls_refused_total", "proxy" => inner.cfg.proxy_id.clone()).increment(1);
+                    return;
+                }
+                Err(_) => return,
+            };
+            let certs: Option<Vec<rustls_pki_types::CertificateDer<'static>>> = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+            let Some(source) = crate::tls::peer_id(&inner.state, certs.as_deref()) else {
+                return;
+            };
+            let svc = service_fn(move |req| {
+                let inner = inner.clone();
+                let source = source.clone();
+                async move { Ok::<_, Infallible>(inbound(inner, source, req).await) }
+            });
+            let _ = http1_builder()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
+
+async fn outbound(
+    inner: Arc<Inner>,
+    service: Arc<str>,
+    next: Arc<AtomicUsize>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let did = h::decision_id();
+    if let Err(why) = h::check_framing(req.headers()) {
+        return problem(StatusCode::BAD_REQUEST, why, &did);
+    }
+    let (parts, body) = req.into_parts();
+    let body = match h::read_body(body, inner.cfg.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return h::body_error(e, &did),
+    };
+    let context = parts.headers.get(CONTEXT_HEADER).cloned();
+    let mut headers = parts.headers.clone();
+    h::strip_headers(&mut headers);
+    if let Some(c) = context {
+        headers.insert(CONTEXT_HEADER, c);
+    }
+    let eps = inner.state.endpoints(&service);
+    if eps.is_empty() {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no endpoint for the upstream service",
+            &did,
+        );
+    }
+    let ep = eps
+        .get(next.fetch_add(1, Ordering::Relaxed) % eps.len())
+        .copied();
+    let client = match inner.upstream(&service) {
+        Ok(c) => c,
+        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), &did),
+    };
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let Some(Ok(uri)) = ep.map(|ep| format!("https://{ep}{target}").parse::<hyper::Uri>()) else {
+        return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
+    };
+    let up = match h::upstream_request(&parts, uri, headers, body) {
+        Ok(r) => r,
+        Err(_) => return problem(StatusCode::BAD_REQUEST, "malformed request", &did),
+    };
+    match client.request(up).await {
+        Ok(resp) => h::relay(resp, inner.cfg.max_body_bytes, &did).await,
+        Err(e) => {
+            tracing::warn!(upstream = %service, error = %e, "upstream unavailable");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream unavailable",
+                &did,
+            )
+        }
+    }
+}
+
+/// Serves one outbound listener (loopback, plain HTTP from the app).
+pub(crate) async fn serve_outbound(
+    inner: Arc<Inner>,
+    service: String,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let service: Arc<str> = Arc::from(service);
+    let next = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            _ = stop.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (inner, service, next) = (inner.clone(), service.clone(), next.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let (inner, service, next) = (inner.clone(), service.clone(), next.clone());
+                async move { Ok::<_, Infallible>(outbound(inner, service, next, req).await) }
+            });
+            let _ = http1_builder()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,232 @@
+//! What a proxy enforces with, as last pushed by the control plane: the policy engine and its
+//! revision, the trust bundle and revocations (inside the SVID validator), API-key hashes and
+//! service endpoints. Every field swaps atomically; readers never wait.
+
+use arc_swap::ArcSwap;
+use castellan_identity::{SvidValidator, TrustBundle};
+use castellan_policy::{Engine, PolicySet};
+use castellan_proto::v1::WatchUpdate;
+use rustls_pki_types::CertificateDer;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+/// Prefix of end-user API keys.
+pub const API_KEY_PREFIX: &str = "cak_";
+
+/// An end user an API key authenticates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKeyUser {
+    /// Key id.
+    pub key_id: String,
+    /// The user.
+    pub user: String,
+    /// Roles.
+    pub roles: Vec<String>,
+    /// Claims.
+    pub claims: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The enforcement state.
+#[derive(Debug)]
+pub struct State {
+    trust_domain: String,
+    /// The policy engine.
+    pub engine: Engine,
+    revision: AtomicI64,
+    validator: ArcSwap<SvidValidator>,
+    bundle: ArcSwap<Vec<CertificateDer<'static>>>,
+    revoked: Mutex<Vec<Vec<u8>>>,
+    disabled: ArcSwap<HashSet<String>>,
+    api_keys: ArcSwap<HashMap<Vec<u8>, Arc<ApiKeyUser>>>,
+    endpoints: ArcSwap<HashMap<String, Vec<SocketAddr>>>,
+}
+
+fn hex_bytes(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len() / 2)
+        .map(|i| {
+            s.get(i * 2..i * 2 + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect()
+}
+
+impl State {
+    /// Empty state (deny everything) trusting `bundle`.
+    pub(crate) fn new(
+        trust_domain: &str,
+        bundle: Vec<CertificateDer<'static>>,
+    ) -> Result<State, crate::ProxyError> {
+        let v = SvidValidator::new(
+            TrustBundle::new(trust_domain, bundle.clone())
+                .map_err(|e| crate::ProxyError::Identity(e.to_string()))?,
+        );
+        Ok(State {
+            trust_domain: trust_domain.to_owned(),
+            engine: Engine::new(PolicySet::empty()),
+            revision: AtomicI64::new(0),
+            validator: ArcSwap::from_pointee(v),
+            bundle: ArcSwap::from_pointee(bundle),
+            revoked: Mutex::new(Vec::new()),
+            disabled: ArcSwap::from_pointee(HashSet::new()),
+            api_keys: ArcSwap::from_pointee(HashMap::new()),
+            endpoints: ArcSwap::from_pointee(HashMap::new()),
+        })
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The SVID validator in force (bundle + revocations).
+    pub fn validator(&self) -> Arc<SvidValidator> {
+        self.validator.load_full()
+    }
+
+    /// The bundle in force.
+    pub fn bundle(&self) -> Arc<Vec<CertificateDer<'static>>> {
+        self.bundle.load_full()
+    }
+
+    /// The policy revision in force (0: none yet, everything denied).
+    pub fn revision(&self) -> i64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    /// Whether a service was disabled.
+    pub fn is_disabled(&self, service: &str) -> bool {
+        self.disabled.load().contains(service)
+    }
+
+    /// The user an API key (its SHA-256) authenticates.
+    pub fn api_key(&self, hash: &[u8]) -> Option<Arc<ApiKeyUser>> {
+        self.api_keys.load().get(hash).cloned()
+    }
+
+    /// Endpoints of a service.
+    pub fn endpoints(&self, service: &str) -> Vec<SocketAddr> {
+        self.endpoints
+            .load()
+            .get(service)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn rebuild_validator(&self) {
+        let bundle = self.bundle.load_full();
+        match TrustBundle::new(&self.trust_domain, bundle.to_vec()) {
+            Ok(b) => {
+                let mut v = SvidValidator::new(b);
+                if let Ok(r) = self.revoked.lock() {
+                    for s in r.iter() {
+                        v.revoke(s);
+                    }
+                }
+                self.validator.store(Arc::new(v));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "pushed trust bundle refused; keeping the previous one")
+            }
+        }
+    }
+
+    /// Applies one pushed update; returns whether the policy revision changed.
+    pub(crate) fn apply(&self, u: WatchUpdate) -> bool {
+        let mut validator_dirty = false;
+        if !u.trust_bundle.is_empty() {
+            self.bundle.store(Arc::new(
+                u.trust_bundle
+                    .into_iter()
+                    .map(CertificateDer::from)
+                    .collect(),
+            ));
+            validator_dirty = true;
+        }
+        if !u.revocations.is_empty() {
+            let mut disabled = (**self.disabled.load()).clone();
+            if let Ok(mut r) = self.revoked.lock() {
+                for ev in &u.revocations {
+                    match ev.kind.as_str() {
+                        "certificate" => match hex_bytes(&ev.subject) {
+                            Some(serial) => r.push(serial),
+                            None => {
+                                tracing::error!(subject = %ev.subject, "unparsable revoked serial")
+                            }
+                        },
+                        "service" => {
+                            disabled.insert(ev.subject.clone());
+                        }
+                        other => tracing::warn!(kind = other, "unknown revocation kind"),
+                    }
+                }
+            }
+            self.disabled.store(Arc::new(disabled));
+            validator_dirty = true;
+            tracing::info!(count = u.revocations.len(), "revocations received");
+        }
+        if validator_dirty {
+            self.rebuild_validator();
+        }
+        if let Some(keys) = u.api_keys {
+            let map = keys
+                .keys
+                .into_iter()
+                .map(|k| {
+                    let claims = k
+                        .claims
+                        .into_iter()
+                        .map(|(n, v)| (n, serde_json::Value::String(v)))
+                        .collect();
+                    (
+                        k.key_hash,
+                        Arc::new(ApiKeyUser {
+                            key_id: k.key_id,
+                            user: k.user,
+                            roles: k.roles,
+                            claims,
+                        }),
+                    )
+                })
+                .collect();
+            self.api_keys.store(Arc::new(map));
+        }
+        if let Some(eps) = u.endpoints {
+            let mut map: HashMap<String, Vec<SocketAddr>> = HashMap::new();
+            for e in eps.endpoints {
+                if let Ok(a) = e.address.parse() {
+                    map.entry(e.service).or_default().push(a);
+                }
+            }
+            self.endpoints.store(Arc::new(map));
+        }
+        let mut changed = false;
+        if let Some(p) = u.policy {
+            let mut files: Vec<(String, String)> = p.files.into_iter().collect();
+            files.sort();
+            match PolicySet::from_sources(files.iter().map(|(n, t)| (n.as_str(), t.as_str()))) {
+                Ok(set) if set.trust_domain() == self.trust_domain => {
+                    self.engine.swap(set);
+                    self.revision.store(p.revision, Ordering::Release);
+                    metrics::gauge!("castellan_proxy_policy_revision").set(p.revision as f64);
+                    tracing::info!(revision = p.revision, hash = %p.content_hash, "policy revision in force");
+                    changed = true;
+                }
+                Ok(set) => tracing::error!(
+                    revision = p.revision,
+                    trust_domain = set.trust_domain(),
+                    "pushed policy is for another trust domain; keeping the previous revision"
+                ),
+                Err(e) => {
+                    tracing::error!(revision = p.revision, error = %e, "pushed policy does not load; keeping the previous revision")
+                }
+            }
+        }
+        changed
+    }
+}
