@@ -257,7 +257,7 @@ pub(crate) async fn serve(
                 async move { Ok::<_, Infallible>(handle(inner, req).await) }
             });
             let _ = http1_builder()
-                .serve_connection(TokioIo::new(tls), svc)
+                .serve_connection(TokioIo::new(crate::framing::FramingGuard::new(tls)), svc)
                 .await;
         });
     }

@@ -7,6 +7,7 @@
 
 mod admin;
 pub use admin::use_metrics_handle;
+mod framing;
 mod gateway;
 pub mod http;
 pub mod identity;
@@ -179,13 +180,13 @@ impl Inner {
             state: self.state.clone(),
             expected,
         });
-        let mut cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+        // hyper-rustls sets ALPN (http/1.1) itself.
+        let cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| ProxyError::Config(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_client_cert_resolver(self.identity.clone());
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         let conn = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(cfg)
             .https_only()

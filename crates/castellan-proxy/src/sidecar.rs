@@ -103,6 +103,13 @@ pub(crate) fn record(inner: &Inner, did: &str, d: &Decision, status: StatusCode,
     metrics::histogram!("castellan_proxy_decision_seconds", "proxy" => inner.cfg.proxy_id.clone())
         .record(t0.elapsed().as_secs_f64());
     tracing::debug!(decision_id = did, allowed = d.is_allowed(), %rule, reason = d.reason.as_str(), status = status.as_u16(), "decision");
+    inner.state.remember(crate::state::RecentDecision {
+        decision_id: did.to_owned(),
+        decision: if d.is_allowed() { "allow" } else { "deny" }.to_owned(),
+        rule: d.rule.as_ref().map(|r| r.to_string()),
+        reason: d.reason.as_str().to_owned(),
+        status: status.as_u16(),
+    });
 }
 
 /// The response for a denial: 400 for malformed requests, else 403.
@@ -292,7 +299,7 @@ pub(crate) async fn serve_inbound(
                 async move { Ok::<_, Infallible>(inbound(inner, source, req).await) }
             });
             let _ = http1_builder()
-                .serve_connection(TokioIo::new(tls), svc)
+                .serve_connection(TokioIo::new(crate::framing::FramingGuard::new(tls)), svc)
                 .await;
         });
     }
@@ -377,7 +384,7 @@ pub(crate) async fn serve_outbound(
                 async move { Ok::<_, Infallible>(outbound(inner, service, next, req).await) }
             });
             let _ = http1_builder()
-                .serve_connection(TokioIo::new(tcp), svc)
+                .serve_connection(TokioIo::new(crate::framing::FramingGuard::new(tcp)), svc)
                 .await;
         });
     }

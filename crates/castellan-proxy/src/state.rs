@@ -42,7 +42,27 @@ pub struct State {
     disabled: ArcSwap<HashSet<String>>,
     api_keys: ArcSwap<HashMap<Vec<u8>, Arc<ApiKeyUser>>>,
     endpoints: ArcSwap<HashMap<String, Vec<SocketAddr>>>,
+    recent: Mutex<std::collections::VecDeque<RecentDecision>>,
 }
+
+/// A decision this proxy made, kept briefly for operators and the demo (the audit trail is the
+/// durable record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentDecision {
+    /// Its id (also in the response and the problem JSON).
+    pub decision_id: String,
+    /// allow or deny.
+    pub decision: String,
+    /// The deciding rule, if any.
+    pub rule: Option<String>,
+    /// Why (matched-allow, no-matching-allow, …).
+    pub reason: String,
+    /// Status sent.
+    pub status: u16,
+}
+
+/// How many recent decisions are kept.
+const RECENT: usize = 4096;
 
 fn hex_bytes(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
@@ -76,6 +96,7 @@ impl State {
             disabled: ArcSwap::from_pointee(HashSet::new()),
             api_keys: ArcSwap::from_pointee(HashMap::new()),
             endpoints: ArcSwap::from_pointee(HashMap::new()),
+            recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT)),
         })
     }
 
@@ -116,6 +137,26 @@ impl State {
             .get(service)
             .cloned()
             .unwrap_or_default()
+    }
+
+    pub(crate) fn remember(&self, d: RecentDecision) {
+        if let Ok(mut r) = self.recent.lock() {
+            if r.len() == RECENT {
+                r.pop_front();
+            }
+            r.push_back(d);
+        }
+    }
+
+    /// A recent decision by id.
+    pub fn recent_decision(&self, decision_id: &str) -> Option<RecentDecision> {
+        self.recent
+            .lock()
+            .ok()?
+            .iter()
+            .rev()
+            .find(|d| d.decision_id == decision_id)
+            .cloned()
     }
 
     fn rebuild_validator(&self) {

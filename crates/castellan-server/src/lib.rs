@@ -173,7 +173,9 @@ impl std::fmt::Debug for Server {
     }
 }
 
-fn metrics_handle() -> PrometheusHandle {
+/// The process's Prometheus recorder handle (installed on first use), shared with proxies
+/// running in the same process.
+pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {

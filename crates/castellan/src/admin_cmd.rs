@@ -265,7 +265,7 @@ pub fn service(cmd: ServiceCommand, conn: &Connection, json_out: bool) -> ExitCo
                     "service {} ({})\njoin token (single use, expires at {}):\n{}",
                     s(v, "name"),
                     s(v, "spiffe_id"),
-                    v["expires_at"],
+                    v.get("expires_at").unwrap_or(&Value::Null),
                     s(v, "join_token")
                 )
             },
@@ -332,7 +332,7 @@ pub fn ca(cmd: CaCommand, conn: &Connection, json_out: bool) -> ExitCode {
                 format!(
                     "new CA {} (bundle now holds {} certificates)",
                     s(v, "id"),
-                    v["bundle_size"]
+                    v.get("bundle_size").unwrap_or(&Value::Null)
                 )
             },
         ),
@@ -399,7 +399,7 @@ pub fn keys(cmd: KeysCommand, conn: &Connection, json_out: bool) -> ExitCode {
                 format!(
                     "now signing with {} ({} keys published)",
                     s(v, "kid"),
-                    v["published"]
+                    v.get("published").unwrap_or(&Value::Null)
                 )
             },
         ),
@@ -439,17 +439,17 @@ pub fn policy_apply(body: Value, conn: &Connection, json_out: bool) -> ExitCode 
         call(Method::POST, "/v1/policy", Some(body)),
         json_out,
         |v| {
-            if v["changed"] == Value::Bool(true) {
+            if v.get("changed") == Some(&Value::Bool(true)) {
                 format!(
                     "applied revision {} ({} rules, sha256 {})",
-                    v["revision"],
-                    v["rules"],
+                    v.get("revision").unwrap_or(&Value::Null),
+                    v.get("rules").unwrap_or(&Value::Null),
                     s(v, "content_hash")
                 )
             } else {
                 format!(
                     "unchanged: revision {} already has this content",
-                    v["revision"]
+                    v.get("revision").unwrap_or(&Value::Null)
                 )
             }
         },
@@ -486,7 +486,7 @@ pub fn policy_rollback(rev: i64, conn: &Connection, json_out: bool) -> ExitCode 
         |v| {
             format!(
                 "revision {} now has the content of revision {rev}",
-                v["revision"]
+                v.get("revision").unwrap_or(&Value::Null)
             )
         },
     )

@@ -1,6 +1,8 @@
 //! The `castellan` binary: parses the command line and hands over to the command modules.
 
 mod admin_cmd;
+mod demo;
+mod demo_apps;
 mod policy_cmd;
 mod server_cmd;
 
@@ -32,6 +34,16 @@ enum Command {
     /// Check, evaluate and test access policies.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+    /// Run the whole product on loopback with scripted traffic; exit 0 only if every
+    /// expectation held.
+    Demo {
+        /// Keep everything running until interrupted instead of running the script.
+        #[arg(long)]
+        serve: bool,
+        /// With --serve: write URLs, CA bundle, admin token and user credentials here (JSON).
+        #[arg(long, requires = "serve")]
+        state_file: Option<std::path::PathBuf>,
+    },
     /// Run the control plane.
     #[command(subcommand)]
     Server(server_cmd::ServerCommand),
@@ -119,6 +131,20 @@ fn main() -> ExitCode {
     let json = cli.output == Output::Json;
     match cli.command {
         Command::Policy(cmd) => policy_cmd::run(cmd, cli.output),
+        Command::Demo { serve, state_file } => {
+            if std::env::var_os("CASTELLAN_LOG").is_none() && std::env::var_os("RUST_LOG").is_none()
+            {
+                // The table is the demo's output; only problems go to the log.
+                // SAFETY-free: set before any thread is started.
+                let _ = tracing_subscriber::fmt()
+                    .with_env_filter(tracing_subscriber::EnvFilter::new("error"))
+                    .with_writer(std::io::stderr)
+                    .try_init();
+            } else {
+                init_logging();
+            }
+            demo::run(serve, state_file, json)
+        }
         Command::Server(cmd) => {
             init_logging();
             server_cmd::run(cmd, json)

@@ -1,0 +1,599 @@
+//! `castellan demo`: the whole product on loopback in one process — a control plane on a
+//! temporary SQLite database, the orders, inventory and payments apps each behind a sidecar, and
+//! a gateway — then scripted traffic (allowed calls, denied calls, attacks) with a table of what
+//! happened. Exits 0 only if every expectation held. `--serve` keeps it running instead.
+
+use crate::demo_apps::{self, Upstreams};
+use castellan_proxy::{Mode, ProxyConfig, RunningProxy};
+use castellan_server::{Server, ServerConfig};
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// `value["key"]` without the indexing lint: a missing key is `null`.
+trait At {
+    fn at(&self, key: &str) -> &Value;
+}
+
+impl At for Value {
+    fn at(&self, key: &str) -> &Value {
+        self.get(key).unwrap_or(&Value::Null)
+    }
+}
+
+const TRUST_DOMAIN: &str = "demo.castellan";
+
+/// The demo policy, the same in every release (examples/demo/policies).
+const POLICIES: &[(&str, &str)] = &[
+    (
+        "mesh.yaml",
+        include_str!("../../../examples/demo/policies/mesh.yaml"),
+    ),
+    (
+        "orders.yaml",
+        include_str!("../../../examples/demo/policies/orders.yaml"),
+    ),
+    (
+        "inventory.yaml",
+        include_str!("../../../examples/demo/policies/inventory.yaml"),
+    ),
+    (
+        "payments.yaml",
+        include_str!("../../../examples/demo/policies/payments.yaml"),
+    ),
+    (
+        "orders_test.yaml",
+        include_str!("../../../examples/demo/policies/orders_test.yaml"),
+    ),
+    (
+        "eastwest_test.yaml",
+        include_str!("../../../examples/demo/policies/eastwest_test.yaml"),
+    ),
+];
+
+/// Everything the demo started.
+struct Mesh {
+    _dir: tempfile::TempDir,
+    server: castellan_server::Running,
+    admin_token: String,
+    bundle_path: PathBuf,
+    policy_dir: PathBuf,
+    bundle: Vec<CertificateDer<'static>>,
+    gateway: RunningProxy,
+    sidecars: Vec<(&'static str, RunningProxy)>,
+    alice_key: String,
+    bob_key: String,
+}
+
+type DemoResult<T> = Result<T, String>;
+
+async fn admin(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    path: &str,
+    body: Value,
+) -> DemoResult<Value> {
+    let r = http
+        .post(format!("{url}{path}"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| format!("{path}: {e}"))?;
+    let status = r.status();
+    let v: Value = r.json().await.map_err(|e| format!("{path}: {e}"))?;
+    if status.is_success() {
+        Ok(v)
+    } else {
+        Err(format!("{path}: {status}: {v}"))
+    }
+}
+
+fn tls_roots(bundle: &[CertificateDer<'static>]) -> DemoResult<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in bundle {
+        roots.add(c.clone()).map_err(|e| e.to_string())?;
+    }
+    Ok(
+        rustls::ClientConfig::builder_with_provider(castellan_proxy::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+async fn start_mesh() -> DemoResult<Mesh> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let policy_dir = dir.path().join("policies");
+    std::fs::create_dir_all(&policy_dir).map_err(|e| e.to_string())?;
+    for (name, text) in POLICIES {
+        std::fs::write(policy_dir.join(name), text).map_err(|e| e.to_string())?;
+    }
+    let cfg = ServerConfig {
+        data_dir: dir.path().join("control-plane"),
+        listen: "127.0.0.1:0".parse().map_err(|_| "addr")?,
+        ..ServerConfig::default()
+    };
+    let init = castellan_server::init(&cfg, TRUST_DOMAIN, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let server = Server::start(cfg, None).await.map_err(|e| e.to_string())?;
+    castellan_proxy::use_metrics_handle(castellan_server::metrics_handle());
+    let bundle = server.server.bundle();
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_roots(&bundle)?)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let url = server.url.clone();
+    let tok = init.admin_token.clone();
+    let mut joins = std::collections::HashMap::new();
+    for (svc, names) in [
+        ("orders", json!([])),
+        ("inventory", json!([])),
+        ("payments", json!([])),
+        ("gateway", json!(["localhost", "127.0.0.1"])),
+    ] {
+        let v = admin(
+            &http,
+            &url,
+            &tok,
+            "/v1/services",
+            json!({"name": svc, "dns_names": names}),
+        )
+        .await?;
+        joins.insert(
+            svc,
+            v.at("join_token").as_str().unwrap_or_default().to_owned(),
+        );
+    }
+    let files: serde_json::Map<String, Value> = POLICIES
+        .iter()
+        .filter(|(n, _)| !n.ends_with("_test.yaml"))
+        .map(|(n, t)| ((*n).to_owned(), Value::String((*t).to_owned())))
+        .collect();
+    admin(
+        &http,
+        &url,
+        &tok,
+        "/v1/policy",
+        json!({"files": files, "comment": "castellan demo"}),
+    )
+    .await?;
+    let alice = admin(
+        &http,
+        &url,
+        &tok,
+        "/v1/apikeys",
+        json!({"user": "alice", "roles": ["customer"], "claims": {"customer_id": "42"}}),
+    )
+    .await?;
+    let bob = admin(
+        &http,
+        &url,
+        &tok,
+        "/v1/apikeys",
+        json!({"user": "bob", "roles": ["admin"]}),
+    )
+    .await?;
+
+    let proxy_cfg = |mode, id: &str, svc: &str| {
+        let mut c = ProxyConfig::new(
+            mode,
+            id,
+            &url,
+            init.bundle_path.clone(),
+            dir.path().join("proxies").join(id),
+        );
+        c.join_token = joins.get(svc).cloned();
+        c
+    };
+    let any: SocketAddr = "127.0.0.1:0".parse().map_err(|_| "addr")?;
+    let mut sidecars = Vec::new();
+    for (svc, ups) in [
+        ("orders", vec!["inventory", "payments"]),
+        ("inventory", vec!["payments"]),
+        ("payments", vec![]),
+    ] {
+        let app = TcpListener::bind(any).await.map_err(|e| e.to_string())?;
+        let mut c = proxy_cfg(Mode::Sidecar, &format!("{svc}-sidecar"), svc);
+        c.app = Some(app.local_addr().map_err(|e| e.to_string())?);
+        c.upstreams = ups.iter().map(|u| ((*u).to_owned(), any)).collect();
+        let p = castellan_proxy::start(c)
+            .await
+            .map_err(|e| format!("{svc} sidecar: {e}"))?;
+        let out = |name: &str| p.outbound.iter().find(|(s, _)| s == name).map(|(_, a)| *a);
+        let name: &'static str = svc;
+        demo_apps::spawn(
+            name,
+            app,
+            Upstreams {
+                inventory: out("inventory"),
+                payments: out("payments"),
+            },
+        );
+        sidecars.push((name, p));
+    }
+    let mut g = proxy_cfg(Mode::Gateway, "gateway", "gateway");
+    g.routes = vec![
+        ("/orders".to_owned(), "orders".to_owned()),
+        ("/admin".to_owned(), "orders".to_owned()),
+    ];
+    let gateway = castellan_proxy::start(g)
+        .await
+        .map_err(|e| format!("gateway: {e}"))?;
+    // Ready: every proxy enforces the policy and knows the endpoints it forwards to.
+    for p in sidecars
+        .iter()
+        .map(|(_, p)| p)
+        .chain(std::iter::once(&gateway))
+    {
+        p.ready(Duration::from_secs(20))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let t0 = std::time::Instant::now();
+    while ["orders", "inventory", "payments"].iter().any(|s| {
+        gateway.state.endpoints(s).is_empty()
+            || sidecars
+                .first()
+                .is_none_or(|(_, p)| p.state.endpoints(s).is_empty())
+    }) {
+        if t0.elapsed() > Duration::from_secs(20) {
+            return Err("endpoints were not pushed to the proxies".to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Mesh {
+        bundle,
+        bundle_path: init.bundle_path,
+        admin_token: init.admin_token,
+        policy_dir,
+        server,
+        gateway,
+        sidecars,
+        alice_key: alice.at("api_key").as_str().unwrap_or_default().to_owned(),
+        bob_key: bob.at("api_key").as_str().unwrap_or_default().to_owned(),
+        _dir: dir,
+    })
+}
+
+/// One HTTP/1.1 exchange written byte for byte (attacks must reach the proxy as sent).
+async fn raw(
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    request: &[u8],
+) -> DemoResult<(u16, Value)> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    match tls {
+        Some(cfg) => {
+            let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+            let mut s = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            s.write_all(request).await.map_err(|e| e.to_string())?;
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+        }
+        None => {
+            let mut s = tcp;
+            s.write_all(request).await.map_err(|e| e.to_string())?;
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no HTTP response ({} bytes)", buf.len()))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Want {
+    Status(u16),
+    /// Refused at the edge with some 4xx, and never reached an app.
+    Refused,
+}
+
+/// An extra check on the response body.
+type Check = fn(&Value) -> Result<(), String>;
+
+struct Case {
+    what: String,
+    who: &'static str,
+    want: Want,
+    request: Vec<u8>,
+    check: Option<Check>,
+    eastwest: bool,
+}
+
+fn get(path: &str, auth: &str, extra: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}{extra}Connection: close\r\n\r\n")
+        .into_bytes()
+}
+
+fn cases(m: &Mesh) -> Vec<Case> {
+    let alice = format!("Authorization: Bearer {}\r\n", m.alice_key);
+    let bob = format!("X-API-Key: {}\r\n", m.bob_key);
+    let case = |what: &str, who: &'static str, want: Want, request: Vec<u8>| Case {
+        what: what.to_owned(),
+        who,
+        want,
+        request,
+        check: None,
+        eastwest: false,
+    };
+    let mut v = vec![
+        case("GET /orders/42", "alice", Want::Status(200), get("/orders/42", &alice, "")),
+        case("GET /orders/43 (someone else's order)", "alice", Want::Status(403), get("/orders/43", &alice, "")),
+        case("GET /orders/43", "bob", Want::Status(200), get("/orders/43", &bob, "")),
+        Case {
+            check: Some(|v| {
+                let calls = v.at("calls").as_array().ok_or("no east-west calls")?;
+                for c in calls {
+                    if c.at("status") != 200 {
+                        return Err(format!("{} got {}", c.at("path"), c.at("status")));
+                    }
+                    if c.at("response").at("headers").at("x-castellan-user") != "alice" || c.at("response").at("headers").at("x-castellan-source") != "spiffe://demo.castellan/svc/orders" {
+                        return Err(format!("{}: user context did not travel: {}", c.at("path"), c.at("response").at("headers")));
+                    }
+                }
+                if calls.len() == 2 { Ok(()) } else { Err("expected calls to inventory and payments".to_owned()) }
+            }),
+            ..case("POST /orders (→ inventory, payments over mTLS)", "alice", Want::Status(201), format!("POST /orders HTTP/1.1\r\nHost: localhost\r\n{alice}Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}").into_bytes())
+        },
+        case("GET /admin/users", "alice", Want::Status(403), get("/admin/users", &alice, "")),
+        case("GET /admin/users", "bob", Want::Status(200), get("/admin/users", &bob, "")),
+        case("GET /orders/42 without credentials", "-", Want::Status(401), get("/orders/42", "", "")),
+        case("GET /orders/42 with a forged API key", "forged", Want::Status(401), get("/orders/42", "X-API-Key: cak_forged.key\r\n", "")),
+        Case {
+            check: Some(|v| if v.at("headers").at("x-castellan-user") == "alice" { Ok(()) } else { Err(format!("spoofed header reached the app: {}", v.at("headers"))) }),
+            ..case("spoofed x-castellan-user: bob, x-castellan-source", "alice", Want::Status(200), get("/orders/42", &alice, "x-castellan-user: bob\r\nx-castellan-source: spiffe://demo.castellan/svc/gateway\r\n"))
+        },
+    ];
+    for p in [
+        "//admin/x",
+        "/orders/../admin/x",
+        "/orders/%2e%2e/admin/x",
+        "/%2Fadmin/x",
+        "/admin%5Cx",
+        "/admin%00",
+        "/admin;x=y/users",
+        "/admin?/orders/42",
+        "/ADMIN/x",
+        "/..;/admin/x",
+        "/%252e%252e/admin",
+        "/orders/%ff%fe",
+    ] {
+        v.push(case(
+            &format!("attack: GET {p}"),
+            "alice",
+            Want::Refused,
+            get(p, &alice, ""),
+        ));
+    }
+    let long = format!("/orders/{}", "a".repeat(9000));
+    v.push(case(
+        "attack: path over 8 KiB",
+        "alice",
+        Want::Refused,
+        get(&long, &alice, ""),
+    ));
+    v.push(case(
+        "attack: lower-case method get",
+        "alice",
+        Want::Refused,
+        format!("get /orders/42 HTTP/1.1\r\nHost: localhost\r\n{alice}Connection: close\r\n\r\n")
+            .into_bytes(),
+    ));
+    for (what, head) in [
+        ("smuggling: Content-Length: +3", "Content-Length: +3\r\n"),
+        (
+            "smuggling: two Content-Length",
+            "Content-Length: 2\r\nContent-Length: 3\r\n",
+        ),
+        (
+            "smuggling: Content-Length + Transfer-Encoding",
+            "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+        ),
+        (
+            "smuggling: two Transfer-Encoding",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        ),
+    ] {
+        v.push(case(what, "alice", Want::Refused, format!("POST /orders HTTP/1.1\r\nHost: localhost\r\n{alice}{head}Connection: close\r\n\r\n0\r\n\r\n").into_bytes()));
+    }
+    v.push(case("smuggling: oversized chunk size", "alice", Want::Refused, format!("POST /orders HTTP/1.1\r\nHost: localhost\r\n{alice}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\nFFFFFFFFFFFFFFFFFF\r\nx\r\n0\r\n\r\n").into_bytes()));
+    v.push(case(
+        "oversized headers",
+        "alice",
+        Want::Refused,
+        get(
+            "/orders/42",
+            &alice,
+            &format!("X-Big: {}\r\n", "a".repeat(20_000)),
+        ),
+    ));
+    v.push(Case { eastwest: true, ..case("east-west: inventory → payments POST /charges", "inventory", Want::Status(403), b"POST /charges HTTP/1.1\r\nHost: payments\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}".to_vec()) });
+    v
+}
+
+fn rule_of(m: &Mesh, body: &Value) -> String {
+    let did = body
+        .get("decision_id")
+        .and_then(Value::as_str)
+        .or_else(|| body.at("headers").at("x-castellan-decision-id").as_str());
+    let Some(did) = did else {
+        return "-".to_owned();
+    };
+    for p in m
+        .sidecars
+        .iter()
+        .map(|(_, p)| p)
+        .chain(std::iter::once(&m.gateway))
+    {
+        if let Some(d) = p.state.recent_decision(did) {
+            return d.rule.unwrap_or(d.reason);
+        }
+    }
+    "-".to_owned()
+}
+
+async fn run_script(m: &Mesh, json_out: bool) -> bool {
+    let tls = match tls_roots(&m.bundle) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return false;
+        }
+    };
+    let inventory_out = m
+        .sidecars
+        .iter()
+        .find(|(n, _)| *n == "inventory")
+        .and_then(|(_, p)| p.outbound.first())
+        .map(|(_, a)| *a);
+    let mut rows = Vec::new();
+    let mut all_ok = true;
+    for c in cases(m) {
+        let result = if c.eastwest {
+            match inventory_out {
+                Some(a) => raw(a, None, &c.request).await,
+                None => Err("no inventory outbound listener".to_owned()),
+            }
+        } else {
+            raw(m.gateway.inbound, Some(tls.clone()), &c.request).await
+        };
+        let (got, body) = match result {
+            Ok(r) => r,
+            Err(e) => (0, json!({"error": e})),
+        };
+        let reached_app = body.get("service").is_some();
+        let mut ok = match c.want {
+            Want::Status(s) => got == s,
+            Want::Refused => (400..500).contains(&got) && !reached_app,
+        };
+        let mut note = String::new();
+        if ok
+            && let Some(check) = c.check
+            && let Err(e) = check(&body)
+        {
+            ok = false;
+            note = e;
+        }
+        all_ok &= ok;
+        let expected = match c.want {
+            Want::Status(s) => s.to_string(),
+            Want::Refused => "4xx".to_owned(),
+        };
+        rows.push((c.what, c.who, expected, got, rule_of(m, &body), ok, note));
+    }
+    if json_out {
+        let out: Vec<Value> = rows.iter().map(|(w, who, e, g, r, ok, n)| json!({"request": w, "as": who, "expected": e, "got": g, "rule": r, "ok": ok, "note": n})).collect();
+        println!("{}", json!({"ok": all_ok, "results": out}));
+    } else {
+        println!(
+            "{:<52} {:<10} {:>8} {:>4}  {:<38} result",
+            "request", "as", "expected", "got", "deciding rule"
+        );
+        for (w, who, e, g, r, ok, n) in &rows {
+            let w: String = w.chars().take(52).collect();
+            println!(
+                "{w:<52} {who:<10} {e:>8} {g:>4}  {r:<38} {}{}",
+                if *ok { "ok" } else { "FAIL" },
+                if n.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({n})")
+                }
+            );
+        }
+        let failed = rows.iter().filter(|r| !r.5).count();
+        println!(
+            "\n{} requests, {} as expected, {failed} not",
+            rows.len(),
+            rows.len() - failed
+        );
+        println!(
+            "control plane: {}  (proxies: castellan proxy list; policy: castellan policy history)",
+            m.server.url
+        );
+    }
+    all_ok
+}
+
+fn write_state(m: &Mesh, file: &Path) -> DemoResult<()> {
+    let state = json!({
+        "gateway_url": format!("https://127.0.0.1:{}", m.gateway.inbound.port()),
+        "admin_url": m.server.url,
+        "ca_bundle": m.bundle_path,
+        "admin_token": m.admin_token,
+        "policy_dir": m.policy_dir,
+        "users": {
+            "alice": {"authorization": format!("Bearer {}", m.alice_key)},
+            "bob": {"authorization": format!("Bearer {}", m.bob_key)},
+        },
+        "proxies": m.sidecars.iter().map(|(n, p)| json!({"service": n, "inbound": p.inbound.to_string(), "admin": p.admin.to_string()})).collect::<Vec<_>>(),
+        "gateway_admin": m.gateway.admin.to_string(),
+    });
+    let tmp = file.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&state).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, file).map_err(|e| format!("{}: {e}", file.display()))
+}
+
+/// Runs `castellan demo [--serve --state-file FILE]`.
+pub fn run(serve: bool, state_file: Option<PathBuf>, json_out: bool) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let mesh = match start_mesh().await {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("error: the demo mesh did not start: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if serve {
+            if let Some(f) = &state_file
+                && let Err(e) = write_state(&mesh, f)
+            {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+            eprintln!(
+                "castellan demo is serving; gateway https://127.0.0.1:{}; interrupt to stop",
+                mesh.gateway.inbound.port()
+            );
+            let _ = tokio::signal::ctrl_c().await;
+            return ExitCode::SUCCESS;
+        }
+        if run_script(&mesh, json_out).await {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    })
+}
