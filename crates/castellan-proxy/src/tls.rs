@@ -98,9 +98,17 @@ impl ClientCertVerifier for SvidClientVerifier {
 
 /// Outbound mTLS: the server must present the SVID of the service we meant to reach.
 #[derive(Debug)]
-pub(crate) struct SvidServerVerifier {
+pub struct SvidServerVerifier {
     pub(crate) state: Arc<State>,
     pub(crate) expected: SpiffeId,
+}
+
+impl SvidServerVerifier {
+    /// A verifier accepting only `expected`'s SVID, validated with `state`'s bundle and
+    /// revocations at handshake time.
+    pub fn new(state: Arc<State>, expected: SpiffeId) -> SvidServerVerifier {
+        SvidServerVerifier { state, expected }
+    }
 }
 
 impl ServerCertVerifier for SvidServerVerifier {

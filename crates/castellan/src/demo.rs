@@ -58,20 +58,42 @@ const POLICIES: &[(&str, &str)] = &[
 ];
 
 /// Everything the demo started.
-struct Mesh {
-    _dir: tempfile::TempDir,
-    server: castellan_server::Running,
-    admin_token: String,
-    bundle_path: PathBuf,
-    policy_dir: PathBuf,
-    bundle: Vec<CertificateDer<'static>>,
-    gateway: RunningProxy,
-    sidecars: Vec<(&'static str, RunningProxy)>,
-    alice_key: String,
-    bob_key: String,
+#[derive(Debug)]
+pub struct Mesh {
+    /// Holds every file of the run; removed on drop.
+    pub dir: tempfile::TempDir,
+    /// The control plane.
+    pub server: castellan_server::Running,
+    /// The first admin credential.
+    pub admin_token: String,
+    /// The trust bundle file.
+    pub bundle_path: PathBuf,
+    /// The demo policies (a copy).
+    pub policy_dir: PathBuf,
+    /// The trust bundle.
+    pub bundle: Vec<CertificateDer<'static>>,
+    /// The gateway.
+    pub gateway: RunningProxy,
+    /// The sidecars, by service.
+    pub sidecars: Vec<(&'static str, RunningProxy)>,
+    /// alice's API key (customer, customer_id 42).
+    pub alice_key: String,
+    /// bob's API key (admin).
+    pub bob_key: String,
 }
 
-type DemoResult<T> = Result<T, String>;
+impl Mesh {
+    /// The sidecar of `service`.
+    pub fn sidecar(&self, service: &str) -> Option<&RunningProxy> {
+        self.sidecars
+            .iter()
+            .find(|(n, _)| *n == service)
+            .map(|(_, p)| p)
+    }
+}
+
+/// A demo step's failure.
+pub type DemoResult<T> = Result<T, String>;
 
 async fn admin(
     http: &reqwest::Client,
@@ -96,7 +118,8 @@ async fn admin(
     }
 }
 
-fn tls_roots(bundle: &[CertificateDer<'static>]) -> DemoResult<rustls::ClientConfig> {
+/// A TLS client configuration trusting `bundle`.
+pub fn tls_roots(bundle: &[CertificateDer<'static>]) -> DemoResult<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in bundle {
         roots.add(c.clone()).map_err(|e| e.to_string())?;
@@ -110,7 +133,8 @@ fn tls_roots(bundle: &[CertificateDer<'static>]) -> DemoResult<rustls::ClientCon
     )
 }
 
-async fn start_mesh() -> DemoResult<Mesh> {
+/// Starts the whole demo mesh and waits until every proxy enforces the policy.
+pub async fn start_mesh() -> DemoResult<Mesh> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let policy_dir = dir.path().join("policies");
     std::fs::create_dir_all(&policy_dir).map_err(|e| e.to_string())?;
@@ -261,12 +285,12 @@ async fn start_mesh() -> DemoResult<Mesh> {
         sidecars,
         alice_key: alice.at("api_key").as_str().unwrap_or_default().to_owned(),
         bob_key: bob.at("api_key").as_str().unwrap_or_default().to_owned(),
-        _dir: dir,
+        dir,
     })
 }
 
 /// One HTTP/1.1 exchange written byte for byte (attacks must reach the proxy as sent).
-async fn raw(
+pub async fn raw(
     addr: SocketAddr,
     tls: Option<Arc<rustls::ClientConfig>>,
     request: &[u8],

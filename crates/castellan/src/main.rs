@@ -1,8 +1,7 @@
 //! The `castellan` binary: parses the command line and hands over to the command modules.
 
 mod admin_cmd;
-mod demo;
-mod demo_apps;
+use castellan::demo;
 mod policy_cmd;
 mod server_cmd;
 

@@ -1,0 +1,424 @@
+//! The data plane end to end: the demo mesh in-process (real TLS, real HTTP, SQLite), and the
+//! `castellan demo` binary as a user runs it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use castellan::demo::{Mesh, raw, start_mesh, tls_roots};
+use castellan_identity::SpiffeId;
+use castellan_proxy::{Mode, ProxyConfig, RunningProxy};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn admin_client(m: &Mesh) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_roots(&m.bundle).unwrap())
+        .build()
+        .unwrap()
+}
+
+async fn post(m: &Mesh, path: &str, body: Value) -> Value {
+    let r = admin_client(m)
+        .post(format!("{}{path}", m.server.url))
+        .bearer_auth(&m.admin_token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{path}: {}", r.status());
+    r.json().await.unwrap()
+}
+
+/// An mTLS client presenting `as_`'s SVID, accepting only `to`'s.
+fn mtls(as_: &RunningProxy, verifying_with: &RunningProxy, to: &str) -> Arc<rustls::ClientConfig> {
+    let expected = SpiffeId::for_service("demo.castellan", to).unwrap();
+    let v = Arc::new(castellan_proxy::tls::SvidServerVerifier::new(
+        verifying_with.state.clone(),
+        expected,
+    ));
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(castellan_proxy::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(v)
+            .with_client_cert_resolver(as_.identity.clone()),
+    )
+}
+
+fn get(path: &str, context: Option<&str>) -> Vec<u8> {
+    let ctx = context
+        .map(|c| format!("x-castellan-context: {c}\r\n"))
+        .unwrap_or_default();
+    format!("GET {path} HTTP/1.1\r\nHost: orders\r\n{ctx}Connection: close\r\n\r\n").into_bytes()
+}
+
+fn claims42() -> serde_json::Map<String, Value> {
+    let mut c = serde_json::Map::new();
+    c.insert("customer_id".to_owned(), json!("42"));
+    c
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    t0.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_check_identity_context_revocation_and_follow_policy_changes() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let m = start_mesh().await.unwrap();
+    let orders = m.sidecar("orders").unwrap();
+    let inventory = m.sidecar("inventory").unwrap();
+
+    // A second workload with the gateway's identity (as an attacker holding a stolen SVID
+    // would be), started as a proxy so we hold its key only through its signer.
+    let j = post(&m, "/v1/services/gateway/join-token", json!({})).await;
+    let mut cfg = ProxyConfig::new(
+        Mode::Gateway,
+        "gateway-2",
+        &m.server.url,
+        m.bundle_path.clone(),
+        m.dir.path().join("gw2"),
+    );
+    cfg.join_token = Some(j["join_token"].as_str().unwrap().to_owned());
+    let gw2 = castellan_proxy::start(cfg).await.unwrap();
+    gw2.ready(Duration::from_secs(10)).await.unwrap();
+    let as_gw = mtls(&gw2, orders, "orders");
+    let as_inventory = mtls(inventory, orders, "orders");
+    let signer = gw2.identity.signer();
+    let good = signer
+        .mint(
+            "demo.castellan",
+            "alice",
+            &["customer".to_owned()],
+            &claims42(),
+            "t1",
+            now(),
+            60,
+        )
+        .unwrap();
+
+    // Positive control: the gateway's SVID and a fresh context → allowed, headers set by the sidecar.
+    let (st, body) = raw(
+        orders.inbound,
+        Some(as_gw.clone()),
+        &get("/orders/42", Some(&good)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["headers"]["x-castellan-user"], "alice");
+    assert_eq!(
+        body["headers"]["x-castellan-source"],
+        "spiffe://demo.castellan/svc/gateway"
+    );
+
+    // A valid SVID of the wrong service is denied.
+    let (st, _) = raw(
+        orders.inbound,
+        Some(as_inventory.clone()),
+        &get("/orders/42", None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st, 403, "inventory may not call orders");
+    // A context token signed by a workload that may not mint context.
+    let forged = inventory
+        .identity
+        .signer()
+        .mint(
+            "demo.castellan",
+            "alice",
+            &["admin".to_owned()],
+            &claims42(),
+            "t2",
+            now(),
+            60,
+        )
+        .unwrap();
+    let (st, _) = raw(
+        orders.inbound,
+        Some(as_gw.clone()),
+        &get("/orders/43", Some(&forged)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st, 401, "context signed by inventory");
+    // An expired context token, and one for another trust domain.
+    let expired = signer
+        .mint(
+            "demo.castellan",
+            "alice",
+            &["customer".to_owned()],
+            &claims42(),
+            "t3",
+            now() - 400,
+            60,
+        )
+        .unwrap();
+    let (st, _) = raw(
+        orders.inbound,
+        Some(as_gw.clone()),
+        &get("/orders/42", Some(&expired)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st, 401, "expired context");
+    let other_aud = signer
+        .mint(
+            "other.org",
+            "alice",
+            &["customer".to_owned()],
+            &claims42(),
+            "t4",
+            now(),
+            60,
+        )
+        .unwrap();
+    let (st, _) = raw(
+        orders.inbound,
+        Some(as_gw.clone()),
+        &get("/orders/42", Some(&other_aud)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st, 401, "context for another audience");
+    // No client certificate: the handshake fails.
+    let no_cert = Arc::new(tls_roots(&m.bundle).unwrap());
+    assert!(
+        raw(orders.inbound, Some(no_cert), &get("/orders/42", None))
+            .await
+            .is_err()
+    );
+    // The outbound side refuses a server that is not the expected service.
+    let wrong = mtls(&gw2, orders, "payments");
+    assert!(
+        raw(orders.inbound, Some(wrong), &get("/orders/42", Some(&good)))
+            .await
+            .is_err(),
+        "orders' SVID is not payments'"
+    );
+
+    // Revocation: refused after one push.
+    let leaf = gw2.identity.current().chain[0].clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
+    let serial: String = cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let t0 = Instant::now();
+    post(&m, &format!("/v1/certificates/{serial}/revoke"), json!({})).await;
+    let chain = gw2.identity.current().chain.clone();
+    let took = wait_for("the revocation to reach the orders sidecar", || {
+        orders
+            .state
+            .validator()
+            .validate(
+                &chain,
+                rustls_pki_types::UnixTime::now(),
+                castellan_identity::SvidUsage::Client,
+            )
+            .is_err()
+    })
+    .await;
+    eprintln!(
+        "revocation → enforced at the sidecar: {:?} (API call included: {:?})",
+        took,
+        t0.elapsed()
+    );
+    assert!(
+        raw(
+            orders.inbound,
+            Some(as_gw.clone()),
+            &get("/orders/42", Some(&good))
+        )
+        .await
+        .is_err(),
+        "revoked SVID refused in the handshake"
+    );
+
+    // A policy change takes effect without restart.
+    let gw = &m.gateway;
+    let tls = Arc::new(tls_roots(&m.bundle).unwrap());
+    let alice_get = format!("GET /orders/42 HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", m.alice_key).into_bytes();
+    assert_eq!(
+        raw(gw.inbound, Some(tls.clone()), &alice_get)
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    let mut files = serde_json::Map::new();
+    for e in std::fs::read_dir(&m.policy_dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_owned();
+        if !name.ends_with("_test.yaml") {
+            let mut text = std::fs::read_to_string(&p).unwrap();
+            if name == "orders.yaml" {
+                assert!(text.contains("when: \"params.id == user.claims.customer_id\""));
+                text = text.replace(
+                    "when: \"params.id == user.claims.customer_id\"",
+                    "when: \"params.id == 'nobody'\"",
+                );
+            }
+            files.insert(name, Value::String(text));
+        }
+    }
+    let before = orders.state.revision();
+    let t0 = Instant::now();
+    let applied = post(
+        &m,
+        "/v1/policy",
+        json!({"files": files, "comment": "close reads"}),
+    )
+    .await;
+    let rev = applied["revision"].as_i64().unwrap();
+    assert!(rev > before);
+    let took = wait_for("the new revision at every proxy", || {
+        orders.state.revision() == rev && gw.state.revision() == rev
+    })
+    .await;
+    eprintln!(
+        "policy apply → in force at gateway and sidecar: {:?} (API call included: {:?})",
+        took,
+        t0.elapsed()
+    );
+    let (st, _) = raw(gw.inbound, Some(tls.clone()), &alice_get)
+        .await
+        .unwrap();
+    assert_eq!(st, 403, "the rule is gone");
+    let v: Value = admin_client(&m)
+        .get(format!("{}/v1/proxies", m.server.url))
+        .bearer_auth(&m.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v.as_array().unwrap().len(),
+        5,
+        "4 demo proxies and gateway-2: {v}"
+    );
+}
+
+#[test]
+fn demo_binary_runs_the_script_and_serves_a_state_file() {
+    let bin = env!("CARGO_BIN_EXE_castellan");
+    let out = std::process::Command::new(bin)
+        .arg("demo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("as expected, 0 not"), "{stdout}");
+    assert!(stdout.contains("orders-api/customers-read-own-orders"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let mut child = std::process::Command::new(bin)
+        .args(["demo", "--serve", "--state-file", state.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !state.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no state file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        use rustls_pki_types::pem::PemObject as _;
+        let pem = std::fs::read(s["ca_bundle"].as_str().unwrap()).unwrap();
+        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+            .map(Result::unwrap)
+            .collect();
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls_roots(&certs).unwrap())
+            .build()
+            .unwrap();
+        let gw = s["gateway_url"].as_str().unwrap();
+        let r = client
+            .get(format!("{gw}/orders/42"))
+            .header(
+                "authorization",
+                s["users"]["alice"]["authorization"].as_str().unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let echo: Value = r.json().await.unwrap();
+        assert_eq!(
+            (
+                echo["path"].as_str(),
+                echo["headers"]["x-castellan-user"].as_str()
+            ),
+            (Some("/orders/42"), Some("alice"))
+        );
+        let r = client
+            .get(format!("{gw}/orders/43"))
+            .header(
+                "authorization",
+                s["users"]["bob"]["authorization"].as_str().unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "bob is admin");
+        let r = client.get(format!("{gw}/orders/42")).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        assert!(r.headers().contains_key("www-authenticate"));
+        let problem: Value = r.json().await.unwrap();
+        assert!(
+            problem["decision_id"].is_string() && problem["status"] == 401,
+            "{problem}"
+        );
+        let proxies: Value = client
+            .get(format!("{}/v1/proxies", s["admin_url"].as_str().unwrap()))
+            .bearer_auth(s["admin_token"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let list = proxies.as_array().unwrap();
+        assert_eq!(list.len(), 4, "{proxies}");
+        assert!(list.iter().all(|p| p["up_to_date"] == true), "{proxies}");
+        assert!(
+            std::path::Path::new(s["policy_dir"].as_str().unwrap())
+                .join("orders.yaml")
+                .exists()
+        );
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+}
