@@ -3,6 +3,7 @@
 mod admin_cmd;
 use castellan::demo;
 mod policy_cmd;
+mod proxy_cmd;
 mod server_cmd;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -154,7 +155,12 @@ fn main() -> ExitCode {
         Command::Client { cmd, conn } => admin_cmd::client(cmd, &conn, json),
         Command::Keys { cmd, conn } => admin_cmd::keys(cmd, &conn, json),
         Command::Operator { cmd, conn } => admin_cmd::operator(cmd, &conn, json),
-        Command::Proxy { cmd, conn } => admin_cmd::proxy(cmd, &conn, json),
+        Command::Proxy { cmd, conn } => {
+            if matches!(cmd, admin_cmd::ProxyCommand::Run(_)) {
+                init_logging();
+            }
+            admin_cmd::proxy(cmd, &conn, json)
+        }
         Command::Apikey { cmd, conn } => admin_cmd::apikey(cmd, &conn, json),
     }
 }

@@ -1,0 +1,144 @@
+//! `castellan proxy run`: a sidecar or gateway as its own process.
+
+use castellan_proxy::{Mode, OidcIssuer, ProxyConfig};
+use clap::{Args, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Which proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// In front of one service.
+    Sidecar,
+    /// At the edge.
+    Gateway,
+}
+
+/// Options of `castellan proxy run` (each also as a `CASTELLAN_PROXY_*` variable).
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// sidecar or gateway.
+    #[arg(long, value_enum, env = "CASTELLAN_PROXY_MODE")]
+    mode: ModeArg,
+    /// Stable id reported to the control plane.
+    #[arg(long, env = "CASTELLAN_PROXY_ID")]
+    id: String,
+    /// Control-plane URL.
+    #[arg(long, env = "CASTELLAN_SERVER")]
+    control_plane: String,
+    /// Trust bundle (PEM) for the control plane until the first push.
+    #[arg(long, env = "CASTELLAN_CA_BUNDLE")]
+    ca_bundle: PathBuf,
+    /// Join token for the first start (`castellan service add`).
+    #[arg(long, env = "CASTELLAN_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Where the SVID and its key are kept.
+    #[arg(long, env = "CASTELLAN_PROXY_STATE_DIR")]
+    state_dir: PathBuf,
+    /// Inbound listener.
+    #[arg(long, env = "CASTELLAN_PROXY_LISTEN", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Admin listener (/metrics, /healthz, /readyz, /status).
+    #[arg(long, env = "CASTELLAN_PROXY_ADMIN", default_value = "127.0.0.1:0")]
+    admin_listen: SocketAddr,
+    /// Sidecar: the local app.
+    #[arg(long, env = "CASTELLAN_PROXY_APP")]
+    app: Option<SocketAddr>,
+    /// Sidecar: an outbound listener, SERVICE=ADDR (repeatable).
+    #[arg(long = "upstream")]
+    upstreams: Vec<String>,
+    /// Gateway: a route, PREFIX=SERVICE (repeatable).
+    #[arg(long = "route")]
+    routes: Vec<String>,
+    /// Gateway: an OIDC issuer, ISSUER,AUDIENCE,JWKS_FILE (repeatable).
+    #[arg(long = "oidc")]
+    oidc: Vec<String>,
+}
+
+fn pair(s: &str) -> Option<(String, String)> {
+    s.split_once('=').map(|(a, b)| (a.to_owned(), b.to_owned()))
+}
+
+fn config(a: RunArgs) -> Result<ProxyConfig, String> {
+    let mode = match a.mode {
+        ModeArg::Sidecar => Mode::Sidecar,
+        ModeArg::Gateway => Mode::Gateway,
+    };
+    let mut c = ProxyConfig::new(mode, &a.id, &a.control_plane, a.ca_bundle, a.state_dir);
+    c.join_token = a.join_token;
+    c.listen = a.listen;
+    c.admin_listen = a.admin_listen;
+    c.app = a.app;
+    for u in &a.upstreams {
+        let (svc, addr) =
+            pair(u).ok_or_else(|| format!("--upstream {u:?}: expected SERVICE=ADDR"))?;
+        c.upstreams.push((
+            svc,
+            addr.parse().map_err(|e| format!("--upstream {u:?}: {e}"))?,
+        ));
+    }
+    for r in &a.routes {
+        let (prefix, svc) =
+            pair(r).ok_or_else(|| format!("--route {r:?}: expected PREFIX=SERVICE"))?;
+        if !prefix.starts_with('/') {
+            return Err(format!("--route {r:?}: the prefix must start with /"));
+        }
+        c.routes.push((prefix, svc));
+    }
+    for o in &a.oidc {
+        let mut it = o.splitn(3, ',');
+        let (Some(issuer), Some(audience), Some(jwks)) = (it.next(), it.next(), it.next()) else {
+            return Err(format!("--oidc {o:?}: expected ISSUER,AUDIENCE,JWKS_FILE"));
+        };
+        c.oidc.push(OidcIssuer {
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            jwks_file: PathBuf::from(jwks),
+        });
+    }
+    Ok(c)
+}
+
+/// Runs a proxy until interrupted.
+pub fn run(args: RunArgs) -> ExitCode {
+    let cfg = match config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let p = match castellan_proxy::start(cfg).await {
+            Ok(p) => p,
+            Err(castellan_proxy::ProxyError::Config(e)) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let out: Vec<String> = p.outbound.iter().map(|(s, a)| format!("{s}={a}")).collect();
+        eprintln!(
+            "castellan proxy: inbound {} admin {} outbound [{}]",
+            p.inbound,
+            p.admin,
+            out.join(", ")
+        );
+        let _ = tokio::signal::ctrl_c().await;
+        ExitCode::SUCCESS
+    })
+}
