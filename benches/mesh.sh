@@ -73,7 +73,7 @@ for name in app nginx sidecar-pair gateway+sidecar; do
   auth=(); wrkauth=()
   if [ "$name" = "gateway+sidecar" ]; then auth=(-H "Authorization: Bearer $KEY"); wrkauth=(-s "$T/auth.lua"); fi
   rps=$(wrk -t1 -c32 -d"${SECS}s" "${wrkauth[@]}" "$url" | awk '/Requests\/sec/ {print $2}')
-  oha -q 1000 -z "${SECS}s" -c 32 --no-tui --insecure -j "${auth[@]}" "$url" > "$T/oha.json" &
+  oha -q 1000 -z "${SECS}s" -c 32 --latency-correction --no-tui --insecure --output-format json "${auth[@]}" "$url" > "$T/oha.json" &
   OHA=$!
   sleep "$(( SECS / 2 ))"
   rss="-"

@@ -155,24 +155,41 @@ fn b64url_json(seg: &str) -> Result<Map<String, Value>, ContextError> {
     }
 }
 
-/// Verifies a context token: header exactly `alg ES256`, `typ`, `x5c`; the chain a valid SVID
-/// (with the validator's revocations) whose key made the signature; `iss` the signer; `aud` this
-/// trust domain; time within a 30 s leeway and a lifetime of at most 5 minutes.
-pub fn verify_context(
-    token: &str,
-    validator: &SvidValidator,
-    audience: &str,
-    now: i64,
-) -> Result<UserContext, ContextError> {
+/// A context-token signer whose SVID chain was validated: what [`verify_context_signed_by`]
+/// needs, so a verifier can keep it for the tokens that follow from the same signer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidatedSigner {
+    /// The signer's SPIFFE ID.
+    pub id: SpiffeId,
+    spki: Vec<u8>,
+    not_after: i64,
+}
+
+fn split3(token: &str) -> Result<(&str, &str, &str), ContextError> {
     if token.len() > MAX_CONTEXT_LEN {
         return Err(ContextError::TooLarge);
     }
     let mut parts = token.split('.');
-    let (Some(h64), Some(p64), Some(s64), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(ContextError::Malformed("expected three segments"));
-    };
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(h), Some(p), Some(s), None) => Ok((h, p, s)),
+        _ => Err(ContextError::Malformed("expected three segments")),
+    }
+}
+
+/// The token's header segment: tokens from one signer share it, so it keys a cache of
+/// [`ValidatedSigner`]s (which must be emptied whenever the bundle or revocations change).
+pub fn context_header(token: &str) -> Result<&str, ContextError> {
+    split3(token).map(|(h, _, _)| h)
+}
+
+/// Checks the header (exactly `alg ES256`, `typ`, `x5c`) and validates the `x5c` chain as an
+/// SVID with the validator's bundle and revocations.
+pub fn validate_context_signer(
+    token: &str,
+    validator: &SvidValidator,
+    now: i64,
+) -> Result<ValidatedSigner, ContextError> {
+    let (h64, _, _) = split3(token)?;
     let header = b64url_json(h64)?;
     if let Some(k) = header
         .keys()
@@ -201,25 +218,41 @@ pub fn verify_context(
         .collect::<Option<_>>()
         .ok_or_else(|| ContextError::Header("x5c entries must be base64 DER".to_owned()))?;
     let now_t = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.max(0) as u64));
-    let signer = validator
+    let id = validator
         .validate(&chain, now_t, SvidUsage::Client)
         .map_err(|e| ContextError::Signer(e.to_string()))?;
     let leaf = chain.first().ok_or(ContextError::Malformed("empty x5c"))?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
         .map_err(|_| ContextError::Signer("unparsable leaf".to_owned()))?;
+    Ok(ValidatedSigner {
+        id,
+        spki: cert.public_key().subject_public_key.data.to_vec(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// Verifies the signature and claims of a token whose signer was validated (same header):
+/// `iss` the signer; `aud` this trust domain; time within a 30 s leeway and a lifetime of at
+/// most 5 minutes; the signer's certificate still valid.
+pub fn verify_context_signed_by(
+    token: &str,
+    signer: &ValidatedSigner,
+    audience: &str,
+    now: i64,
+) -> Result<UserContext, ContextError> {
+    let (h64, p64, s64) = split3(token)?;
+    if now > signer.not_after {
+        return Err(ContextError::Signer("certificate expired".to_owned()));
+    }
     let sig = URL_SAFE_NO_PAD
         .decode(s64)
         .map_err(|_| ContextError::Malformed("signature is not base64url"))?;
     let signed = token
         .get(..h64.len() + 1 + p64.len())
         .ok_or(ContextError::Malformed("bad lengths"))?;
-    UnparsedPublicKey::new(
-        &ECDSA_P256_SHA256_FIXED,
-        cert.public_key().subject_public_key.data.as_ref(),
-    )
-    .verify(signed.as_bytes(), &sig)
-    .map_err(|_| ContextError::BadSignature)?;
-
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &signer.spki)
+        .verify(signed.as_bytes(), &sig)
+        .map_err(|_| ContextError::BadSignature)?;
     let c = b64url_json(p64)?;
     let s = |k: &'static str| {
         c.get(k)
@@ -231,7 +264,7 @@ pub fn verify_context(
             .and_then(Value::as_i64)
             .ok_or(ContextError::Claim(k))
     };
-    if s("iss")? != signer.as_str() {
+    if s("iss")? != signer.id.as_str() {
         return Err(ContextError::Claim("iss (not the signer)"));
     }
     if s("aud")? != audience {
@@ -261,6 +294,18 @@ pub fn verify_context(
         roles,
         claims,
         exp,
-        signer,
+        signer: signer.id.clone(),
     })
+}
+
+/// Verifies a context token: the header and signer chain ([`validate_context_signer`]), then
+/// signature and claims ([`verify_context_signed_by`]).
+pub fn verify_context(
+    token: &str,
+    validator: &SvidValidator,
+    audience: &str,
+    now: i64,
+) -> Result<UserContext, ContextError> {
+    let signer = validate_context_signer(token, validator, now)?;
+    verify_context_signed_by(token, &signer, audience, now)
 }

@@ -19,7 +19,10 @@ pub mod token;
 #[cfg(feature = "x509")]
 pub use ca::{CaError, CertificateAuthority, IssuedSvid};
 #[cfg(feature = "x509")]
-pub use context::{ContextError, ContextSigner, UserContext, verify_context};
+pub use context::{
+    ContextError, ContextSigner, UserContext, ValidatedSigner, context_header,
+    validate_context_signer, verify_context, verify_context_signed_by,
+};
 #[cfg(feature = "x509")]
 pub use csr::{CheckedCsr, CsrError, check_csr};
 #[cfg(feature = "x509")]

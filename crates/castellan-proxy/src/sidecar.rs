@@ -5,7 +5,7 @@
 
 use crate::http::{self as h, Body, CONTEXT_HEADER, problem};
 use crate::{Inner, unix_now};
-use castellan_identity::{SpiffeId, UserContext, verify_context};
+use castellan_identity::{SpiffeId, UserContext};
 use castellan_policy::{
     Decision, Destination, HttpRequest, Reason, Request as PolicyRequest, Source, User,
 };
@@ -151,12 +151,7 @@ async fn inbound(inner: Arc<Inner>, source: SpiffeId, req: Request<Incoming>) ->
         None => None,
         Some(v) => {
             let token = v.to_str().unwrap_or_default();
-            match verify_context(
-                token,
-                &inner.state.validator(),
-                inner.state.trust_domain(),
-                unix_now(),
-            ) {
+            match inner.state.verify_context(token, unix_now()) {
                 Ok(ctx)
                     if inner
                         .state

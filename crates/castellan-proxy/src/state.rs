@@ -43,6 +43,9 @@ pub struct State {
     api_keys: ArcSwap<HashMap<Vec<u8>, Arc<ApiKeyUser>>>,
     endpoints: ArcSwap<HashMap<String, Vec<SocketAddr>>>,
     recent: Mutex<std::collections::VecDeque<RecentDecision>>,
+    /// Context-token signers already validated, by token header; emptied with every bundle or
+    /// revocation change.
+    context_signers: Mutex<HashMap<String, castellan_identity::ValidatedSigner>>,
 }
 
 /// A decision this proxy made, kept briefly for operators and the demo (the audit trail is the
@@ -97,6 +100,7 @@ impl State {
             api_keys: ArcSwap::from_pointee(HashMap::new()),
             endpoints: ArcSwap::from_pointee(HashMap::new()),
             recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT)),
+            context_signers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -139,6 +143,38 @@ impl State {
             .unwrap_or_default()
     }
 
+    /// Verifies a user-context token, validating each signer's chain once per bundle and
+    /// revocation state.
+    pub fn verify_context(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<castellan_identity::UserContext, castellan_identity::ContextError> {
+        let header = castellan_identity::context_header(token)?;
+        let cached = self
+            .context_signers
+            .lock()
+            .ok()
+            .and_then(|c| c.get(header).cloned());
+        let signer = match cached {
+            Some(s) => s,
+            None => {
+                let validator = self.validator();
+                let s = castellan_identity::validate_context_signer(token, &validator, now)?;
+                if let Ok(mut c) = self.context_signers.lock()
+                    && Arc::ptr_eq(&validator, &self.validator.load())
+                {
+                    if c.len() >= 1024 {
+                        c.clear();
+                    }
+                    c.insert(header.to_owned(), s.clone());
+                }
+                s
+            }
+        };
+        castellan_identity::verify_context_signed_by(token, &signer, &self.trust_domain, now)
+    }
+
     pub(crate) fn remember(&self, d: RecentDecision) {
         if let Ok(mut r) = self.recent.lock() {
             if r.len() == RECENT {
@@ -169,7 +205,12 @@ impl State {
                         v.revoke(s);
                     }
                 }
-                self.validator.store(Arc::new(v));
+                // INVARIANT: cleared under the same change that installs the new validator, so a
+                // signer revoked by this update is validated again (and refused).
+                if let Ok(mut c) = self.context_signers.lock() {
+                    self.validator.store(Arc::new(v));
+                    c.clear();
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "pushed trust bundle refused; keeping the previous one")

@@ -218,6 +218,18 @@ async fn sidecars_check_identity_context_revocation_and_follow_policy_changes() 
         "orders' SVID is not payments'"
     );
 
+    // The real gateway forwarding gateway-2's context: fine while gateway-2 is valid (and its
+    // validated chain is now cached at the sidecar)...
+    let as_real_gw = mtls(&m.gateway, orders, "orders");
+    let (st, _) = raw(
+        orders.inbound,
+        Some(as_real_gw.clone()),
+        &get("/orders/42", Some(&good)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st, 200);
+
     // Revocation: refused after one push.
     let leaf = gw2.identity.current().chain[0].clone();
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
