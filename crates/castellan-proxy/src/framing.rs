@@ -4,6 +4,7 @@
 //! the other way — the classic smuggling set-up — and the product refuses such requests with
 //! 400. The guard follows message boundaries (lengths and chunks) and, when a head carries
 //! both, breaks that head's final line ending so hyper answers 400 and closes the connection.
+//! The same is done for a request target with a fragment (`#`), which hyper would drop.
 
 use std::io;
 use std::pin::Pin;
@@ -41,6 +42,11 @@ fn analyze(head: &[u8]) -> (bool, State) {
     match req.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
         _ => return (false, State::Off),
+    }
+    // A fragment is not part of a request target (RFC 9112 §3.2); hyper would drop it silently
+    // and the decision would be made on less than the client sent.
+    if req.path.is_some_and(|p| p.contains('#')) {
+        return (true, State::Off);
     }
     let mut cl: Vec<&[u8]> = Vec::new();
     let mut te: Vec<&[u8]> = Vec::new();
@@ -273,6 +279,11 @@ mod tests {
                 5
             )
             .is_empty()
+        );
+        assert_eq!(
+            flags(b"GET /a#/../b HTTP/1.1\r\nHost: x\r\n\r\n", 4).len(),
+            1,
+            "fragment"
         );
     }
 }

@@ -399,6 +399,10 @@ fn cases(m: &Mesh) -> Vec<Case> {
         "/..;/admin/x",
         "/%252e%252e/admin",
         "/orders/%ff%fe",
+        "/orders/42#/../../admin",
+        "/../../admin/x",
+        "/admin\\x",
+        "/%2e%2e/%2e%2e/admin/x",
     ] {
         v.push(case(
             &format!("attack: GET {p}"),
