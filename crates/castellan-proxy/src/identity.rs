@@ -29,7 +29,7 @@ pub struct Identity {
     key_pkcs8: Vec<u8>,
     /// `notAfter`, Unix seconds.
     pub not_after: i64,
-    /// `notBefore` as issued (for half-life).
+    /// When it was received (or, loaded from disk, its `notBefore`): half-life counts from here.
     pub issued_at: i64,
 }
 
@@ -164,14 +164,13 @@ fn from_response(
         .into_iter()
         .map(CertificateDer::from)
         .collect();
-    let leaf = chain
-        .first()
-        .ok_or_else(|| ProxyError::Identity("empty chain".to_owned()))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
-        .map_err(|e| ProxyError::Identity(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(ProxyError::Identity("empty chain".to_owned()));
+    }
+    // The CA backdates notBefore for skewed clocks; half-life counts from receipt.
     let ident = Identity {
         id,
-        issued_at: cert.validity().not_before.timestamp(),
+        issued_at: unix_now(),
         not_after: r.not_after,
         key_pkcs8: key.serialize_der(),
         chain,

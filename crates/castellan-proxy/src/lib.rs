@@ -417,7 +417,8 @@ async fn watch_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
 async fn renew_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     loop {
         let cur = inner.identity.current();
-        let wait = (cur.renew_at() - unix_now()).max(0) as u64;
+        // Never more often than every 5 s, whatever the certificate says.
+        let wait = (cur.renew_at() - unix_now()).max(5) as u64;
         metrics::gauge!("castellan_proxy_cert_not_after_seconds", "proxy" => inner.cfg.proxy_id.clone()).set(cur.not_after as f64);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(wait)) => {}

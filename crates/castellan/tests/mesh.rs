@@ -434,3 +434,176 @@ fn demo_binary_runs_the_script_and_serves_a_state_file() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Renewal at half-life swaps the certificate for new handshakes without dropping a connection
+/// that is open. SVIDs live 60 s here, so this test waits about 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_at_half_life_keeps_open_connections() {
+    use http_body_util::{BodyExt as _, Empty};
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = castellan_server::ServerConfig {
+        data_dir: dir.path().join("cp"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        svid_ttl_secs: 60,
+        ..castellan_server::ServerConfig::default()
+    };
+    let init = castellan_server::init(&cfg, "demo.castellan", None)
+        .await
+        .unwrap();
+    let server = castellan_server::Server::start(cfg, None).await.unwrap();
+    let bundle = server.server.bundle();
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_roots(&bundle).unwrap())
+        .build()
+        .unwrap();
+    let post = |path: &str, body: Value| {
+        let (http, url, tok, path) = (
+            http.clone(),
+            server.url.clone(),
+            init.admin_token.clone(),
+            path.to_owned(),
+        );
+        async move {
+            http.post(format!("{url}{path}"))
+                .bearer_auth(tok)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let j_orders = post("/v1/services", json!({"name": "orders"})).await;
+    let j_gw = post("/v1/services", json!({"name": "gateway"})).await;
+    let files: serde_json::Map<String, Value> = ["mesh.yaml", "orders.yaml"]
+        .iter()
+        .map(|n| {
+            (
+                (*n).to_owned(),
+                Value::String(
+                    std::fs::read_to_string(
+                        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                            .join("../../examples/demo/policies")
+                            .join(n),
+                    )
+                    .unwrap(),
+                ),
+            )
+        })
+        .collect();
+    post("/v1/policy", json!({"files": files})).await;
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut c = ProxyConfig::new(
+        Mode::Sidecar,
+        "orders-r",
+        &server.url,
+        init.bundle_path.clone(),
+        dir.path().join("o"),
+    );
+    c.join_token = j_orders["join_token"].as_str().map(str::to_owned);
+    c.app = Some(app.local_addr().unwrap());
+    castellan::demo_apps::spawn("orders", app, castellan::demo_apps::Upstreams::default());
+    let orders = castellan_proxy::start(c).await.unwrap();
+    let mut g = ProxyConfig::new(
+        Mode::Gateway,
+        "gw-r",
+        &server.url,
+        init.bundle_path.clone(),
+        dir.path().join("g"),
+    );
+    g.join_token = j_gw["join_token"].as_str().map(str::to_owned);
+    let gw = castellan_proxy::start(g).await.unwrap();
+    orders.ready(Duration::from_secs(10)).await.unwrap();
+    gw.ready(Duration::from_secs(10)).await.unwrap();
+
+    // One keep-alive connection, opened before the renewal.
+    let tls = mtls(&gw, &orders, "orders");
+    let tcp = tokio::net::TcpStream::connect(orders.inbound)
+        .await
+        .unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let first_cert = stream.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = |signer: &castellan_identity::ContextSigner| {
+        let tok = signer
+            .mint(
+                "demo.castellan",
+                "alice",
+                &["customer".to_owned()],
+                &claims42(),
+                "r",
+                now(),
+                60,
+            )
+            .unwrap();
+        hyper::Request::get("/orders/42")
+            .header("host", "orders")
+            .header("x-castellan-context", tok)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let r = send
+        .send_request(request(&gw.identity.signer()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.into_body().collect().await;
+
+    // Keep using the connection (idle keep-alives are closed after 10 s) until the renewal.
+    let before = orders.identity.current().not_after;
+    let t0 = Instant::now();
+    while orders.identity.current().not_after == before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no renewal within 60 s"
+        );
+        let r = send
+            .send_request(request(&gw.identity.signer()))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.into_body().collect().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    eprintln!("sidecar renewed its SVID after {:?}", t0.elapsed());
+    // The open connection still works; a new one sees the new certificate.
+    let r = send
+        .send_request(request(&gw.identity.signer()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "open connection survived the renewal");
+    let tcp = tokio::net::TcpStream::connect(orders.inbound)
+        .await
+        .unwrap();
+    // A fresh client configuration: a resumed session would not show a certificate at all.
+    drop(tls);
+    let fresh = mtls(&gw, &orders, "orders");
+    let stream = tokio_rustls::TlsConnector::from(fresh)
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let new_cert = stream.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned();
+    assert_ne!(first_cert, new_cert, "new handshakes use the renewed SVID");
+    assert_eq!(new_cert, orders.identity.current().chain[0]);
+    server.shutdown().await;
+}
