@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Data-plane benchmark, one run, same machine: an app (nginx returning a small JSON), nginx as a
-# plain reverse proxy in front of it, a Castellan sidecar pair (app → orders' outbound listener
-# → mTLS → inventory's sidecar → app: two Castellan hops, authn + authz on the second), and
-# gateway → sidecar (TLS at the edge, API key, context token, mTLS, decision at both).
-# Max throughput with wrk, fixed 1,000 rps latency with oha, proxy RSS during the fixed-rate run.
+# plain reverse proxy in front of it, one Castellan sidecar (the client presents the orders SVID
+# over mTLS to inventory's sidecar: authn + authz → app), a sidecar pair (plain HTTP into orders'
+# outbound listener → mTLS → inventory's sidecar → app: two Castellan hops), and gateway →
+# sidecar (TLS at the edge, API key, context token, mTLS, decision at both). Max throughput with
+# oha and wrk (wrk cannot present a client certificate), fixed 1,000 rps latency with oha, proxy
+# RSS during the fixed-rate run.
 #
 #   cargo build --release -p castellan && benches/mesh.sh [SECONDS]
 # Needs: nginx, wrk (Debian), oha (cargo install oha).
@@ -63,23 +65,28 @@ LUA
 declare -A URL=(
   [app]="http://127.0.0.1:18080/items/7"
   [nginx]="http://127.0.0.1:18081/items/7"
+  [sidecar]="https://127.0.0.1:18443/items/7"
   [sidecar-pair]="http://127.0.0.1:18090/items/7"
   [gateway+sidecar]="https://127.0.0.1:18445/orders/42"
 )
-echo "| path | wrk max rps (1 thread, 32 conns, ${SECS}s) | oha @1000 rps p50 | p99 | non-2xx | proxy RSS at 1000 rps |"
-echo "|---|---:|---:|---:|---:|---|"
-for name in app nginx sidecar-pair gateway+sidecar; do
+echo "| path | oha max rps (32 conns, ${SECS}s) | wrk max rps (1 thread, 32 conns) | oha @1000 rps p50 | p99 | non-2xx | proxy RSS at 1000 rps |"
+echo "|---|---:|---:|---:|---:|---:|---|"
+for name in app nginx sidecar sidecar-pair gateway+sidecar; do
   url="${URL[$name]}"
   auth=(); wrkauth=()
   if [ "$name" = "gateway+sidecar" ]; then auth=(-H "Authorization: Bearer $KEY"); wrkauth=(-s "$T/auth.lua"); fi
-  rps=$(wrk -t1 -c32 -d"${SECS}s" "${wrkauth[@]}" "$url" | awk '/Requests\/sec/ {print $2}')
+  if [ "$name" = "sidecar" ]; then auth=(--cert "$T/ord/svid.pem" --key "$T/ord/svid.key"); fi
+  max=$(oha -z "${SECS}s" -c 32 --no-tui --insecure --output-format json "${auth[@]}" "$url" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(round(d["summary"]["requestsPerSec"]))')
+  if [ "$name" = "sidecar" ]; then rps="n/a"; else rps=$(wrk -t1 -c32 -d"${SECS}s" "${wrkauth[@]}" "$url" | awk '/Requests\/sec/ {print int($2)}'); fi
   oha -q 1000 -z "${SECS}s" -c 32 --latency-correction --no-tui --insecure --output-format json "${auth[@]}" "$url" > "$T/oha.json" &
   OHA=$!
   sleep "$(( SECS / 2 ))"
   rss="-"
+  mem() { echo "$(( $(ps -o rss= -p "$1") / 1024 )) MB (anon $(( $(awk '/RssAnon/ {print $2}' /proc/"$1"/status) / 1024 )) MB)"; }
   case "$name" in
-    sidecar-pair) rss="orders $(( $(ps -o rss= -p "$ORD_PID") / 1024 )) MB, inventory $(( $(ps -o rss= -p "$INV_PID") / 1024 )) MB" ;;
-    gateway+sidecar) rss="gateway $(( $(ps -o rss= -p "$GW_PID") / 1024 )) MB, orders $(( $(ps -o rss= -p "$ORD_PID") / 1024 )) MB" ;;
+    sidecar) rss="inventory $(mem "$INV_PID")" ;;
+    sidecar-pair) rss="orders $(mem "$ORD_PID"), inventory $(mem "$INV_PID")" ;;
+    gateway+sidecar) rss="gateway $(mem "$GW_PID"), orders $(mem "$ORD_PID")" ;;
     nginx) rss="nginx workers $(ps -o rss= -C nginx | awk '{s+=$1} END {print int(s/1024)}') MB (all)" ;;
   esac
   wait "$OHA"
@@ -92,5 +99,5 @@ bad = sum(v for k, v in codes.items() if not k.startswith("2"))
 print(f"{lp['p50']*1000:.2f}ms {lp['p99']*1000:.2f}ms {bad}")
 PY
 )
-  echo "| $name | $rps | $p50 | $p99 | $bad | $rss |"
+  echo "| $name | $max | $rps | $p50 | $p99 | $bad | $rss |"
 done

@@ -275,7 +275,17 @@ impl Server {
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(http::serve(server.clone(), listener, stop_rx.clone()));
         tokio::spawn(reload_loop(Arc::downgrade(&server), stop_rx.clone()));
-        tokio::spawn(dist::run_hub(Arc::downgrade(&server), stop_rx));
+        tokio::spawn(dist::run_hub(Arc::downgrade(&server), stop_rx.clone()));
+        // Histogram samples wait in the recorder until drained; drain them even if nobody scrapes.
+        let (handle, mut upkeep_stop) = (server.metrics.clone(), stop_rx);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
+                    _ = upkeep_stop.changed() => return,
+                }
+            }
+        });
         let endpoint = serde_json::json!({
             "url": url,
             "ca_bundle": server.cfg.data_dir.join(BUNDLE_FILE),
