@@ -1,0 +1,403 @@
+//! The writer's disk spool: records are appended (one JSON line each) before the response
+//! completes, shipped in order, and deleted once the control plane has stored them. Bounded:
+//! when full, a record that cannot be kept is counted, and the next record that fits is
+//! preceded by an explicit gap record in the chain — never a silent hole.
+
+use crate::{AuditRecord, Entry, Head, Kind};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead as _, BufReader, Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// A segment is closed when it reaches this size.
+const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+const ACKED_FILE: &str = "acked";
+const HEAD_FILE: &str = "head";
+
+/// Why the spool failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// Disk I/O.
+    #[error("audit spool {path}: {err}")]
+    Io {
+        /// Where.
+        path: String,
+        /// What.
+        err: std::io::Error,
+    },
+    /// The spool is full; the record was counted as lost.
+    #[error("audit spool full")]
+    Full,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
+    move |err| SpoolError::Io {
+        path: path.display().to_string(),
+        err,
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    head: Head,
+    file: File,
+    segment: PathBuf,
+    segment_bytes: u64,
+    total_bytes: u64,
+    lost: u64,
+    acked: u64,
+    /// Read position for shipping: (segment, byte offset).
+    cursor: Option<(PathBuf, u64)>,
+}
+
+/// A writer's spool.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    writer: String,
+    max_bytes: u64,
+    inner: Mutex<Inner>,
+}
+
+fn segment_name(first_seq: u64) -> String {
+    format!("seg-{first_seq:020}.jsonl")
+}
+
+fn segments(dir: &Path) -> Result<Vec<PathBuf>, SpoolError> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("seg-") && n.ends_with(".jsonl"))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn last_record(path: &Path) -> Option<AuditRecord> {
+    let f = File::open(path).ok()?;
+    BufReader::new(f)
+        .lines()
+        .map_while(Result::ok)
+        .filter(|l| !l.is_empty())
+        .last()
+        .and_then(|l| serde_json::from_str(&l).ok())
+}
+
+fn first_seq_of(path: &Path) -> u64 {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("seg-"))
+        .and_then(|n| n.strip_suffix(".jsonl"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Spool {
+    /// Opens (creating) the spool of `writer` in `dir`, at most `max_bytes` on disk, continuing
+    /// the chain where it stopped.
+    pub fn open(dir: &Path, writer: &str, max_bytes: u64) -> Result<Spool, SpoolError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let acked = std::fs::read_to_string(dir.join(ACKED_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let mut head: Head = std::fs::read_to_string(dir.join(HEAD_FILE))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        let segs = segments(dir)?;
+        for s in segs.iter().rev() {
+            if let Some(r) = last_record(s) {
+                if r.seq > head.seq {
+                    head = Head {
+                        seq: r.seq,
+                        hash: r.hash,
+                    };
+                }
+                break;
+            }
+        }
+        let total_bytes = segs
+            .iter()
+            .filter_map(|s| std::fs::metadata(s).ok())
+            .map(|m| m.len())
+            .sum();
+        let segment = segs
+            .last()
+            .cloned()
+            .unwrap_or_else(|| dir.join(segment_name(head.seq + 1)));
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&segment)
+            .map_err(io(&segment))?;
+        let segment_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(Spool {
+            dir: dir.to_owned(),
+            writer: writer.to_owned(),
+            max_bytes,
+            inner: Mutex::new(Inner {
+                head,
+                file,
+                segment,
+                segment_bytes,
+                total_bytes,
+                lost: 0,
+                acked,
+                cursor: None,
+            }),
+        })
+    }
+
+    fn write_line(&self, inner: &mut Inner, r: &AuditRecord) -> Result<(), SpoolError> {
+        let mut line = serde_json::to_vec(r).map_err(|e| SpoolError::Io {
+            path: self.dir.display().to_string(),
+            err: e.into(),
+        })?;
+        line.push(b'\n');
+        if inner.segment_bytes >= SEGMENT_BYTES {
+            let next = self.dir.join(segment_name(r.seq));
+            inner.file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&next)
+                .map_err(io(&next))?;
+            inner.segment = next;
+            inner.segment_bytes = 0;
+        }
+        inner.file.write_all(&line).map_err(io(&inner.segment))?;
+        inner.segment_bytes += line.len() as u64;
+        inner.total_bytes += line.len() as u64;
+        Ok(())
+    }
+
+    /// Chains and appends a decision record (written to the OS before this returns: it survives
+    /// the process being killed; [`Spool::sync`] makes it survive power loss).
+    pub fn append(&self, e: Entry) -> Result<AuditRecord, SpoolError> {
+        let mut inner = self.inner.lock().map_err(|_| SpoolError::Full)?;
+        // Room for this record (and a gap record before it, if records were lost)?
+        let need = 1024 * if inner.lost > 0 { 2 } else { 1 };
+        if inner.total_bytes + need > self.max_bytes {
+            inner.lost += 1;
+            return Err(SpoolError::Full);
+        }
+        if inner.lost > 0 {
+            let lost = inner.lost;
+            let gap = inner.head.chain(
+                &self.writer,
+                Kind::Gap,
+                Entry {
+                    time_ms: e.time_ms,
+                    ..Entry::default()
+                },
+                lost,
+            );
+            self.write_line(&mut inner, &gap)?;
+            inner.lost = 0;
+        }
+        let r = inner.head.chain(&self.writer, Kind::Decision, e, 0);
+        self.write_line(&mut inner, &r)?;
+        Ok(r)
+    }
+
+    /// Flushes written records to the disk.
+    pub fn sync(&self) -> Result<(), SpoolError> {
+        let inner = self.inner.lock().map_err(|_| SpoolError::Full)?;
+        inner.file.sync_data().map_err(io(&inner.segment))
+    }
+
+    /// Records lost to a full spool and not yet reported by a gap record.
+    pub fn lost(&self) -> u64 {
+        self.inner.lock().map_or(0, |i| i.lost)
+    }
+
+    /// Bytes on disk.
+    pub fn depth_bytes(&self) -> u64 {
+        self.inner.lock().map_or(0, |i| i.total_bytes)
+    }
+
+    /// Last sequence number written and last acknowledged.
+    pub fn positions(&self) -> (u64, u64) {
+        self.inner.lock().map_or((0, 0), |i| (i.head.seq, i.acked))
+    }
+
+    /// Up to `max` records after the last one handed out (or after the acknowledged position
+    /// when `from_acked`), as JSON lines.
+    pub fn next_batch(&self, max: usize, from_acked: bool) -> Result<Vec<String>, SpoolError> {
+        let mut inner = self.inner.lock().map_err(|_| SpoolError::Full)?;
+        if from_acked {
+            inner.cursor = None;
+        }
+        let segs = segments(&self.dir)?;
+        let (mut seg_idx, mut offset) = match &inner.cursor {
+            Some((p, off)) => (segs.iter().position(|s| s == p).unwrap_or(0), *off),
+            None => (0, 0),
+        };
+        let acked = inner.acked;
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(path) = segs.get(seg_idx) else { break };
+            let mut f = File::open(path).map_err(io(path))?;
+            f.seek(SeekFrom::Start(offset)).map_err(io(path))?;
+            let mut reader = BufReader::new(f);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let n = reader.read_line(&mut line).map_err(io(path))?;
+                if n == 0 || !line.ends_with('\n') {
+                    break; // end, or a line still being written
+                }
+                offset += n as u64;
+                let seq = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64))
+                    .unwrap_or(0);
+                if seq > acked {
+                    out.push(line.trim_end().to_owned());
+                    if out.len() >= max {
+                        break;
+                    }
+                }
+            }
+            if out.len() >= max || seg_idx + 1 >= segs.len() {
+                break;
+            }
+            seg_idx += 1;
+            offset = 0;
+        }
+        if let Some(p) = segs.get(seg_idx) {
+            inner.cursor = Some((p.clone(), offset));
+        }
+        Ok(out)
+    }
+
+    /// The control plane stored everything through `seq`: remember it and delete segments that
+    /// hold nothing newer.
+    pub fn ack(&self, seq: u64) -> Result<(), SpoolError> {
+        let mut inner = self.inner.lock().map_err(|_| SpoolError::Full)?;
+        if seq <= inner.acked {
+            return Ok(());
+        }
+        inner.acked = seq;
+        let acked_path = self.dir.join(ACKED_FILE);
+        std::fs::write(&acked_path, seq.to_string()).map_err(io(&acked_path))?;
+        let head_path = self.dir.join(HEAD_FILE);
+        let head = serde_json::to_string(&inner.head).unwrap_or_default();
+        std::fs::write(&head_path, head).map_err(io(&head_path))?;
+        let segs = segments(&self.dir)?;
+        for pair in segs.windows(2) {
+            if let [this, next] = pair
+                && first_seq_of(next) <= seq + 1
+                && *this != inner.segment
+            {
+                let len = std::fs::metadata(this).map(|m| m.len()).unwrap_or(0);
+                if std::fs::remove_file(this).is_ok() {
+                    inner.total_bytes = inner.total_bytes.saturating_sub(len);
+                    if inner.cursor.as_ref().is_some_and(|(p, _)| p == this) {
+                        inner.cursor = None;
+                    }
+                }
+            }
+        }
+        // The open segment holds only acknowledged records and is large: start a new one.
+        if inner.head.seq == seq
+            && (inner.segment_bytes >= SEGMENT_BYTES / 4 || inner.total_bytes * 2 >= self.max_bytes)
+        {
+            let old = inner.segment.clone();
+            let next = self.dir.join(segment_name(seq + 1));
+            inner.file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&next)
+                .map_err(io(&next))?;
+            inner.segment = next;
+            inner.total_bytes = inner.total_bytes.saturating_sub(inner.segment_bytes);
+            inner.segment_bytes = 0;
+            inner.cursor = None;
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verify_chain;
+
+    fn e(i: u64) -> Entry {
+        Entry {
+            decision_id: format!("d{i}"),
+            status: 200,
+            path: "/x".repeat(10),
+            ..Entry::default()
+        }
+    }
+
+    #[test]
+    fn survives_reopen_ships_in_order_and_reports_loss_as_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), "w", 1 << 20).unwrap();
+        for i in 0..10 {
+            s.append(e(i)).unwrap();
+        }
+        drop(s);
+        // Reopened (a restarted proxy): the chain continues.
+        let s = Spool::open(dir.path(), "w", 1 << 20).unwrap();
+        for i in 10..20 {
+            s.append(e(i)).unwrap();
+        }
+        let batch = s.next_batch(15, true).unwrap();
+        assert_eq!(batch.len(), 15);
+        let rest = s.next_batch(100, false).unwrap();
+        assert_eq!(rest.len(), 5);
+        let all: Vec<AuditRecord> = batch
+            .iter()
+            .chain(&rest)
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(verify_chain(&all), Ok(20));
+        s.ack(15).unwrap();
+        let again = s.next_batch(100, true).unwrap();
+        assert_eq!(again.len(), 5, "acknowledged records are not shipped again");
+
+        // A tiny spool fills: records are lost, counted, and reported by a gap record.
+        let dir2 = tempfile::tempdir().unwrap();
+        let small = Spool::open(dir2.path(), "w", 4096).unwrap();
+        let mut kept = 0;
+        for i in 0..20 {
+            if small.append(e(i)).is_ok() {
+                kept += 1;
+            }
+        }
+        assert!(kept < 20 && small.lost() == 20 - kept);
+        let mut shipped: Vec<AuditRecord> = small
+            .next_batch(100, true)
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        small.ack(shipped.last().unwrap().seq).unwrap();
+        // Room again: the next record is preceded by a gap record in the chain.
+        small.append(e(99)).unwrap();
+        shipped.extend(
+            small
+                .next_batch(100, true)
+                .unwrap()
+                .iter()
+                .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap()),
+        );
+        assert_eq!(
+            verify_chain(&shipped),
+            Err(crate::ChainError::Gap {
+                seq: kept + 1,
+                lost: 20 - kept
+            })
+        );
+        assert_eq!(small.lost(), 0);
+    }
+}
