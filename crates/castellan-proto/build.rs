@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/castellan/v1/identity.proto",
         "proto/castellan/v1/distribution.proto",
+        "proto/castellan/v1/audit.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -200,17 +200,24 @@ pub enum ChainError {
     },
 }
 
-/// Verifies one writer's records in storage order (by `seq`); the first problem wins.
-pub fn verify_chain<'a>(
-    records: impl IntoIterator<Item = &'a AuditRecord>,
-) -> Result<u64, ChainError> {
-    let mut prev: Option<&AuditRecord> = None;
-    let mut n = 0;
-    for r in records {
+/// Verifies one writer's records fed in storage order (by `seq`), one at a time, so a long
+/// chain can be read in pages.
+#[derive(Debug, Default)]
+pub struct ChainVerifier {
+    prev: Option<(u64, String)>,
+    count: u64,
+}
+
+impl ChainVerifier {
+    /// Checks the next record; the first problem is the answer.
+    pub fn push(&mut self, r: &AuditRecord) -> Result<(), ChainError> {
         if r.hash != r.compute_hash() {
             return Err(ChainError::Altered { seq: r.seq });
         }
-        let (want_seq, want_hash) = prev.map_or((1, GENESIS), |p| (p.seq + 1, p.hash.as_str()));
+        let (want_seq, want_hash) = self
+            .prev
+            .as_ref()
+            .map_or((1, GENESIS), |(s, h)| (s + 1, h.as_str()));
         if r.seq > want_seq {
             return Err(ChainError::Missing {
                 from: want_seq,
@@ -221,7 +228,7 @@ pub fn verify_chain<'a>(
         if r.seq < want_seq || r.prev_hash != want_hash {
             return Err(ChainError::Broken {
                 seq: r.seq,
-                prev: prev.map_or(0, |p| p.seq),
+                prev: self.prev.as_ref().map_or(0, |(s, _)| *s),
             });
         }
         if r.kind == Kind::Gap {
@@ -230,10 +237,26 @@ pub fn verify_chain<'a>(
                 lost: r.lost,
             });
         }
-        prev = Some(r);
-        n += 1;
+        self.prev = Some((r.seq, r.hash.clone()));
+        self.count += 1;
+        Ok(())
     }
-    Ok(n)
+
+    /// Records verified so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+/// Verifies one writer's records in storage order (by `seq`); the first problem wins.
+pub fn verify_chain<'a>(
+    records: impl IntoIterator<Item = &'a AuditRecord>,
+) -> Result<u64, ChainError> {
+    let mut v = ChainVerifier::default();
+    for r in records {
+        v.push(r)?;
+    }
+    Ok(v.count())
 }
 
 #[cfg(test)]

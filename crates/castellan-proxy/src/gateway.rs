@@ -4,7 +4,7 @@
 //! service's sidecar. Client-supplied `x-castellan-*` headers never pass.
 
 use crate::http::{self as h, Body, CONTEXT_HEADER, problem};
-use crate::sidecar::{decide, denial, http1_builder, normalized_target, record, unauthorized};
+use crate::sidecar::{Pending, decide, denial, http1_builder, normalized_target, unauthorized};
 use crate::{Inner, unix_now};
 use bytes::Bytes;
 use castellan_identity::{TokenVerifier, UserContext};
@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Map, Value};
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -126,8 +126,18 @@ fn authenticate(
 }
 
 async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
-    let t0 = Instant::now();
-    let did = h::decision_id();
+    let mut p = Pending::new(&req, "");
+    p.source = inner.identity.current().id.as_str().to_owned();
+    let r = handle_inner(&inner, req, &mut p).await;
+    p.finish(&inner, r)
+}
+
+async fn handle_inner(
+    inner: &Arc<Inner>,
+    req: Request<Incoming>,
+    p: &mut Pending,
+) -> Response<Body> {
+    let did = p.did.clone();
     if let Err(why) = h::check_framing(req.headers()) {
         return problem(StatusCode::BAD_REQUEST, why, &did);
     }
@@ -150,15 +160,18 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     let Some((_, service)) = route else {
         return problem(StatusCode::NOT_FOUND, "no route", &did);
     };
-    let user = match authenticate(&inner, &parts.headers, &did) {
+    p.destination = service.clone();
+    p.path = target.clone();
+    let user = match authenticate(inner, &parts.headers, &did) {
         Ok(u) => u,
         Err(r) => return *r,
     };
+    p.user = user.sub.clone();
     let me = inner.identity.current().id.clone();
-    let d = decide(&inner, Some(&me), Some(&user), service, &parts);
-    if !d.is_allowed() {
-        let r = denial(&d, &did);
-        record(&inner, &did, &d, r.status(), t0);
+    let d = decide(inner, Some(&me), Some(&user), service, &parts);
+    let denied = (!d.is_allowed()).then(|| denial(&d, &did));
+    p.decision = Some(d);
+    if let Some(r) = denied {
         return r;
     }
     let token = match inner.identity.signer().mint(
@@ -202,7 +215,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         Ok(r) => r,
         Err(_) => return problem(StatusCode::BAD_REQUEST, "malformed request", &did),
     };
-    let r = match client.request(up).await {
+    match client.request(up).await {
         Ok(resp) => h::relay(resp, inner.cfg.max_body_bytes, &did).await,
         Err(e) => {
             tracing::warn!(%service, error = %e, "upstream unavailable");
@@ -212,9 +225,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
                 &did,
             )
         }
-    };
-    record(&inner, &did, &d, r.status(), t0);
-    r
+    }
 }
 
 /// Serves the edge TLS listener.

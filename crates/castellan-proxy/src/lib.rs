@@ -6,6 +6,7 @@
 //! out.
 
 mod admin;
+mod audit;
 pub use admin::use_metrics_handle;
 mod framing;
 mod gateway;
@@ -112,6 +113,9 @@ pub struct ProxyConfig {
     pub max_body_bytes: usize,
     /// Sidecar: the service it fronts (filled from the SVID at start).
     pub service_name: Option<String>,
+    /// Largest audit spool on disk, bytes; beyond it records are counted as lost (and reported
+    /// as a gap in the chain) while the proxy keeps serving.
+    pub audit_spool_bytes: u64,
 }
 
 impl ProxyConfig {
@@ -139,8 +143,15 @@ impl ProxyConfig {
             oidc: Vec::new(),
             max_body_bytes: 1024 * 1024,
             service_name: None,
+            audit_spool_bytes: 256 * 1024 * 1024,
         }
     }
+}
+
+pub(crate) fn unix_now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 pub(crate) fn unix_now() -> i64 {
@@ -161,6 +172,15 @@ pub(crate) struct Inner {
     oidc: Vec<TokenVerifier>,
     castellan_tokens: ArcSwap<Option<TokenVerifier>>,
     inbound_addr: SocketAddr,
+    audit: castellan_audit::spool::Spool,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("proxy_id", &self.cfg.proxy_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Inner {
@@ -214,6 +234,7 @@ pub struct RunningProxy {
     /// Identity in force.
     pub identity: Arc<CurrentIdentity>,
     stop: watch::Sender<bool>,
+    inner: Arc<Inner>,
 }
 
 impl RunningProxy {
@@ -227,6 +248,17 @@ impl RunningProxy {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(self.state.revision())
+    }
+
+    /// Audit records written and not yet stored by the control plane.
+    pub fn audit_backlog(&self) -> u64 {
+        let (written, acked) = self.inner.audit.positions();
+        written.saturating_sub(acked)
+    }
+
+    /// Audit records written so far (the chain's last sequence number).
+    pub fn audit_written(&self) -> u64 {
+        self.inner.audit.positions().0
     }
 
     /// Stops every listener and task.
@@ -297,7 +329,12 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         let l = TcpListener::bind(addr).await?;
         outbound.push((svc.clone(), l.local_addr()?, l));
     }
+    let spool_dir = cfg.state_dir.join("audit");
+    let audit =
+        castellan_audit::spool::Spool::open(&spool_dir, &cfg.proxy_id, cfg.audit_spool_bytes)
+            .map_err(|e| ProxyError::Config(e.to_string()))?;
     let inner = Arc::new(Inner {
+        audit,
         app: Client::builder(TokioExecutor::new()).build_http(),
         upstreams: Mutex::new(HashMap::new()),
         oidc,
@@ -315,9 +352,11 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         state,
         identity,
         stop,
+        inner: inner.clone(),
     };
     tokio::spawn(watch_loop(inner.clone(), stop_rx.clone()));
     tokio::spawn(renew_loop(inner.clone(), stop_rx.clone()));
+    tokio::spawn(audit::ship_loop(inner.clone(), stop_rx.clone()));
     tokio::spawn(admin::serve(inner.clone(), admin, stop_rx.clone()));
     match inner.cfg.mode {
         Mode::Sidecar => {

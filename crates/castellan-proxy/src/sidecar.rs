@@ -93,23 +93,91 @@ pub(crate) fn decide(
     inner.state.engine.decide(&req)
 }
 
-/// Records a decision in metrics and the log (never tokens or bodies).
-pub(crate) fn record(inner: &Inner, did: &str, d: &Decision, status: StatusCode, t0: Instant) {
-    let rule = d
-        .rule
-        .as_ref()
-        .map_or_else(|| "-".to_owned(), |r| r.to_string());
-    metrics::counter!("castellan_proxy_decisions_total", "proxy" => inner.cfg.proxy_id.clone(), "decision" => if d.is_allowed() { "allow" } else { "deny" }, "rule" => rule.clone()).increment(1);
-    metrics::histogram!("castellan_proxy_decision_seconds", "proxy" => inner.cfg.proxy_id.clone())
-        .record(t0.elapsed().as_secs_f64());
-    tracing::debug!(decision_id = did, allowed = d.is_allowed(), %rule, reason = d.reason.as_str(), status = status.as_u16(), "decision");
-    inner.state.remember(crate::state::RecentDecision {
-        decision_id: did.to_owned(),
-        decision: if d.is_allowed() { "allow" } else { "deny" }.to_owned(),
-        rule: d.rule.as_ref().map(|r| r.to_string()),
-        reason: d.reason.as_str().to_owned(),
-        status: status.as_u16(),
-    });
+/// What one request's audit record will say, filled in as the request is handled; every
+/// response passes through [`Pending::finish`], so every request yields exactly one record.
+pub(crate) struct Pending {
+    pub(crate) did: String,
+    t0: Instant,
+    pub(crate) source: String,
+    pub(crate) user: String,
+    pub(crate) destination: String,
+    method: String,
+    pub(crate) path: String,
+    trace_id: String,
+    pub(crate) decision: Option<Decision>,
+}
+
+impl Pending {
+    pub(crate) fn new(req: &Request<Incoming>, destination: &str) -> Pending {
+        let trace_id = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split('-').nth(1))
+            .filter(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+            .unwrap_or("")
+            .to_owned();
+        let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        Pending {
+            did: h::decision_id(),
+            t0: Instant::now(),
+            source: String::new(),
+            user: String::new(),
+            destination: destination.to_owned(),
+            method: req.method().as_str().chars().take(16).collect(),
+            path: raw.chars().take(1024).collect(),
+            trace_id,
+            decision: None,
+        }
+    }
+
+    /// Writes the record (metrics, recent decisions, the audit spool) and returns `resp`.
+    pub(crate) fn finish(self, inner: &Inner, resp: Response<Body>) -> Response<Body> {
+        let status = resp.status();
+        let (decision, rule, reason, mode) = match &self.decision {
+            Some(d) => (
+                if d.is_allowed() { "allow" } else { "deny" },
+                d.rule.as_ref().map(|r| r.to_string()).unwrap_or_default(),
+                d.reason.as_str(),
+                d.mode.to_string(),
+            ),
+            // Refused before a decision (framing, credentials, routing).
+            None => (
+                "deny",
+                String::new(),
+                "refused-before-decision",
+                String::new(),
+            ),
+        };
+        metrics::counter!("castellan_proxy_decisions_total", "proxy" => inner.cfg.proxy_id.clone(), "decision" => decision, "rule" => if rule.is_empty() { "-".to_owned() } else { rule.clone() }).increment(1);
+        metrics::histogram!("castellan_proxy_decision_seconds", "proxy" => inner.cfg.proxy_id.clone()).record(self.t0.elapsed().as_secs_f64());
+        tracing::debug!(decision_id = %self.did, decision, %rule, reason, status = status.as_u16(), "decision");
+        inner.state.remember(crate::state::RecentDecision {
+            decision_id: self.did.clone(),
+            decision: decision.to_owned(),
+            rule: (!rule.is_empty()).then(|| rule.clone()),
+            reason: reason.to_owned(),
+            status: status.as_u16(),
+        });
+        let entry = castellan_audit::Entry {
+            time_ms: crate::unix_now_ms(),
+            decision_id: self.did,
+            trace_id: self.trace_id,
+            source: self.source,
+            user: self.user,
+            destination: self.destination,
+            method: self.method,
+            path: self.path,
+            decision: decision.to_owned(),
+            rule,
+            reason: reason.to_owned(),
+            mode,
+            status: status.as_u16(),
+            latency_us: u64::try_from(self.t0.elapsed().as_micros()).unwrap_or(u64::MAX),
+        };
+        crate::audit::write(inner, entry);
+        resp
+    }
 }
 
 /// The response for a denial: 400 for malformed requests, else 403.
@@ -141,8 +209,19 @@ pub(crate) fn normalized_target(parts: &hyper::http::request::Parts) -> Option<S
 }
 
 async fn inbound(inner: Arc<Inner>, source: SpiffeId, req: Request<Incoming>) -> Response<Body> {
-    let t0 = Instant::now();
-    let did = h::decision_id();
+    let mut p = Pending::new(&req, &inner.cfg.proxy_service());
+    p.source = source.as_str().to_owned();
+    let r = inbound_inner(&inner, source, req, &mut p).await;
+    p.finish(&inner, r)
+}
+
+async fn inbound_inner(
+    inner: &Arc<Inner>,
+    source: SpiffeId,
+    req: Request<Incoming>,
+    p: &mut Pending,
+) -> Response<Body> {
+    let did = p.did.clone();
     if let Err(why) = h::check_framing(req.headers()) {
         return problem(StatusCode::BAD_REQUEST, why, &did);
     }
@@ -173,20 +252,25 @@ async fn inbound(inner: Arc<Inner>, source: SpiffeId, req: Request<Incoming>) ->
         }
     };
     let d = decide(
-        &inner,
+        inner,
         Some(&source),
         context.as_ref().map(|c| &c.0),
         &inner.cfg.proxy_service(),
         &parts,
     );
-    if !d.is_allowed() {
-        let r = denial(&d, &did);
-        record(&inner, &did, &d, r.status(), t0);
+    if let Some((ctx, _)) = &context {
+        p.user = ctx.sub.clone();
+    }
+    let allowed = d.is_allowed();
+    let denied = (!allowed).then(|| denial(&d, &did));
+    p.decision = Some(d);
+    if let Some(r) = denied {
         return r;
     }
     let Some(target) = normalized_target(&parts) else {
         return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
     };
+    p.path = target.clone();
     let body = match h::read_body(body, inner.cfg.max_body_bytes).await {
         Ok(b) => b,
         Err(e) => return h::body_error(e, &did),
@@ -214,7 +298,7 @@ async fn inbound(inner: Arc<Inner>, source: SpiffeId, req: Request<Incoming>) ->
         Ok(r) => r,
         Err(_) => return problem(StatusCode::BAD_REQUEST, "malformed request", &did),
     };
-    let r = match inner.app.request(up).await {
+    match inner.app.request(up).await {
         Ok(resp) => h::relay(resp, inner.cfg.max_body_bytes, &did).await,
         Err(e) => {
             tracing::warn!(error = %e, "app unavailable");
@@ -224,9 +308,7 @@ async fn inbound(inner: Arc<Inner>, source: SpiffeId, req: Request<Incoming>) ->
                 &did,
             )
         }
-    };
-    record(&inner, &did, &d, r.status(), t0);
-    r
+    }
 }
 
 impl crate::ProxyConfig {

@@ -155,6 +155,9 @@ pub(crate) fn routes() -> Router<Arc<Server>> {
         .route("/v1/proxies", get(list_proxies))
         .route("/v1/apikeys", get(list_api_keys).post(add_api_key))
         .route("/v1/apikeys/{id}/revoke", post(revoke_api_key))
+        .route("/v1/audit", get(crate::audit::query))
+        .route("/v1/audit/verify", get(crate::audit::verify))
+        .route("/v1/audit/export", get(crate::audit::export))
 }
 
 /// Largest policy bundle accepted by `policy apply`.

@@ -37,6 +37,7 @@ const OPENAPI: &str = include_str!("openapi.json");
 pub(crate) fn router(s: Arc<Server>) -> Router {
     let grpc = tonic::service::Routes::new(grpc::service(s.clone()))
         .add_service(crate::dist::service(s.clone()))
+        .add_service(crate::audit::service(s.clone()))
         .into_axum_router();
     let max_body = s.cfg.max_body_bytes;
     Router::new()

@@ -3,6 +3,7 @@
 //! listener, SQLite or PostgreSQL behind `castellan-store`.
 
 pub mod admin;
+mod audit;
 pub mod config;
 mod dist;
 mod grpc;

@@ -228,6 +228,78 @@ fn revision(
     }
 }
 
+/// One stored audit record: the JSON as shipped, and copies of the queried fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    /// Writer (proxy id).
+    pub writer: String,
+    /// Sequence number.
+    pub seq: i64,
+    /// The record JSON, exactly as hashed by its writer.
+    pub record: String,
+    /// Unix milliseconds.
+    pub time_ms: i64,
+    /// Source SPIFFE ID.
+    pub source: String,
+    /// User.
+    pub user_sub: String,
+    /// Destination service.
+    pub destination: String,
+    /// allow / deny.
+    pub decision: String,
+    /// Deciding rule.
+    pub rule: String,
+}
+
+/// Filters for [`Store::audit_query`]; empty strings match anything.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Destination service.
+    pub service: String,
+    /// Source (substring of the SPIFFE ID).
+    pub source: String,
+    /// User.
+    pub user: String,
+    /// allow / deny.
+    pub decision: String,
+    /// Rule.
+    pub rule: String,
+    /// From (Unix ms, inclusive).
+    pub since_ms: i64,
+    /// Until (Unix ms, exclusive; 0 = no limit).
+    pub until_ms: i64,
+    /// At most this many, newest first.
+    pub limit: i64,
+}
+
+type AuditTuple = (
+    String,
+    i64,
+    String,
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+);
+
+fn audit_row(
+    (writer, seq, record, time_ms, source, user_sub, destination, decision, rule): AuditTuple,
+) -> AuditRow {
+    AuditRow {
+        writer,
+        seq,
+        record,
+        time_ms,
+        source,
+        user_sub,
+        destination,
+        decision,
+        rule,
+    }
+}
+
 /// The control plane's database.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -770,5 +842,62 @@ impl Store {
             Backend::Postgres(p) => Some(p),
             Backend::Sqlite(_) => None,
         }
+    }
+
+    // ---- audit ------------------------------------------------------------------------------
+
+    /// Stores records (one writer's, in order); rows already stored are kept as they are.
+    /// Returns how many were new.
+    pub async fn insert_audit(&self, rows: &[AuditRow]) -> Result<u64, StoreError> {
+        let sql = "INSERT INTO audit_records (writer, seq, record, time_ms, source, user_sub, destination, decision, rule) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (writer, seq) DO NOTHING";
+        let n = on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let mut n = 0;
+            for r in rows {
+                n += sqlx::query(sql).bind(&r.writer).bind(r.seq).bind(&r.record).bind(r.time_ms).bind(&r.source).bind(&r.user_sub).bind(&r.destination).bind(&r.decision).bind(&r.rule).execute(&mut *tx).await?.rows_affected();
+            }
+            tx.commit().await?;
+            n
+        });
+        Ok(n)
+    }
+
+    /// The highest sequence number stored for `writer` (0: none).
+    pub async fn audit_high_water(&self, writer: &str) -> Result<i64, StoreError> {
+        let sql = "SELECT COALESCE(MAX(seq), 0) FROM audit_records WHERE writer = $1";
+        let (n,): (i64,) =
+            on_pool!(self, p => sqlx::query_as(sql).bind(writer).fetch_one(p).await)?;
+        Ok(n)
+    }
+
+    /// Every writer with records.
+    pub async fn audit_writers(&self) -> Result<Vec<String>, StoreError> {
+        let sql = "SELECT DISTINCT writer FROM audit_records ORDER BY writer";
+        let rows: Vec<(String,)> = on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        Ok(rows.into_iter().map(|(w,)| w).collect())
+    }
+
+    /// Up to `limit` of one writer's records from `seq` `from` on, in sequence order.
+    pub async fn audit_chain(
+        &self,
+        writer: &str,
+        from: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        let sql = "SELECT writer, seq, record, time_ms, source, user_sub, destination, decision, rule FROM audit_records \
+                   WHERE writer = $1 AND seq >= $2 ORDER BY seq LIMIT $3";
+        let rows: Vec<AuditTuple> = on_pool!(self, p => sqlx::query_as(sql).bind(writer).bind(from).bind(limit).fetch_all(p).await)?;
+        Ok(rows.into_iter().map(audit_row).collect())
+    }
+
+    /// Records matching `f`, newest first.
+    pub async fn audit_query(&self, f: &AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
+        let sql = "SELECT writer, seq, record, time_ms, source, user_sub, destination, decision, rule FROM audit_records \
+                   WHERE ($1 = '' OR destination = $1) AND ($2 = '' OR source LIKE '%' || $2 || '%') AND ($3 = '' OR user_sub = $3) \
+                   AND ($4 = '' OR decision = $4) AND ($5 = '' OR rule = $5) AND time_ms >= $6 AND ($7 = 0 OR time_ms < $7) \
+                   ORDER BY time_ms DESC, writer, seq DESC LIMIT $8";
+        let rows: Vec<AuditTuple> = on_pool!(self, p => sqlx::query_as(sql).bind(&f.service).bind(&f.source).bind(&f.user).bind(&f.decision).bind(&f.rule).bind(f.since_ms).bind(f.until_ms).bind(f.limit).fetch_all(p).await)?;
+        Ok(rows.into_iter().map(audit_row).collect())
     }
 }

@@ -597,3 +597,184 @@ pub fn apikey(cmd: ApiKeyCommand, conn: &Connection, json_out: bool) -> ExitCode
         ),
     }
 }
+
+/// The audit trail.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Records matching filters, newest first.
+    Query {
+        /// Destination service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Source (part of its SPIFFE ID).
+        #[arg(long)]
+        source: Option<String>,
+        /// End user.
+        #[arg(long)]
+        user: Option<String>,
+        /// allow or deny.
+        #[arg(long)]
+        decision: Option<String>,
+        /// Deciding rule.
+        #[arg(long)]
+        rule: Option<String>,
+        /// From (Unix milliseconds).
+        #[arg(long)]
+        since: Option<i64>,
+        /// Until (Unix milliseconds).
+        #[arg(long)]
+        until: Option<i64>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Check every writer's hash chain: altered, deleted, reordered records and gaps; names the
+    /// first bad record per writer. Exit 1 on any problem.
+    Verify,
+    /// Every record as JSON lines (for a SIEM).
+    Export {
+        /// Output format (jsonl).
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+    },
+}
+
+fn get_text(conn: &Connection, path: &str) -> Result<String, String> {
+    let (client, server, token) = conn.client()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let r = client
+            .get(format!("{server}{path}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| format!("{server}: {e}"))?;
+        let status = r.status();
+        let text = r.text().await.map_err(|e| e.to_string())?;
+        if status.is_success() {
+            Ok(text)
+        } else {
+            Err(format!("{status}: {text}"))
+        }
+    })
+}
+
+/// Runs `audit …`.
+pub fn audit(cmd: AuditCommand, conn: &Connection, json_out: bool) -> ExitCode {
+    match cmd {
+        AuditCommand::Query {
+            service,
+            source,
+            user,
+            decision,
+            rule,
+            since,
+            until,
+            limit,
+        } => {
+            let mut q = vec![format!("limit={limit}")];
+            for (k, v) in [
+                ("service", service),
+                ("source", source),
+                ("user", user),
+                ("decision", decision),
+                ("rule", rule),
+            ] {
+                if let Some(v) = v {
+                    q.push(format!(
+                        "{k}={}",
+                        v.replace(
+                            |c: char| !c.is_ascii_alphanumeric() && !"-_./:".contains(c),
+                            ""
+                        )
+                    ));
+                }
+            }
+            if let Some(s) = since {
+                q.push(format!("since_ms={s}"));
+            }
+            if let Some(u) = until {
+                q.push(format!("until_ms={u}"));
+            }
+            finish(
+                conn,
+                call(Method::GET, format!("/v1/audit?{}", q.join("&")), None),
+                json_out,
+                |v| {
+                    table(
+                        v,
+                        &[
+                            "time_ms",
+                            "writer",
+                            "seq",
+                            "source",
+                            "user",
+                            "destination",
+                            "method",
+                            "path",
+                            "decision",
+                            "rule",
+                            "status",
+                        ],
+                    )
+                },
+            )
+        }
+        AuditCommand::Verify => match send(conn, call(Method::GET, "/v1/audit/verify", None)) {
+            Ok(v) => {
+                let ok = v.get("ok") == Some(&Value::Bool(true));
+                if json_out {
+                    println!("{v}");
+                } else {
+                    for w in v
+                        .get("writers")
+                        .and_then(Value::as_array)
+                        .map(Vec::as_slice)
+                        .unwrap_or_default()
+                    {
+                        match w.get("first_error").and_then(Value::as_str) {
+                            None => println!(
+                                "{}: {} records, chain intact",
+                                s(w, "writer"),
+                                w.get("records").unwrap_or(&Value::Null)
+                            ),
+                            Some(e) => println!(
+                                "{}: {} records, FIRST BAD RECORD: {e}",
+                                s(w, "writer"),
+                                w.get("records").unwrap_or(&Value::Null)
+                            ),
+                        }
+                    }
+                }
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        AuditCommand::Export { format } => {
+            if format != "jsonl" {
+                eprintln!("error: --format must be jsonl");
+                return ExitCode::from(2);
+            }
+            match get_text(conn, "/v1/audit/export") {
+                Ok(t) => {
+                    print!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

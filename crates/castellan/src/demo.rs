@@ -558,7 +558,80 @@ async fn run_script(m: &Mesh, json_out: bool) -> bool {
             m.server.url
         );
     }
+    all_ok &= verify_audit(m, json_out).await;
     all_ok
+}
+
+/// Waits until every proxy's audit spool is stored, then verifies every chain.
+async fn verify_audit(m: &Mesh, json_out: bool) -> bool {
+    let proxies: Vec<(&str, &RunningProxy)> = m
+        .sidecars
+        .iter()
+        .map(|(n, p)| (*n, p))
+        .chain(std::iter::once(("gateway", &m.gateway)))
+        .collect();
+    let t0 = std::time::Instant::now();
+    while proxies.iter().any(|(_, p)| p.audit_backlog() > 0)
+        && t0.elapsed() < Duration::from_secs(20)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let verdict: DemoResult<Value> = async {
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls_roots(&m.bundle)?)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let r = http
+            .get(format!("{}/v1/audit/verify", m.server.url))
+            .bearer_auth(&m.admin_token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        r.json::<Value>().await.map_err(|e| e.to_string())
+    }
+    .await;
+    let v = match verdict {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: audit verify: {e}");
+            return false;
+        }
+    };
+    let ok = v.at("ok") == &Value::Bool(true);
+    if !json_out {
+        println!(
+            "\naudit verify ({}):",
+            if ok {
+                "every chain intact"
+            } else {
+                "PROBLEMS FOUND"
+            }
+        );
+        for (name, p) in &proxies {
+            let w = v
+                .at("writers")
+                .as_array()
+                .and_then(|ws| {
+                    ws.iter().find(|w| {
+                        w.at("writer").as_str() == Some(&format!("{name}-sidecar"))
+                            || (name == &"gateway" && w.at("writer").as_str() == Some("gateway"))
+                    })
+                })
+                .cloned()
+                .unwrap_or(Value::Null);
+            println!(
+                "  {:<18} wrote {:>3} records, control plane stored {:>3}{}",
+                name,
+                p.audit_written(),
+                w.at("records"),
+                w.at("first_error")
+                    .as_str()
+                    .map(|e| format!(" — {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    ok
 }
 
 fn write_state(m: &Mesh, file: &Path) -> DemoResult<()> {

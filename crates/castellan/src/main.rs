@@ -89,6 +89,13 @@ enum Command {
         #[command(flatten)]
         conn: admin_cmd::Connection,
     },
+    /// Query, verify and export the audit trail.
+    Audit {
+        #[command(subcommand)]
+        cmd: admin_cmd::AuditCommand,
+        #[command(flatten)]
+        conn: admin_cmd::Connection,
+    },
     /// Manage end-user API keys.
     Apikey {
         #[command(subcommand)]
@@ -162,5 +169,6 @@ fn main() -> ExitCode {
             admin_cmd::proxy(cmd, &conn, json)
         }
         Command::Apikey { cmd, conn } => admin_cmd::apikey(cmd, &conn, json),
+        Command::Audit { cmd, conn } => admin_cmd::audit(cmd, &conn, json),
     }
 }
