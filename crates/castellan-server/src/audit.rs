@@ -155,6 +155,9 @@ pub(crate) async fn verify(
             let rows = s.store.audit_chain(&w, from, PAGE).await?;
             for row in &rows {
                 stored += 1;
+                if error.is_some() {
+                    continue; // still counted, no longer verified
+                }
                 let res = match serde_json::from_str::<AuditRecord>(&row.record) {
                     Ok(r) if r.seq == u64::try_from(row.seq).unwrap_or(0) => {
                         v.push(&r).map_err(|e| e.to_string())
@@ -167,11 +170,10 @@ pub(crate) async fn verify(
                 };
                 if let Err(e) = res {
                     error = Some(e);
-                    break;
                 }
             }
             match rows.last() {
-                Some(last) if error.is_none() && rows.len() as i64 == PAGE => from = last.seq + 1,
+                Some(last) if rows.len() as i64 == PAGE => from = last.seq + 1,
                 _ => break,
             }
         }
