@@ -141,6 +141,10 @@ async fn handle_inner(
     if let Err(why) = h::check_framing(req.headers()) {
         return problem(StatusCode::BAD_REQUEST, why, &did);
     }
+    if let Some(age) = inner.staleness() {
+        let why = format!("policy is stale (no control-plane contact for {age} s): failing closed");
+        return problem(StatusCode::SERVICE_UNAVAILABLE, &why, &did);
+    }
     let (parts, body) = req.into_parts();
     let Some(target) = normalized_target(&parts) else {
         return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
@@ -201,31 +205,20 @@ async fn handle_inner(
         headers.insert(CONTEXT_HEADER, v);
     }
     let eps = inner.state.endpoints(service);
-    let Some(ep) = eps.first() else {
+    if eps.is_empty() {
         return problem(StatusCode::SERVICE_UNAVAILABLE, "service unavailable", &did);
-    };
+    }
     let client = match inner.upstream(service) {
         Ok(c) => c,
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), &did),
     };
-    let Ok(uri) = format!("https://{ep}{target}").parse::<hyper::Uri>() else {
-        return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
-    };
-    let up = match h::upstream_request(&parts, uri, headers, body) {
-        Ok(r) => r,
-        Err(_) => return problem(StatusCode::BAD_REQUEST, "malformed request", &did),
-    };
-    match client.request(up).await {
-        Ok(resp) => h::relay(resp, inner.cfg.max_body_bytes, &did).await,
-        Err(e) => {
-            tracing::warn!(%service, error = %e, "upstream unavailable");
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream unavailable",
-                &did,
-            )
-        }
-    }
+    let idempotent = crate::is_idempotent(&parts.method);
+    crate::forward(inner, service, &client, idempotent, &did, |attempt| {
+        let ep = eps.get(attempt % eps.len())?;
+        let uri = format!("https://{ep}{target}").parse::<hyper::Uri>().ok()?;
+        h::upstream_request(&parts, uri, headers.clone(), body.clone()).ok()
+    })
+    .await
 }
 
 /// Serves the edge TLS listener.

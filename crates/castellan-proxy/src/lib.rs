@@ -7,6 +7,7 @@
 
 mod admin;
 mod audit;
+mod breaker;
 pub use admin::use_metrics_handle;
 mod framing;
 mod gateway;
@@ -116,6 +117,11 @@ pub struct ProxyConfig {
     /// Largest audit spool on disk, bytes; beyond it records are counted as lost (and reported
     /// as a gap in the chain) while the proxy keeps serving.
     pub audit_spool_bytes: u64,
+    /// How long the proxy keeps enforcing its last policy without contact with the control
+    /// plane; past it, it fails closed (503 to everything).
+    pub max_staleness_secs: i64,
+    /// Upstream request timeout.
+    pub upstream_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -144,6 +150,8 @@ impl ProxyConfig {
             max_body_bytes: 1024 * 1024,
             service_name: None,
             audit_spool_bytes: 256 * 1024 * 1024,
+            max_staleness_secs: 24 * 3600,
+            upstream_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -173,6 +181,13 @@ pub(crate) struct Inner {
     castellan_tokens: ArcSwap<Option<TokenVerifier>>,
     inbound_addr: SocketAddr,
     audit: castellan_audit::spool::Spool,
+    /// Everything pushed so far, merged: persisted after each update so a restart without the
+    /// control plane still enforces the last good state.
+    snapshot: Mutex<castellan_proto::v1::WatchUpdate>,
+    /// Last contact with the control plane (Unix seconds).
+    last_sync: std::sync::atomic::AtomicI64,
+    stale_logged: std::sync::atomic::AtomicBool,
+    breakers: Mutex<HashMap<String, Arc<breaker::Breaker>>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -183,7 +198,141 @@ impl std::fmt::Debug for Inner {
     }
 }
 
+/// Sends a request upstream with the upstream timeout, the circuit breaker of `key`, and — for
+/// idempotent methods — one retry (`build` gets the attempt number, to pick another endpoint).
+pub(crate) async fn forward<C>(
+    inner: &Inner,
+    key: &str,
+    client: &Client<C, Body>,
+    idempotent: bool,
+    did: &str,
+    build: impl Fn(usize) -> Option<hyper::Request<Body>>,
+) -> hyper::Response<Body>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    use hyper::StatusCode;
+    let breaker = inner.breaker(key);
+    if !breaker.allow() {
+        metrics::counter!("castellan_proxy_circuit_open_refusals_total", "proxy" => inner.cfg.proxy_id.clone(), "upstream" => key.to_owned()).increment(1);
+        return http::problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream unavailable (circuit open)",
+            did,
+        );
+    }
+    let attempts = if idempotent { 2 } else { 1 };
+    for attempt in 0..attempts {
+        let Some(req) = build(attempt) else {
+            return http::problem(StatusCode::BAD_REQUEST, "malformed request", did);
+        };
+        match tokio::time::timeout(inner.cfg.upstream_timeout, client.request(req)).await {
+            Ok(Ok(resp)) => {
+                breaker.success();
+                return http::relay(resp, inner.cfg.max_body_bytes, did).await;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(upstream = key, attempt, error = %e, "upstream request failed")
+            }
+            Err(_) => tracing::warn!(upstream = key, attempt, "upstream request timed out"),
+        }
+        if breaker.failure() {
+            tracing::warn!(upstream = key, "circuit opened");
+            break;
+        }
+    }
+    metrics::gauge!("castellan_proxy_circuit_open", "proxy" => inner.cfg.proxy_id.clone(), "upstream" => key.to_owned()).set(if breaker.is_open() { 1.0 } else { 0.0 });
+    http::problem(StatusCode::SERVICE_UNAVAILABLE, "upstream unavailable", did)
+}
+
+/// Methods safe to retry.
+pub(crate) fn is_idempotent(m: &hyper::Method) -> bool {
+    matches!(
+        *m,
+        hyper::Method::GET
+            | hyper::Method::HEAD
+            | hyper::Method::OPTIONS
+            | hyper::Method::PUT
+            | hyper::Method::DELETE
+    )
+}
+
+const SNAPSHOT_FILE: &str = "snapshot.pb";
+const SYNCED_FILE: &str = "synced_at";
+
 impl Inner {
+    /// Seconds since the last contact with the control plane, if past the limit.
+    pub(crate) fn staleness(&self) -> Option<i64> {
+        let age = unix_now() - self.last_sync.load(std::sync::atomic::Ordering::Relaxed);
+        let stale = age > self.cfg.max_staleness_secs;
+        metrics::gauge!("castellan_proxy_stale", "proxy" => self.cfg.proxy_id.clone())
+            .set(if stale { 1.0 } else { 0.0 });
+        if stale {
+            if !self
+                .stale_logged
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::error!(
+                    age_secs = age,
+                    limit_secs = self.cfg.max_staleness_secs,
+                    "no contact with the control plane beyond the maximum staleness: failing closed"
+                );
+            }
+            Some(age)
+        } else {
+            if self
+                .stale_logged
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!("control plane reachable again: enforcing");
+            }
+            None
+        }
+    }
+
+    fn synced(&self) {
+        let now = unix_now();
+        self.last_sync
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::fs::write(self.cfg.state_dir.join(SYNCED_FILE), now.to_string());
+    }
+
+    /// Merges an update into the persisted snapshot and writes it (atomically).
+    fn persist(&self, u: &castellan_proto::v1::WatchUpdate) {
+        use prost::Message as _;
+        let Ok(mut snap) = self.snapshot.lock() else {
+            return;
+        };
+        if u.policy.is_some() {
+            snap.policy.clone_from(&u.policy);
+        }
+        snap.revocations.extend(u.revocations.iter().cloned());
+        if u.api_keys.is_some() {
+            snap.api_keys.clone_from(&u.api_keys);
+        }
+        if u.endpoints.is_some() {
+            snap.endpoints.clone_from(&u.endpoints);
+        }
+        if !u.trust_bundle.is_empty() {
+            snap.trust_bundle.clone_from(&u.trust_bundle);
+        }
+        let path = self.cfg.state_dir.join(SNAPSHOT_FILE);
+        let tmp = path.with_extension("tmp");
+        if let Err(e) =
+            std::fs::write(&tmp, snap.encode_to_vec()).and_then(|()| std::fs::rename(&tmp, &path))
+        {
+            tracing::error!(error = %e, "persisting the pushed state failed");
+        }
+    }
+
+    /// The circuit breaker of an upstream service.
+    pub(crate) fn breaker(&self, service: &str) -> Arc<breaker::Breaker> {
+        let Ok(mut m) = self.breakers.lock() else {
+            return Arc::new(breaker::Breaker::default());
+        };
+        m.entry(service.to_owned()).or_default().clone()
+    }
+
     /// An mTLS client that accepts only `service`'s SVID, pooled per service.
     fn upstream(&self, service: &str) -> Result<UpstreamClient, ProxyError> {
         let mut map = self
@@ -333,7 +482,35 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     let audit =
         castellan_audit::spool::Spool::open(&spool_dir, &cfg.proxy_id, cfg.audit_spool_bytes)
             .map_err(|e| ProxyError::Config(e.to_string()))?;
+    // The last good pushed state, if any: enforce it at once, even with the control plane down.
+    let mut snapshot = castellan_proto::v1::WatchUpdate::default();
+    let mut last_sync = unix_now();
+    if let Ok(bytes) = std::fs::read(cfg.state_dir.join(SNAPSHOT_FILE)) {
+        use prost::Message as _;
+        match castellan_proto::v1::WatchUpdate::decode(bytes.as_slice()) {
+            Ok(s) => {
+                state.apply(s.clone());
+                snapshot = s;
+                last_sync = std::fs::read_to_string(cfg.state_dir.join(SYNCED_FILE))
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+                    .unwrap_or(0);
+                tracing::info!(
+                    revision = state.revision(),
+                    synced_at = last_sync,
+                    "enforcing the persisted policy until the control plane answers"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "persisted state unreadable; waiting for the control plane")
+            }
+        }
+    }
     let inner = Arc::new(Inner {
+        snapshot: Mutex::new(snapshot),
+        last_sync: std::sync::atomic::AtomicI64::new(last_sync),
+        stale_logged: std::sync::atomic::AtomicBool::new(false),
+        breakers: Mutex::new(HashMap::new()),
         audit,
         app: Client::builder(TokioExecutor::new()).build_http(),
         upstreams: Mutex::new(HashMap::new()),
@@ -397,8 +574,9 @@ async fn report(inner: &Inner, client: &mut DistributionClient<tonic::transport:
         revision: inner.state.revision(),
         cert_not_after: inner.identity.current().not_after,
     };
-    if let Err(e) = client.report(r).await {
-        tracing::warn!(error = %e.message(), "report to the control plane failed");
+    match client.report(r).await {
+        Ok(_) => inner.synced(),
+        Err(e) => tracing::warn!(error = %e.message(), "report to the control plane failed"),
     }
 }
 
@@ -426,7 +604,9 @@ async fn watch_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
                     m = stream.message() => match m {
                         Ok(Some(u)) => {
                             backoff = Duration::from_millis(200);
+                            inner.persist(&u);
                             inner.state.apply(u);
+                            inner.synced();
                             report(&inner, &mut client).await;
                         }
                         Ok(None) => return Err("stream ended".to_owned()),

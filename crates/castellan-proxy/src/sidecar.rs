@@ -225,6 +225,10 @@ async fn inbound_inner(
     if let Err(why) = h::check_framing(req.headers()) {
         return problem(StatusCode::BAD_REQUEST, why, &did);
     }
+    if let Some(age) = inner.staleness() {
+        let why = format!("policy is stale (no control-plane contact for {age} s): failing closed");
+        return problem(StatusCode::SERVICE_UNAVAILABLE, &why, &did);
+    }
     let (parts, body) = req.into_parts();
     let context = match parts.headers.get(CONTEXT_HEADER) {
         None => None,
@@ -294,21 +298,11 @@ async fn inbound_inner(
     let Ok(uri) = format!("http://{app}{target}").parse::<hyper::Uri>() else {
         return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
     };
-    let up = match h::upstream_request(&parts, uri, headers, body) {
-        Ok(r) => r,
-        Err(_) => return problem(StatusCode::BAD_REQUEST, "malformed request", &did),
-    };
-    match inner.app.request(up).await {
-        Ok(resp) => h::relay(resp, inner.cfg.max_body_bytes, &did).await,
-        Err(e) => {
-            tracing::warn!(error = %e, "app unavailable");
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream unavailable",
-                &did,
-            )
-        }
-    }
+    let idempotent = crate::is_idempotent(&parts.method);
+    crate::forward(inner, "app", &inner.app, idempotent, &did, |_| {
+        h::upstream_request(&parts, uri.clone(), headers.clone(), body.clone()).ok()
+    })
+    .await
 }
 
 impl crate::ProxyConfig {
@@ -411,32 +405,24 @@ async fn outbound(
             &did,
         );
     }
-    let ep = eps
-        .get(next.fetch_add(1, Ordering::Relaxed) % eps.len())
-        .copied();
+    let start = next.fetch_add(1, Ordering::Relaxed);
     let client = match inner.upstream(&service) {
         Ok(c) => c,
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), &did),
     };
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let Some(Ok(uri)) = ep.map(|ep| format!("https://{ep}{target}").parse::<hyper::Uri>()) else {
-        return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
-    };
-    let up = match h::upstream_request(&parts, uri, headers, body) {
-        Ok(r) => r,
-        Err(_) => return problem(StatusCode::BAD_REQUEST, "malformed request", &did),
-    };
-    match client.request(up).await {
-        Ok(resp) => h::relay(resp, inner.cfg.max_body_bytes, &did).await,
-        Err(e) => {
-            tracing::warn!(upstream = %service, error = %e, "upstream unavailable");
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream unavailable",
-                &did,
-            )
-        }
-    }
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let idempotent = crate::is_idempotent(&parts.method);
+    crate::forward(&inner, &service, &client, idempotent, &did, |attempt| {
+        // A retry goes to the next endpoint.
+        let ep = eps.get((start + attempt) % eps.len())?;
+        let uri = format!("https://{ep}{target}").parse::<hyper::Uri>().ok()?;
+        h::upstream_request(&parts, uri, headers.clone(), body.clone()).ok()
+    })
+    .await
 }
 
 /// Serves one outbound listener (loopback, plain HTTP from the app).

@@ -54,6 +54,12 @@ pub struct RunArgs {
     /// Gateway: an OIDC issuer, ISSUER,AUDIENCE,JWKS_FILE (repeatable).
     #[arg(long = "oidc")]
     oidc: Vec<String>,
+    /// Keep enforcing the last policy this long without control-plane contact, then fail closed.
+    #[arg(long, env = "CASTELLAN_PROXY_MAX_STALENESS_SECS", default_value_t = 24 * 3600)]
+    max_staleness_secs: i64,
+    /// Largest audit spool on disk, MiB (beyond it records are counted lost, reported as a gap).
+    #[arg(long, env = "CASTELLAN_PROXY_AUDIT_SPOOL_MIB", default_value_t = 256)]
+    audit_spool_mib: u64,
 }
 
 fn pair(s: &str) -> Option<(String, String)> {
@@ -70,6 +76,11 @@ fn config(a: RunArgs) -> Result<ProxyConfig, String> {
     c.listen = a.listen;
     c.admin_listen = a.admin_listen;
     c.app = a.app;
+    if a.max_staleness_secs < 1 {
+        return Err("--max-staleness-secs must be at least 1".to_owned());
+    }
+    c.max_staleness_secs = a.max_staleness_secs;
+    c.audit_spool_bytes = a.audit_spool_mib.saturating_mul(1024 * 1024);
     for u in &a.upstreams {
         let (svc, addr) =
             pair(u).ok_or_else(|| format!("--upstream {u:?}: expected SERVICE=ADDR"))?;

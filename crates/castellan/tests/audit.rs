@@ -404,3 +404,219 @@ async fn sigkill_of_the_control_plane_loses_no_audit_record() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+fn mtls_to(as_: &RunningProxy, verify_with: &RunningProxy, to: &str) -> Arc<rustls::ClientConfig> {
+    let expected = castellan_identity::SpiffeId::for_service("demo.castellan", to).unwrap();
+    let v = Arc::new(castellan_proxy::tls::SvidServerVerifier::new(
+        verify_with.state.clone(),
+        expected,
+    ));
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(castellan_proxy::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(v)
+            .with_client_cert_resolver(as_.identity.clone()),
+    )
+}
+
+/// A failing app opens the circuit (503 at once) and a healthy one closes it; a proxy restarted
+/// while the control plane is down enforces its persisted policy, and past the maximum
+/// staleness it fails closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breaker_persisted_policy_and_staleness() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cp");
+    let init = std::process::Command::new(env!("CARGO_BIN_EXE_castellan"))
+        .args([
+            "server",
+            "init",
+            "--trust-domain",
+            "demo.castellan",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let init: Value = serde_json::from_slice(&init.stdout).unwrap();
+    let token = init["admin_token"].as_str().unwrap().to_owned();
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let mut server = spawn_server(&data, port);
+    let bundle_path = data.join("bundle.pem");
+    use rustls_pki_types::pem::PemObject as _;
+    let certs: Vec<_> =
+        rustls_pki_types::CertificateDer::pem_slice_iter(&std::fs::read(&bundle_path).unwrap())
+            .map(Result::unwrap)
+            .collect();
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_roots(&certs).unwrap())
+        .build()
+        .unwrap();
+    wait_healthy(&http, &url).await;
+    let post = |path: &str, body: Value| {
+        let (http, url, token, path) = (http.clone(), url.clone(), token.clone(), path.to_owned());
+        async move {
+            http.post(format!("{url}{path}"))
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let j_orders = post("/v1/services", json!({"name": "orders"})).await;
+    let j_gw = post("/v1/services", json!({"name": "gateway"})).await;
+    let policy_dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo/policies");
+    let files: serde_json::Map<String, Value> = ["mesh.yaml", "orders.yaml"]
+        .iter()
+        .map(|n| {
+            (
+                (*n).to_owned(),
+                Value::String(std::fs::read_to_string(policy_dir.join(n)).unwrap()),
+            )
+        })
+        .collect();
+    post("/v1/policy", json!({"files": files})).await;
+
+    // The app's port: nothing listens there yet.
+    let app_port = free_port();
+    let app_addr: std::net::SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+    let orders_dir = dir.path().join("orders");
+    let mut c = ProxyConfig::new(
+        Mode::Sidecar,
+        "orders-1",
+        &url,
+        bundle_path.clone(),
+        orders_dir.clone(),
+    );
+    c.join_token = j_orders["join_token"].as_str().map(str::to_owned);
+    c.app = Some(app_addr);
+    let orders = castellan_proxy::start(c.clone()).await.unwrap();
+    let mut g = ProxyConfig::new(
+        Mode::Gateway,
+        "gw",
+        &url,
+        bundle_path.clone(),
+        dir.path().join("gw"),
+    );
+    g.join_token = j_gw["join_token"].as_str().map(str::to_owned);
+    let gw = castellan_proxy::start(g).await.unwrap();
+    orders.ready(Duration::from_secs(10)).await.unwrap();
+    gw.ready(Duration::from_secs(10)).await.unwrap();
+    let claims = {
+        let mut m = serde_json::Map::new();
+        m.insert("customer_id".to_owned(), json!("42"));
+        m
+    };
+    let req = |path: &str| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let ctx = gw
+            .identity
+            .signer()
+            .mint(
+                "demo.castellan",
+                "alice",
+                &["customer".to_owned()],
+                &claims,
+                "t",
+                now,
+                60,
+            )
+            .unwrap();
+        format!("GET {path} HTTP/1.1\r\nHost: orders\r\nx-castellan-context: {ctx}\r\nConnection: close\r\n\r\n").into_bytes()
+    };
+
+    // The app is down: 503s; after five consecutive failures the circuit opens.
+    let tls = mtls_to(&gw, &orders, "orders");
+    let mut details = Vec::new();
+    for _ in 0..4 {
+        let (st, body) = raw(orders.inbound, Some(tls.clone()), &req("/orders/42"))
+            .await
+            .unwrap();
+        assert_eq!(st, 503);
+        details.push(body["detail"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        details.last().unwrap().contains("circuit open"),
+        "{details:?}"
+    );
+    // The app comes up; after the open period one probe closes the circuit.
+    let app = tokio::net::TcpListener::bind(app_addr).await.unwrap();
+    castellan::demo_apps::spawn("orders", app, castellan::demo_apps::Upstreams::default());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        raw(orders.inbound, Some(tls.clone()), &req("/orders/42"))
+            .await
+            .unwrap()
+            .0,
+        200,
+        "probe closes the circuit"
+    );
+    assert_eq!(
+        raw(orders.inbound, Some(tls.clone()), &req("/orders/42"))
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+
+    // Restart the sidecar while the control plane is down: it enforces the persisted policy.
+    orders.shutdown();
+    drop(orders);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let mut c2 = c.clone();
+    c2.join_token = None;
+    c2.max_staleness_secs = 4;
+    let orders = castellan_proxy::start(c2).await.unwrap();
+    assert!(
+        orders.state.revision() > 0,
+        "persisted policy in force at once"
+    );
+    let tls = mtls_to(&gw, &orders, "orders");
+    assert_eq!(
+        raw(orders.inbound, Some(tls.clone()), &req("/orders/42"))
+            .await
+            .unwrap()
+            .0,
+        200,
+        "allowed by the persisted policy"
+    );
+    assert_eq!(
+        raw(orders.inbound, Some(tls.clone()), &req("/orders/43"))
+            .await
+            .unwrap()
+            .0,
+        403,
+        "denied by the persisted policy"
+    );
+    // Past the maximum staleness it fails closed.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (st, body) = raw(orders.inbound, Some(tls.clone()), &req("/orders/42"))
+        .await
+        .unwrap();
+    assert_eq!(st, 503, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("stale"), "{body}");
+    let metrics = reqwest::get(format!("http://{}/metrics", orders.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("castellan_proxy_stale{proxy=\"orders-1\"} 1"),
+        "{metrics}"
+    );
+}
