@@ -256,13 +256,18 @@ pub(crate) async fn serve(
             else {
                 return;
             };
+            let audit_inner = inner.clone();
             let svc = service_fn(move |req| {
                 let inner = inner.clone();
                 async move { Ok::<_, Infallible>(handle(inner, req).await) }
             });
-            let _ = http1_builder()
+            if let Err(e) = http1_builder()
                 .serve_connection(TokioIo::new(crate::framing::FramingGuard::new(tls)), svc)
-                .await;
+                .await
+            {
+                let me = audit_inner.identity.current().id.as_str().to_owned();
+                crate::sidecar::record_unparsed(&audit_inner, &me, "", &e);
+            }
         });
     }
 }

@@ -107,6 +107,31 @@ pub(crate) struct Pending {
     pub(crate) decision: Option<Decision>,
 }
 
+/// A request hyper refused before it reached us (unparsable framing, head too large): hyper
+/// answered 400/431; this gives it its audit record all the same.
+pub(crate) fn record_unparsed(inner: &Inner, source: &str, destination: &str, e: &hyper::Error) {
+    let too_large = e.is_parse_too_large();
+    if !(e.is_parse() || too_large) {
+        return;
+    }
+    metrics::counter!("castellan_proxy_decisions_total", "proxy" => inner.cfg.proxy_id.clone(), "decision" => "deny", "rule" => "-").increment(1);
+    crate::audit::write(
+        inner,
+        castellan_audit::Entry {
+            time_ms: crate::unix_now_ms(),
+            decision_id: h::decision_id(),
+            source: source.to_owned(),
+            destination: destination.to_owned(),
+            method: "-".to_owned(),
+            path: "-".to_owned(),
+            decision: "deny".to_owned(),
+            reason: "malformed-http".to_owned(),
+            status: if too_large { 431 } else { 400 },
+            ..castellan_audit::Entry::default()
+        },
+    );
+}
+
 impl Pending {
     pub(crate) fn new(req: &Request<Incoming>, destination: &str) -> Pending {
         let trace_id = req
@@ -364,14 +389,23 @@ pub(crate) async fn serve_inbound(
             let Some(source) = crate::tls::peer_id(&inner.state, certs.as_deref()) else {
                 return;
             };
+            let (audit_inner, audit_source) = (inner.clone(), source.as_str().to_owned());
             let svc = service_fn(move |req| {
                 let inner = inner.clone();
                 let source = source.clone();
                 async move { Ok::<_, Infallible>(inbound(inner, source, req).await) }
             });
-            let _ = http1_builder()
+            if let Err(e) = http1_builder()
                 .serve_connection(TokioIo::new(crate::framing::FramingGuard::new(tls)), svc)
-                .await;
+                .await
+            {
+                record_unparsed(
+                    &audit_inner,
+                    &audit_source,
+                    &audit_inner.cfg.proxy_service(),
+                    &e,
+                );
+            }
         });
     }
 }

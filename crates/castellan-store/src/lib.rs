@@ -847,15 +847,22 @@ impl Store {
     // ---- audit ------------------------------------------------------------------------------
 
     /// Stores records (one writer's, in order); rows already stored are kept as they are.
-    /// Returns how many were new.
+    /// Returns how many were new. Rows go in multi-row INSERTs of 100, in one transaction.
     pub async fn insert_audit(&self, rows: &[AuditRow]) -> Result<u64, StoreError> {
-        let sql = "INSERT INTO audit_records (writer, seq, record, time_ms, source, user_sub, destination, decision, rule) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (writer, seq) DO NOTHING";
+        const CHUNK: usize = 100;
         let n = on_pool!(self, p => {
             let mut tx = p.begin().await?;
             let mut n = 0;
-            for r in rows {
-                n += sqlx::query(sql).bind(&r.writer).bind(r.seq).bind(&r.record).bind(r.time_ms).bind(&r.source).bind(&r.user_sub).bind(&r.destination).bind(&r.decision).bind(&r.rule).execute(&mut *tx).await?.rows_affected();
+            for chunk in rows.chunks(CHUNK) {
+                let mut qb = sqlx::QueryBuilder::new(
+                    "INSERT INTO audit_records (writer, seq, record, time_ms, source, user_sub, destination, decision, rule) ",
+                );
+                qb.push_values(chunk, |mut b, r| {
+                    b.push_bind(&r.writer).push_bind(r.seq).push_bind(&r.record).push_bind(r.time_ms).push_bind(&r.source)
+                        .push_bind(&r.user_sub).push_bind(&r.destination).push_bind(&r.decision).push_bind(&r.rule);
+                });
+                qb.push(" ON CONFLICT (writer, seq) DO NOTHING");
+                n += qb.build().execute(&mut *tx).await?.rows_affected();
             }
             tx.commit().await?;
             n
