@@ -78,6 +78,7 @@ struct ServiceIndex {
 /// A validated, compiled, indexed set of policies. Immutable; build a new one for a new revision.
 #[derive(Debug)]
 pub struct PolicySet {
+    rate_limits: Vec<crate::model::RateLimit>,
     trust_domain: String,
     default_mode: Mode,
     context_issuers: Vec<crate::principal::ServicePattern>,
@@ -119,6 +120,7 @@ impl PolicySet {
     /// which calls this only on a clean set.
     pub fn compile(policies: Vec<AccessPolicy>, options: SetOptions) -> PolicySet {
         let mut set = PolicySet {
+            rate_limits: Vec::new(),
             trust_domain: options.trust_domain,
             default_mode: options.default_mode,
             context_issuers: options.context_issuers,
@@ -162,6 +164,15 @@ impl PolicySet {
     /// The number of rules.
     pub fn rule_count(&self) -> usize {
         self.rules.len()
+    }
+
+    /// The set's rate limits (`RateLimit` documents).
+    pub fn rate_limits(&self) -> &[crate::model::RateLimit] {
+        &self.rate_limits
+    }
+
+    pub(crate) fn set_rate_limits(&mut self, limits: Vec<crate::model::RateLimit>) {
+        self.rate_limits = limits;
     }
 
     /// Whether the workload `spiffe_id` may sign user-context tokens (MeshConfig

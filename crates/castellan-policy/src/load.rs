@@ -89,6 +89,7 @@ impl PolicySet {
         let mut diags = Vec::new();
         let mut policies: Vec<AccessPolicy> = Vec::new();
         let mut mesh: Vec<MeshConfig> = Vec::new();
+        let mut rate_limits = Vec::new();
         let mut names: HashMap<String, (Arc<str>, Pos)> = HashMap::new();
         for (name, text) in sources {
             let file: Arc<str> = Arc::from(name);
@@ -109,6 +110,7 @@ impl PolicySet {
             }
             policies.extend(parsed.policies);
             mesh.extend(parsed.mesh);
+            rate_limits.extend(parsed.rate_limits);
         }
         check_set(&policies, &mesh, &mut diags);
         if !diags.is_empty() {
@@ -123,7 +125,9 @@ impl PolicySet {
                 context_issuers: m.context_issuers.clone(),
             })
             .unwrap_or_default();
-        Ok(PolicySet::compile(policies, options))
+        let mut set = PolicySet::compile(policies, options);
+        set.set_rate_limits(rate_limits);
+        Ok(set)
     }
 }
 

@@ -140,3 +140,52 @@ pub struct MeshConfig {
     /// Where it was written.
     pub origin: Origin,
 }
+
+/// What a rate limit counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateKey {
+    /// The calling workload.
+    Source,
+    /// The end user.
+    User,
+    /// The API key (the user for other credentials).
+    ApiKey,
+    /// Method and normalized path.
+    Route,
+}
+
+/// A `RateLimit` document: at most `rate` requests per `period_ms` per key, with `burst`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Its name (`metadata.name`).
+    pub name: String,
+    /// The destination service it applies to.
+    pub service: String,
+    /// What it counts by.
+    pub key: RateKey,
+    /// Requests per period.
+    pub rate: u32,
+    /// The period, milliseconds.
+    pub period_ms: u64,
+    /// Requests allowed at once.
+    pub burst: u32,
+    /// Methods it applies to (all when empty).
+    pub methods: Vec<String>,
+    /// Normalized path prefixes it applies to (all when empty).
+    pub path_prefixes: Vec<String>,
+}
+
+impl RateLimit {
+    /// Whether the limit applies to this request.
+    pub fn applies(&self, service: &str, method: &str, path: &str) -> bool {
+        self.service == service
+            && (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
+            && (self.path_prefixes.is_empty()
+                || self.path_prefixes.iter().any(|p| {
+                    path == p
+                        || path
+                            .strip_prefix(p.as_str())
+                            .is_some_and(|r| r.starts_with('/'))
+                }))
+    }
+}

@@ -217,6 +217,8 @@ pub struct ParsedFile {
     pub policies: Vec<AccessPolicy>,
     /// Its mesh configs.
     pub mesh: Vec<MeshConfig>,
+    /// Its rate limits.
+    pub rate_limits: Vec<crate::model::RateLimit>,
 }
 
 /// Parses one policy file, recording diagnostics; documents with errors are left out.
@@ -271,13 +273,18 @@ pub fn parse_policy_file(file: Arc<str>, source: &str, diags: &mut Vec<Diagnosti
                     out.mesh.push(m);
                 }
             }
+            "RateLimit" => {
+                if let Some(r) = parse_rate_limit(&mut ck, doc, &f) {
+                    out.rate_limits.push(r);
+                }
+            }
             "PolicyTest" => ck.error(
                 kind_pos,
                 "PolicyTest documents belong in files named *_test.yaml".to_owned(),
             ),
             other => ck.error(
                 kind_pos,
-                format!("unknown kind {other:?} (expected AccessPolicy or MeshConfig)"),
+                format!("unknown kind {other:?} (expected AccessPolicy, MeshConfig or RateLimit)"),
             ),
         }
     }
@@ -361,6 +368,114 @@ fn parse_mesh_config(
         default_mode: default_mode.filter(|_| ok)?,
         context_issuers,
         origin,
+    })
+}
+
+fn positive(ck: &mut Checker<'_>, n: &Node, what: &str) -> Option<u32> {
+    let v = ck.string(n, what)?;
+    match v.parse::<u32>() {
+        Ok(x) if x > 0 => Some(x),
+        _ => {
+            ck.error(
+                n.pos,
+                format!("{what} must be a positive integer, got {v:?}"),
+            );
+            None
+        }
+    }
+}
+
+fn parse_rate_limit(
+    ck: &mut Checker<'_>,
+    doc: &Node,
+    f: &HashMap<&str, &Node>,
+) -> Option<crate::model::RateLimit> {
+    use crate::model::{RateKey, RateLimit};
+    let name = metadata_name(ck, doc, f);
+    let Some(spec) = f.get("spec") else {
+        ck.error(doc.pos, "document is missing required field \"spec\"");
+        return None;
+    };
+    let sf = ck.fields(
+        spec,
+        "spec",
+        &[
+            "service",
+            "key",
+            "rate",
+            "per",
+            "burst",
+            "methods",
+            "pathPrefixes",
+        ],
+    )?;
+    let service = ck
+        .required_str(&sf, spec, "service", "spec")
+        .map(|(s, _)| s.to_owned());
+    let key = match ck.required_str(&sf, spec, "key", "spec") {
+        Some(("source", _)) => Some(RateKey::Source),
+        Some(("user", _)) => Some(RateKey::User),
+        Some(("apikey", _)) => Some(RateKey::ApiKey),
+        Some(("route", _)) => Some(RateKey::Route),
+        Some((other, pos)) => {
+            ck.error(
+                pos,
+                format!("spec.key must be source, user, apikey or route, got {other:?}"),
+            );
+            None
+        }
+        None => None,
+    };
+    let rate = match sf.get("rate") {
+        Some(n) => positive(ck, n, "spec.rate"),
+        None => {
+            ck.error(spec.pos, "spec is missing required field \"rate\"");
+            None
+        }
+    };
+    let period_ms = match ck.required_str(&sf, spec, "per", "spec") {
+        Some(("1s" | "second", _)) => Some(1000),
+        Some(("1m" | "minute", _)) => Some(60_000),
+        Some(("1h" | "hour", _)) => Some(3_600_000),
+        Some((other, pos)) => {
+            ck.error(pos, format!("spec.per must be 1s, 1m or 1h, got {other:?}"));
+            None
+        }
+        None => None,
+    };
+    let burst = match sf.get("burst") {
+        Some(n) => positive(ck, n, "spec.burst"),
+        None => rate,
+    };
+    let methods = match sf.get("methods") {
+        Some(n) => ck.string_list(n, "spec.methods", |m| {
+            if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) {
+                Ok(m.to_owned())
+            } else {
+                Err(format!("{m:?}: methods are upper-case"))
+            }
+        })?,
+        None => Vec::new(),
+    };
+    let path_prefixes = match sf.get("pathPrefixes") {
+        Some(n) => ck.string_list(n, "spec.pathPrefixes", |p| {
+            if p.starts_with('/') && !p.contains("..") && !p.contains('%') {
+                Ok(p.trim_end_matches('/').to_owned())
+            } else {
+                Err(format!("{p:?}: a normalized path starting with /"))
+            }
+        })?,
+        None => Vec::new(),
+    };
+    Some(RateLimit {
+        name: name?,
+        service: service?,
+        key: key?,
+        rate: rate?,
+        period_ms: period_ms?,
+        burst: burst?,
+        methods,
+        path_prefixes,
     })
 }
 

@@ -488,3 +488,50 @@ fn context_issuers_come_from_the_mesh_config() {
         "nobody by default"
     );
 }
+
+#[test]
+fn rate_limit_documents_load_and_bad_ones_are_located() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo/policies");
+    let set = castellan_policy::PolicySet::load_dir(&dir).unwrap();
+    let l = &set.rate_limits()[0];
+    assert_eq!(
+        (
+            l.name.as_str(),
+            l.service.as_str(),
+            l.key,
+            l.rate,
+            l.period_ms,
+            l.burst
+        ),
+        (
+            "admin-api-per-user",
+            "orders",
+            castellan_policy::RateKey::User,
+            5,
+            60_000,
+            5
+        )
+    );
+    assert!(l.applies("orders", "GET", "/admin/stats") && l.applies("orders", "GET", "/admin"));
+    assert!(
+        !l.applies("orders", "GET", "/administrator")
+            && !l.applies("orders", "GET", "/orders/1")
+            && !l.applies("payments", "GET", "/admin")
+    );
+    let bad = "apiVersion: castellan/v1\nkind: RateLimit\nmetadata: {name: x}\nspec:\n  service: orders\n  key: ip\n  rate: -1\n  per: 2s\n";
+    let e = castellan_policy::PolicySet::from_sources([("rl.yaml", bad)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("rl.yaml:6:") && e.contains("spec.key must be source, user, apikey or route"),
+        "{e}"
+    );
+    assert!(
+        e.contains("rl.yaml:7:") && e.contains("spec.rate must be a positive integer"),
+        "{e}"
+    );
+    assert!(
+        e.contains("rl.yaml:8:") && e.contains("spec.per must be 1s, 1m or 1h"),
+        "{e}"
+    );
+}

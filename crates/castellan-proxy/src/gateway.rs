@@ -76,7 +76,7 @@ fn authenticate(
     inner: &Inner,
     headers: &hyper::HeaderMap,
     did: &str,
-) -> Result<UserContext, Box<Response<Body>>> {
+) -> Result<(UserContext, String), Box<Response<Body>>> {
     let me = inner.identity.current().id.clone();
     let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
     let bearer = headers
@@ -97,14 +97,17 @@ fn authenticate(
     if cred.starts_with(crate::state::API_KEY_PREFIX) {
         let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cred.as_bytes());
         return match inner.state.api_key(hash.as_ref()) {
-            Some(u) => Ok(UserContext {
-                signer: me,
-                sub: u.user.clone(),
-                roles: u.roles.clone(),
-                claims: u.claims.clone(),
-                txn: String::new(),
-                exp: 0,
-            }),
+            Some(u) => Ok((
+                UserContext {
+                    signer: me,
+                    sub: u.user.clone(),
+                    roles: u.roles.clone(),
+                    claims: u.claims.clone(),
+                    txn: String::new(),
+                    exp: 0,
+                },
+                u.key_id.clone(),
+            )),
             None => Err(Box::new(unauthorized("unknown or revoked API key", did))),
         };
     }
@@ -119,7 +122,7 @@ fn authenticate(
         if let Ok(t) = v.verify(cred, now)
             && let Some(u) = user_from_claims(&t.claims, &me)
         {
-            return Ok(u);
+            return Ok((u, String::new()));
         }
     }
     Err(Box::new(unauthorized("invalid token", did)))
@@ -166,7 +169,7 @@ async fn handle_inner(
     };
     p.destination = service.clone();
     p.path = target.clone();
-    let user = match authenticate(inner, &parts.headers, &did) {
+    let (user, api_key_id) = match authenticate(inner, &parts.headers, &did) {
         Ok(u) => u,
         Err(r) => return *r,
     };
@@ -177,6 +180,19 @@ async fn handle_inner(
     p.decision = Some(d);
     if let Some(r) = denied {
         return r;
+    }
+    let who = crate::ratelimit::Who {
+        source: &p.source,
+        user: &p.user,
+        api_key: &api_key_id,
+    };
+    if let Err((limit, wait)) =
+        inner
+            .limits
+            .check(inner, service, parts.method.as_str(), path, &who)
+    {
+        p.rate_limited = Some(limit);
+        return crate::sidecar::too_many(wait, &did);
     }
     let token = match inner.identity.signer().mint(
         inner.state.trust_domain(),

@@ -8,6 +8,7 @@
 mod admin;
 mod audit;
 mod breaker;
+mod ratelimit;
 pub use admin::use_metrics_handle;
 mod framing;
 mod gateway;
@@ -188,6 +189,7 @@ pub(crate) struct Inner {
     last_sync: std::sync::atomic::AtomicI64,
     stale_logged: std::sync::atomic::AtomicBool,
     breakers: Mutex<HashMap<String, Arc<breaker::Breaker>>>,
+    limits: ratelimit::Limits,
 }
 
 impl std::fmt::Debug for Inner {
@@ -511,6 +513,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         last_sync: std::sync::atomic::AtomicI64::new(last_sync),
         stale_logged: std::sync::atomic::AtomicBool::new(false),
         breakers: Mutex::new(HashMap::new()),
+        limits: ratelimit::Limits::default(),
         audit,
         app: Client::builder(TokioExecutor::new()).build_http(),
         upstreams: Mutex::new(HashMap::new()),

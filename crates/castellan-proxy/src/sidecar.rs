@@ -105,6 +105,8 @@ pub(crate) struct Pending {
     pub(crate) path: String,
     trace_id: String,
     pub(crate) decision: Option<Decision>,
+    /// Set when a rate limit refused the request (its name).
+    pub(crate) rate_limited: Option<String>,
 }
 
 /// A request hyper refused before it reached us (unparsable framing, head too large): hyper
@@ -153,6 +155,7 @@ impl Pending {
             path: raw.chars().take(1024).collect(),
             trace_id,
             decision: None,
+            rate_limited: None,
         }
     }
 
@@ -173,6 +176,10 @@ impl Pending {
                 "refused-before-decision",
                 String::new(),
             ),
+        };
+        let (decision, rule, reason) = match &self.rate_limited {
+            Some(limit) => ("deny", limit.clone(), "rate-limited"),
+            None => (decision, rule, reason),
         };
         metrics::counter!("castellan_proxy_decisions_total", "proxy" => inner.cfg.proxy_id.clone(), "decision" => decision, "rule" => if rule.is_empty() { "-".to_owned() } else { rule.clone() }).increment(1);
         metrics::histogram!("castellan_proxy_decision_seconds", "proxy" => inner.cfg.proxy_id.clone()).record(self.t0.elapsed().as_secs_f64());
@@ -203,6 +210,16 @@ impl Pending {
         crate::audit::write(inner, entry);
         resp
     }
+}
+
+/// The 429 for an exhausted rate limit.
+pub(crate) fn too_many(retry_after: std::time::Duration, did: &str) -> Response<Body> {
+    let mut r = problem(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded", did);
+    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+        r.headers_mut().insert(hyper::header::RETRY_AFTER, v);
+    }
+    r
 }
 
 /// The response for a denial: 400 for malformed requests, else 403.
@@ -300,6 +317,22 @@ async fn inbound_inner(
         return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
     };
     p.path = target.clone();
+    let who = crate::ratelimit::Who {
+        source: &p.source,
+        user: &p.user,
+        api_key: "",
+    };
+    let path_only = target.split('?').next().unwrap_or("/");
+    if let Err((limit, wait)) = inner.limits.check(
+        inner,
+        &p.destination,
+        parts.method.as_str(),
+        path_only,
+        &who,
+    ) {
+        p.rate_limited = Some(limit);
+        return too_many(wait, &did);
+    }
     let body = match h::read_body(body, inner.cfg.max_body_bytes).await {
         Ok(b) => b,
         Err(e) => return h::body_error(e, &did),

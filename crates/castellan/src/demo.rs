@@ -48,6 +48,10 @@ const POLICIES: &[(&str, &str)] = &[
         include_str!("../../../examples/demo/policies/payments.yaml"),
     ),
     (
+        "ratelimits.yaml",
+        include_str!("../../../examples/demo/policies/ratelimits.yaml"),
+    ),
+    (
         "orders_test.yaml",
         include_str!("../../../examples/demo/policies/orders_test.yaml"),
     ),
@@ -340,6 +344,8 @@ struct Case {
     request: Vec<u8>,
     check: Option<Check>,
     eastwest: bool,
+    /// Send the request this many times; the last answer counts.
+    repeat: usize,
 }
 
 fn get(path: &str, auth: &str, extra: &str) -> Vec<u8> {
@@ -357,6 +363,7 @@ fn cases(m: &Mesh) -> Vec<Case> {
         request,
         check: None,
         eastwest: false,
+        repeat: 1,
     };
     let mut v = vec![
         case("GET /orders/42", "alice", Want::Status(200), get("/orders/42", &alice, "")),
@@ -453,6 +460,15 @@ fn cases(m: &Mesh) -> Vec<Case> {
             &format!("X-Big: {}\r\n", "a".repeat(20_000)),
         ),
     ));
+    v.push(Case {
+        repeat: 5,
+        ..case(
+            "rate limit: 6th admin call within a minute",
+            "bob",
+            Want::Status(429),
+            get("/admin/stats", &bob, ""),
+        )
+    });
     v.push(Case { eastwest: true, ..case("east-west: inventory → payments POST /charges", "inventory", Want::Status(403), b"POST /charges HTTP/1.1\r\nHost: payments\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}".to_vec()) });
     v
 }
@@ -495,6 +511,9 @@ async fn run_script(m: &Mesh, json_out: bool) -> bool {
     let mut rows = Vec::new();
     let mut all_ok = true;
     for c in cases(m) {
+        for _ in 1..c.repeat {
+            let _ = raw(m.gateway.inbound, Some(tls.clone()), &c.request).await;
+        }
         let result = if c.eastwest {
             match inventory_out {
                 Some(a) => raw(a, None, &c.request).await,
