@@ -186,10 +186,10 @@ async fn handle_inner(
         user: &p.user,
         api_key: &api_key_id,
     };
-    if let Err((limit, wait)) =
-        inner
-            .limits
-            .check(inner, service, parts.method.as_str(), path, &who)
+    if let Err((limit, wait)) = inner
+        .limits
+        .check(inner, service, parts.method.as_str(), path, &who)
+        .await
     {
         p.rate_limited = Some(limit);
         return crate::sidecar::too_many(wait, &did);

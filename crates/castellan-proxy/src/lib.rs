@@ -123,6 +123,9 @@ pub struct ProxyConfig {
     pub max_staleness_secs: i64,
     /// Upstream request timeout.
     pub upstream_timeout: Duration,
+    /// `redis://…`: rate limits shared by every proxy using the same Redis (local limits when
+    /// it is unreachable).
+    pub redis_url: Option<String>,
 }
 
 impl ProxyConfig {
@@ -153,6 +156,7 @@ impl ProxyConfig {
             audit_spool_bytes: 256 * 1024 * 1024,
             max_staleness_secs: 24 * 3600,
             upstream_timeout: Duration::from_secs(15),
+            redis_url: None,
         }
     }
 }
@@ -513,7 +517,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         last_sync: std::sync::atomic::AtomicI64::new(last_sync),
         stale_logged: std::sync::atomic::AtomicBool::new(false),
         breakers: Mutex::new(HashMap::new()),
-        limits: ratelimit::Limits::default(),
+        limits: ratelimit::Limits::new(cfg.redis_url.as_deref())?,
         audit,
         app: Client::builder(TokioExecutor::new()).build_http(),
         upstreams: Mutex::new(HashMap::new()),

@@ -323,13 +323,17 @@ async fn inbound_inner(
         api_key: "",
     };
     let path_only = target.split('?').next().unwrap_or("/");
-    if let Err((limit, wait)) = inner.limits.check(
-        inner,
-        &p.destination,
-        parts.method.as_str(),
-        path_only,
-        &who,
-    ) {
+    if let Err((limit, wait)) = inner
+        .limits
+        .check(
+            inner,
+            &p.destination,
+            parts.method.as_str(),
+            path_only,
+            &who,
+        )
+        .await
+    {
         p.rate_limited = Some(limit);
         return too_many(wait, &did);
     }

@@ -57,6 +57,9 @@ pub struct RunArgs {
     /// Keep enforcing the last policy this long without control-plane contact, then fail closed.
     #[arg(long, env = "CASTELLAN_PROXY_MAX_STALENESS_SECS", default_value_t = 24 * 3600)]
     max_staleness_secs: i64,
+    /// redis://HOST:PORT to share rate limits between proxies (local limits when unreachable).
+    #[arg(long, env = "CASTELLAN_PROXY_REDIS_URL")]
+    redis_url: Option<String>,
     /// Largest audit spool on disk, MiB (beyond it records are counted lost, reported as a gap).
     #[arg(long, env = "CASTELLAN_PROXY_AUDIT_SPOOL_MIB", default_value_t = 256)]
     audit_spool_mib: u64,
@@ -80,6 +83,7 @@ fn config(a: RunArgs) -> Result<ProxyConfig, String> {
         return Err("--max-staleness-secs must be at least 1".to_owned());
     }
     c.max_staleness_secs = a.max_staleness_secs;
+    c.redis_url = a.redis_url;
     c.audit_spool_bytes = a.audit_spool_mib.saturating_mul(1024 * 1024);
     for u in &a.upstreams {
         let (svc, addr) =
