@@ -47,6 +47,45 @@ pub struct ExternalIssuer {
     pub jwks_file: PathBuf,
 }
 
+/// A deny-rate alert: more than `over` decisions of kind `decision` for `service` within `per`
+/// → one JSON POST to `webhook` (retried with backoff), at most once per window.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRule {
+    /// Destination service.
+    pub service: String,
+    /// `deny` or `allow`.
+    #[serde(default = "default_decision")]
+    pub decision: String,
+    /// Threshold (more than this many).
+    pub over: u64,
+    /// Window: `30s`, `1m`, `5m`, `1h`…
+    pub per: String,
+    /// `http://` URL to POST to.
+    pub webhook: String,
+}
+
+fn default_decision() -> String {
+    "deny".to_owned()
+}
+
+impl AlertRule {
+    /// The window in milliseconds.
+    pub fn window_ms(&self) -> Option<i64> {
+        let (n, unit) = self
+            .per
+            .split_at(self.per.find(|c: char| !c.is_ascii_digit())?);
+        let n: i64 = n.parse().ok().filter(|n| *n > 0)?;
+        let unit_ms = match unit {
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            _ => return None,
+        };
+        Some(n * unit_ms)
+    }
+}
+
 /// Everything `castellan server run` needs.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -77,6 +116,8 @@ pub struct ServerConfig {
     pub default_audience: Option<String>,
     /// Issuers whose tokens token exchange accepts.
     pub external_issuers: Vec<ExternalIssuer>,
+    /// Deny-rate alerts.
+    pub alerts: Vec<AlertRule>,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +136,7 @@ impl Default for ServerConfig {
             auth_failures_per_minute: 5,
             default_audience: None,
             external_issuers: Vec::new(),
+            alerts: Vec::new(),
         }
     }
 }
@@ -170,6 +212,17 @@ impl ServerConfig {
             return Err(ConfigError::Field(
                 "ca_ttl_secs must be at least twice svid_ttl_secs".to_owned(),
             ));
+        }
+        for a in &self.alerts {
+            if a.window_ms().is_none()
+                || !a.webhook.starts_with("http://")
+                || !matches!(a.decision.as_str(), "deny" | "allow")
+            {
+                return Err(ConfigError::Field(format!(
+                    "alert for {:?}: per must look like 30s/1m/1h, decision deny or allow, webhook an http:// URL",
+                    a.service
+                )));
+            }
         }
         if self.auth_failures_per_minute == 0 || self.max_body_bytes < 1024 {
             return Err(ConfigError::Field(

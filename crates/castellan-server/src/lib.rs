@@ -3,6 +3,7 @@
 //! listener, SQLite or PostgreSQL behind `castellan-store`.
 
 pub mod admin;
+mod alerts;
 mod audit;
 pub mod config;
 mod dist;
@@ -13,7 +14,7 @@ mod oauth;
 mod problem;
 mod tls;
 
-pub use config::{ConfigError, ExternalIssuer, ServerConfig};
+pub use config::{AlertRule, ConfigError, ExternalIssuer, ServerConfig};
 
 use arc_swap::ArcSwap;
 use castellan_identity::{
@@ -277,6 +278,11 @@ impl Server {
         let task = tokio::spawn(http::serve(server.clone(), listener, stop_rx.clone()));
         tokio::spawn(reload_loop(Arc::downgrade(&server), stop_rx.clone()));
         tokio::spawn(dist::run_hub(Arc::downgrade(&server), stop_rx.clone()));
+        tokio::spawn(alerts::run(
+            Arc::downgrade(&server),
+            server.cfg.alerts.clone(),
+            stop_rx.clone(),
+        ));
         // Histogram samples wait in the recorder until drained; drain them even if nobody scrapes.
         let (handle, mut upkeep_stop) = (server.metrics.clone(), stop_rx);
         tokio::spawn(async move {

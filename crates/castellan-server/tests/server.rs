@@ -1600,3 +1600,127 @@ async fn two_replicas_on_postgres_push_every_change() {
     .await
     .unwrap();
 }
+
+/// Deny-rate alerts: over the threshold → one JSON POST to the webhook, retried after a failure,
+/// not repeated within the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_rate_alert_posts_to_the_webhook_once_per_window() {
+    use http_body_util::BodyExt as _;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // The receiver: answers 500 the first time (so the server retries), then 200.
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = hook.local_addr().unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = hook.accept().await.unwrap();
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let mut s = seen.lock().unwrap();
+                            s.push(serde_json::from_slice(&body).unwrap());
+                            let status = if s.len() == 1 { 500 } else { 200 };
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ServerConfig {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        alerts: vec![castellan_server::AlertRule {
+            service: "orders".to_owned(),
+            decision: "deny".to_owned(),
+            over: 3,
+            per: "1m".to_owned(),
+            webhook: format!("http://{hook_addr}/hook"),
+        }],
+        ..ServerConfig::default()
+    };
+    let init = castellan_server::init(&cfg, "demo.castellan", None)
+        .await
+        .unwrap();
+    let running = Server::start(cfg, None).await.unwrap();
+    let h = Harness {
+        _dir: dir,
+        http: tls_client(&running.server.bundle(), None),
+        running,
+        admin: init.admin_token,
+    };
+    let (chain, key) = certified(&h, "gateway").await;
+    let bundle = h.running.server.bundle();
+    let mut audit = castellan_proto::v1::audit_client::AuditClient::new(
+        channel_to(&h.running.url, &bundle, &chain, &key).await,
+    );
+    let mut head = castellan_audit::Head::default();
+    let now_ms = castellan_server::unix_now() * 1000;
+    let records: Vec<String> = (0..5)
+        .map(|i| {
+            let e = castellan_audit::Entry {
+                time_ms: now_ms,
+                decision_id: format!("d{i}"),
+                destination: "orders".to_owned(),
+                decision: "deny".to_owned(),
+                status: 403,
+                ..castellan_audit::Entry::default()
+            };
+            serde_json::to_string(&head.chain("gw-1", castellan_audit::Kind::Decision, e, 0))
+                .unwrap()
+        })
+        .collect();
+    let ack = audit
+        .ship(castellan_proto::v1::AuditBatch {
+            writer: "gw-1".to_owned(),
+            records,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.stored_through, 5);
+    let t0 = std::time::Instant::now();
+    while seen.lock().unwrap().len() < 2 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(15),
+            "no webhook call (or no retry)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let calls = seen.lock().unwrap().clone();
+    assert_eq!(
+        (
+            calls[1]["service"].as_str(),
+            calls[1]["decision"].as_str(),
+            calls[1]["count"].as_i64()
+        ),
+        (Some("orders"), Some("deny"), Some(5))
+    );
+    assert_eq!(calls[0], calls[1], "the retry sends the same alert");
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert_eq!(seen.lock().unwrap().len(), 2, "at most once per window");
+    let m = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("castellan_server_alerts_fired_total"), "{m}");
+}

@@ -907,4 +907,16 @@ impl Store {
         let rows: Vec<AuditTuple> = on_pool!(self, p => sqlx::query_as(sql).bind(&f.service).bind(&f.source).bind(&f.user).bind(&f.decision).bind(&f.rule).bind(f.since_ms).bind(f.until_ms).bind(f.limit).fetch_all(p).await)?;
         Ok(rows.into_iter().map(audit_row).collect())
     }
+
+    /// How many records with `decision` for `destination` have `time_ms` at or after `since_ms`.
+    pub async fn audit_count_since(
+        &self,
+        destination: &str,
+        decision: &str,
+        since_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let sql = "SELECT COUNT(*) FROM audit_records WHERE destination = $1 AND decision = $2 AND time_ms >= $3";
+        let (n,): (i64,) = on_pool!(self, p => sqlx::query_as(sql).bind(destination).bind(decision).bind(since_ms).fetch_one(p).await)?;
+        Ok(n)
+    }
 }
