@@ -8,7 +8,7 @@
 mod admin;
 mod audit;
 mod breaker;
-mod ratelimit;
+pub mod ratelimit;
 pub use admin::use_metrics_handle;
 mod framing;
 mod gateway;

@@ -17,7 +17,7 @@ type Compiled = Vec<(RateLimit, Arc<DefaultKeyedRateLimiter<String>>)>;
 
 /// GCRA in one atomic step: KEYS[1] holds the theoretical arrival time (ms). ARGV: emission
 /// interval (ms), burst. Returns {1, 0} when allowed, {0, ms to wait} when not.
-const GCRA: &str = r"
+pub const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local emission = tonumber(ARGV[1])
