@@ -2,7 +2,6 @@
 //! verify and export them (admin API, `castellan audit …`).
 
 use crate::admin::Caller;
-use crate::http::PeerCerts;
 use crate::problem::Problem;
 use crate::{Server, unix_now};
 use axum::Json;
@@ -13,7 +12,6 @@ use castellan_audit::{AuditRecord, ChainVerifier};
 use castellan_proto::v1::audit_server::{Audit, AuditServer};
 use castellan_proto::v1::{AuditAck, AuditBatch};
 use castellan_store::{AuditFilter, AuditRow};
-use rustls_pki_types::UnixTime;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -40,21 +38,7 @@ fn internal(e: impl std::fmt::Display) -> Status {
 #[tonic::async_trait]
 impl Audit for AuditService {
     async fn ship(&self, req: Request<AuditBatch>) -> Result<GrpcResponse<AuditAck>, Status> {
-        let chain = req
-            .extensions()
-            .get::<PeerCerts>()
-            .and_then(|p| p.0.clone())
-            .ok_or_else(|| {
-                Status::unauthenticated("an SVID (TLS client certificate) is required")
-            })?;
-        let validator = self.s.svid_validator().await.map_err(internal)?;
-        let id = validator
-            .validate(
-                &chain,
-                UnixTime::now(),
-                castellan_identity::SvidUsage::Client,
-            )
-            .map_err(|e| Status::unauthenticated(format!("client certificate refused: {e}")))?;
+        let id = self.s.grpc_caller(&req).await?;
         let batch = req.into_inner();
         if batch.records.len() > MAX_BATCH || batch.writer.is_empty() || batch.writer.len() > 128 {
             return Err(Status::invalid_argument(

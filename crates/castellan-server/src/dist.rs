@@ -3,7 +3,6 @@
 //! here, or on another replica (PostgreSQL LISTEN/NOTIFY) — and streamed to every watching proxy
 //! as ordered updates.
 
-use crate::http::PeerCerts;
 use crate::{Server, ServerError, unix_now};
 use castellan_proto::v1::distribution_server::{Distribution, DistributionServer};
 use castellan_proto::v1::{
@@ -11,7 +10,7 @@ use castellan_proto::v1::{
     WatchRequest, WatchUpdate,
 };
 use castellan_store::{ApiKeyRow, PolicyRevision, ProxyRow, RevocationEvent, StoreError};
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::CertificateDer;
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
@@ -247,32 +246,7 @@ pub(crate) struct DistributionService {
 impl DistributionService {
     /// The calling proxy's service, from its SVID (checked against revocations and disables).
     async fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let chain = req
-            .extensions()
-            .get::<PeerCerts>()
-            .and_then(|p| p.0.clone())
-            .ok_or_else(|| {
-                Status::unauthenticated("an SVID (TLS client certificate) is required")
-            })?;
-        let validator = self.s.svid_validator().await.map_err(internal)?;
-        let id = validator
-            .validate(
-                &chain,
-                UnixTime::now(),
-                castellan_identity::SvidUsage::Client,
-            )
-            .map_err(|e| Status::unauthenticated(format!("client certificate refused: {e}")))?;
-        let service = id
-            .service_name()
-            .ok_or_else(|| Status::permission_denied("only service identities may watch"))?
-            .to_owned();
-        match self.s.store.service(&service).await {
-            Ok(r) if r.disabled_at.is_none() => Ok(service),
-            Ok(_) | Err(StoreError::NotFound(_)) => {
-                Err(Status::permission_denied("service unknown or disabled"))
-            }
-            Err(e) => Err(internal(e)),
-        }
+        self.s.grpc_service_caller(req).await
     }
 }
 

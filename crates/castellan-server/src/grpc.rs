@@ -1,14 +1,12 @@
 //! gRPC for proxies: `Certify` (join token + CSR → SVID) and `Renew` (current SVID over mTLS +
 //! CSR → new SVID). The proxy's private key never leaves it.
 
-use crate::http::PeerCerts;
 use crate::keys::credential_hash;
 use crate::{Server, unix_now};
-use castellan_identity::{CaError, SpiffeId, SvidUsage};
+use castellan_identity::{CaError, SpiffeId};
 use castellan_proto::v1::identity_server::{Identity, IdentityServer};
 use castellan_proto::v1::{CertifyRequest, RenewRequest, SvidResponse};
 use castellan_store::{CertificateRow, StoreError};
-use rustls_pki_types::UnixTime;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
@@ -115,30 +113,8 @@ impl Identity for IdentityService {
     }
 
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<SvidResponse>, Status> {
-        let chain = req
-            .extensions()
-            .get::<PeerCerts>()
-            .and_then(|p| p.0.clone())
-            .ok_or_else(|| {
-                Status::unauthenticated("renewal needs the current SVID as TLS client certificate")
-            })?;
-        let validator = self.s.svid_validator().await.map_err(internal)?;
-        let id = validator
-            .validate(&chain, UnixTime::now(), SvidUsage::Client)
-            .map_err(|e| Status::unauthenticated(format!("client certificate refused: {e}")))?;
-        let Some(service) = id.service_name().map(str::to_owned) else {
-            return Err(Status::permission_denied(
-                "only service identities renew here",
-            ));
-        };
-        match self.s.store.service(&service).await {
-            Ok(row) if row.disabled_at.is_none() => {}
-            Ok(_) => return Err(Status::permission_denied("service is disabled")),
-            Err(StoreError::NotFound(_)) => {
-                return Err(Status::permission_denied("unknown service"));
-            }
-            Err(e) => return Err(internal(e)),
-        }
+        // The current SVID (TLS client certificate) authenticates; the service must be enabled.
+        let service = self.s.grpc_service_caller(&req).await?;
         let csr = req.into_inner().csr_der;
         self.issue(&service, &csr, "renew").await.map(Response::new)
     }

@@ -412,6 +412,57 @@ impl Server {
         Ok(v)
     }
 
+    /// The SPIFFE ID of a gRPC caller's SVID (its TLS client certificate), validated with the
+    /// bundle and the revocations as of now.
+    pub(crate) async fn grpc_caller<T>(
+        &self,
+        req: &tonic::Request<T>,
+    ) -> Result<SpiffeId, tonic::Status> {
+        let chain = req
+            .extensions()
+            .get::<http::PeerCerts>()
+            .and_then(|p| p.0.clone())
+            .ok_or_else(|| {
+                tonic::Status::unauthenticated("an SVID (TLS client certificate) is required")
+            })?;
+        let validator = self.svid_validator().await.map_err(|e| {
+            tracing::error!(error = %e, "internal error");
+            tonic::Status::internal("internal error")
+        })?;
+        validator
+            .validate(
+                &chain,
+                rustls_pki_types::UnixTime::now(),
+                castellan_identity::SvidUsage::Client,
+            )
+            .map_err(|e| tonic::Status::unauthenticated(format!("client certificate refused: {e}")))
+    }
+
+    /// As [`Server::grpc_caller`], for callers that must be an enabled service: its name.
+    pub(crate) async fn grpc_service_caller<T>(
+        &self,
+        req: &tonic::Request<T>,
+    ) -> Result<String, tonic::Status> {
+        let id = self.grpc_caller(req).await?;
+        let service = id
+            .service_name()
+            .ok_or_else(|| {
+                tonic::Status::permission_denied("only service identities may call this")
+            })?
+            .to_owned();
+        match self.store.service(&service).await {
+            Ok(r) if r.disabled_at.is_none() => Ok(service),
+            Ok(_) => Err(tonic::Status::permission_denied("service is disabled")),
+            Err(StoreError::NotFound(_)) => {
+                Err(tonic::Status::permission_denied("unknown service"))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "internal error");
+                Err(tonic::Status::internal("internal error"))
+            }
+        }
+    }
+
     /// An OAuth2 client, from a short-lived cache.
     async fn client(&self, id: &str) -> Result<ClientRow, StoreError> {
         if let Ok(cache) = self.clients.lock()

@@ -293,6 +293,29 @@ pub async fn start_mesh() -> DemoResult<Mesh> {
     })
 }
 
+/// A client TLS configuration presenting `as_`'s SVID and accepting only the SVID of service
+/// `to`, validated with `verify_with`'s pushed bundle and revocations (as a sidecar would).
+pub fn mtls_client(
+    as_: &RunningProxy,
+    verify_with: &RunningProxy,
+    to: &str,
+) -> DemoResult<Arc<rustls::ClientConfig>> {
+    let expected =
+        castellan_identity::SpiffeId::for_service(TRUST_DOMAIN, to).map_err(|e| e.to_string())?;
+    let v = Arc::new(castellan_proxy::tls::SvidServerVerifier::new(
+        verify_with.state.clone(),
+        expected,
+    ));
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(castellan_proxy::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(v)
+            .with_client_cert_resolver(as_.identity.clone()),
+    ))
+}
+
 /// One HTTP/1.1 exchange written byte for byte (attacks must reach the proxy as sent).
 pub async fn raw(
     addr: SocketAddr,

@@ -187,6 +187,62 @@ async fn audit_verify_names_altered_deleted_and_swapped_records() {
     );
 }
 
+/// A `castellan server` child process on a fresh data directory.
+struct ControlPlane {
+    child: std::process::Child,
+    data: std::path::PathBuf,
+    port: u16,
+    url: String,
+    token: String,
+    bundle_path: std::path::PathBuf,
+    certs: Vec<rustls_pki_types::CertificateDer<'static>>,
+    http: reqwest::Client,
+}
+
+impl ControlPlane {
+    async fn start(dir: &std::path::Path) -> ControlPlane {
+        use rustls_pki_types::pem::PemObject as _;
+        let data = dir.join("cp");
+        let init = std::process::Command::new(env!("CARGO_BIN_EXE_castellan"))
+            .args([
+                "server",
+                "init",
+                "--trust-domain",
+                "demo.castellan",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "-o",
+                "json",
+            ])
+            .output()
+            .unwrap();
+        let init: Value = serde_json::from_slice(&init.stdout).unwrap();
+        let port = free_port();
+        let child = spawn_server(&data, port);
+        let bundle_path = data.join("bundle.pem");
+        let certs: Vec<_> =
+            rustls_pki_types::CertificateDer::pem_slice_iter(&std::fs::read(&bundle_path).unwrap())
+                .map(Result::unwrap)
+                .collect();
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls_roots(&certs).unwrap())
+            .build()
+            .unwrap();
+        let url = format!("https://127.0.0.1:{port}");
+        wait_healthy(&http, &url).await;
+        ControlPlane {
+            child,
+            data,
+            port,
+            url,
+            token: init["admin_token"].as_str().unwrap().to_owned(),
+            bundle_path,
+            certs,
+            http,
+        }
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -234,36 +290,16 @@ async fn wait_healthy(http: &reqwest::Client, url: &str) {
 async fn sigkill_of_the_control_plane_loses_no_audit_record() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("cp");
-    let init = std::process::Command::new(env!("CARGO_BIN_EXE_castellan"))
-        .args([
-            "server",
-            "init",
-            "--trust-domain",
-            "demo.castellan",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "-o",
-            "json",
-        ])
-        .output()
-        .unwrap();
-    let init: Value = serde_json::from_slice(&init.stdout).unwrap();
-    let token = init["admin_token"].as_str().unwrap().to_owned();
-    let port = free_port();
-    let url = format!("https://127.0.0.1:{port}");
-    let mut server = spawn_server(&data, port);
-    let bundle_path = data.join("bundle.pem");
-    let pem = std::fs::read(&bundle_path).unwrap();
-    use rustls_pki_types::pem::PemObject as _;
-    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
-        .map(Result::unwrap)
-        .collect();
-    let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(tls_roots(&certs).unwrap())
-        .build()
-        .unwrap();
-    wait_healthy(&http, &url).await;
+    let cp = ControlPlane::start(dir.path()).await;
+    let (url, token, bundle_path, certs, http) = (
+        cp.url.clone(),
+        cp.token.clone(),
+        cp.bundle_path.clone(),
+        cp.certs.clone(),
+        cp.http.clone(),
+    );
+    let (data, port) = (cp.data.clone(), cp.port);
+    let mut server = cp.child;
     let post = |path: &str, body: Value| {
         let (http, url, token, path) = (http.clone(), url.clone(), token.clone(), path.to_owned());
         async move {
@@ -406,19 +442,7 @@ async fn sigkill_of_the_control_plane_loses_no_audit_record() {
 }
 
 fn mtls_to(as_: &RunningProxy, verify_with: &RunningProxy, to: &str) -> Arc<rustls::ClientConfig> {
-    let expected = castellan_identity::SpiffeId::for_service("demo.castellan", to).unwrap();
-    let v = Arc::new(castellan_proxy::tls::SvidServerVerifier::new(
-        verify_with.state.clone(),
-        expected,
-    ));
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(castellan_proxy::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(v)
-            .with_client_cert_resolver(as_.identity.clone()),
-    )
+    castellan::demo::mtls_client(as_, verify_with, to).unwrap()
 }
 
 /// A failing app opens the circuit (503 at once) and a healthy one closes it; a proxy restarted
@@ -428,36 +452,14 @@ fn mtls_to(as_: &RunningProxy, verify_with: &RunningProxy, to: &str) -> Arc<rust
 async fn circuit_breaker_persisted_policy_and_staleness() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("cp");
-    let init = std::process::Command::new(env!("CARGO_BIN_EXE_castellan"))
-        .args([
-            "server",
-            "init",
-            "--trust-domain",
-            "demo.castellan",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "-o",
-            "json",
-        ])
-        .output()
-        .unwrap();
-    let init: Value = serde_json::from_slice(&init.stdout).unwrap();
-    let token = init["admin_token"].as_str().unwrap().to_owned();
-    let port = free_port();
-    let url = format!("https://127.0.0.1:{port}");
-    let mut server = spawn_server(&data, port);
-    let bundle_path = data.join("bundle.pem");
-    use rustls_pki_types::pem::PemObject as _;
-    let certs: Vec<_> =
-        rustls_pki_types::CertificateDer::pem_slice_iter(&std::fs::read(&bundle_path).unwrap())
-            .map(Result::unwrap)
-            .collect();
-    let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(tls_roots(&certs).unwrap())
-        .build()
-        .unwrap();
-    wait_healthy(&http, &url).await;
+    let cp = ControlPlane::start(dir.path()).await;
+    let (url, token, bundle_path, http) = (
+        cp.url.clone(),
+        cp.token.clone(),
+        cp.bundle_path.clone(),
+        cp.http.clone(),
+    );
+    let mut server = cp.child;
     let post = |path: &str, body: Value| {
         let (http, url, token, path) = (http.clone(), url.clone(), token.clone(), path.to_owned());
         async move {

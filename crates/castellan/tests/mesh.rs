@@ -8,7 +8,6 @@
 )]
 
 use castellan::demo::{Mesh, raw, start_mesh, tls_roots};
-use castellan_identity::SpiffeId;
 use castellan_proxy::{Mode, ProxyConfig, RunningProxy};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -42,19 +41,7 @@ async fn post(m: &Mesh, path: &str, body: Value) -> Value {
 
 /// An mTLS client presenting `as_`'s SVID, accepting only `to`'s.
 fn mtls(as_: &RunningProxy, verifying_with: &RunningProxy, to: &str) -> Arc<rustls::ClientConfig> {
-    let expected = SpiffeId::for_service("demo.castellan", to).unwrap();
-    let v = Arc::new(castellan_proxy::tls::SvidServerVerifier::new(
-        verifying_with.state.clone(),
-        expected,
-    ));
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(castellan_proxy::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(v)
-            .with_client_cert_resolver(as_.identity.clone()),
-    )
+    castellan::demo::mtls_client(as_, verifying_with, to).unwrap()
 }
 
 fn get(path: &str, context: Option<&str>) -> Vec<u8> {
