@@ -213,6 +213,11 @@ async fn handle_inner(
         Ok(b) => b,
         Err(e) => return h::body_error(e, &did),
     };
+    if let Err(v) = crate::validate_request(inner, service, &parts, &target, &body) {
+        p.invalid = true;
+        let status = StatusCode::from_u16(v.status).unwrap_or(StatusCode::BAD_REQUEST);
+        return problem(status, &v.detail, &did);
+    }
     let mut headers = parts.headers.clone();
     h::strip_headers(&mut headers);
     headers.remove(AUTHORIZATION);

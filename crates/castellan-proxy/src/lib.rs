@@ -14,6 +14,7 @@ mod framing;
 mod gateway;
 pub mod http;
 pub mod identity;
+pub mod openapi;
 mod sidecar;
 pub mod state;
 pub mod tls;
@@ -251,6 +252,30 @@ where
     http::problem(StatusCode::SERVICE_UNAVAILABLE, "upstream unavailable", did)
 }
 
+/// Validates a request against the destination's OpenAPI document, if it has one.
+pub(crate) fn validate_request(
+    inner: &Inner,
+    service: &str,
+    parts: &hyper::http::request::Parts,
+    target: &str,
+    body: &[u8],
+) -> Result<(), openapi::Violation> {
+    let Some(spec) = inner.state.spec(service) else {
+        return Ok(());
+    };
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let ct = parts
+        .headers
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    spec.check(parts.method.as_str(), path, query, ct, body).inspect_err(|_| {
+        metrics::counter!("castellan_proxy_invalid_requests_total", "proxy" => inner.cfg.proxy_id.clone(), "service" => service.to_owned()).increment(1);
+    })
+}
+
 /// Methods safe to retry.
 pub(crate) fn is_idempotent(m: &hyper::Method) -> bool {
     matches!(
@@ -321,6 +346,9 @@ impl Inner {
         }
         if !u.trust_bundle.is_empty() {
             snap.trust_bundle.clone_from(&u.trust_bundle);
+        }
+        if u.api_specs.is_some() {
+            snap.api_specs.clone_from(&u.api_specs);
         }
         let path = self.cfg.state_dir.join(SNAPSHOT_FILE);
         let tmp = path.with_extension("tmp");

@@ -107,6 +107,8 @@ pub(crate) struct Pending {
     pub(crate) decision: Option<Decision>,
     /// Set when a rate limit refused the request (its name).
     pub(crate) rate_limited: Option<String>,
+    /// Set when the request did not fit the service's OpenAPI document.
+    pub(crate) invalid: bool,
 }
 
 /// A request hyper refused before it reached us (unparsable framing, head too large): hyper
@@ -156,6 +158,7 @@ impl Pending {
             trace_id,
             decision: None,
             rate_limited: None,
+            invalid: false,
         }
     }
 
@@ -179,6 +182,7 @@ impl Pending {
         };
         let (decision, rule, reason) = match &self.rate_limited {
             Some(limit) => ("deny", limit.clone(), "rate-limited"),
+            None if self.invalid => ("deny", rule, "invalid-request"),
             None => (decision, rule, reason),
         };
         metrics::counter!("castellan_proxy_decisions_total", "proxy" => inner.cfg.proxy_id.clone(), "decision" => decision, "rule" => if rule.is_empty() { "-".to_owned() } else { rule.clone() }).increment(1);
@@ -341,6 +345,11 @@ async fn inbound_inner(
         Ok(b) => b,
         Err(e) => return h::body_error(e, &did),
     };
+    if let Err(v) = crate::validate_request(inner, &p.destination, &parts, &target, &body) {
+        p.invalid = true;
+        let status = StatusCode::from_u16(v.status).unwrap_or(StatusCode::BAD_REQUEST);
+        return problem(status, &v.detail, &did);
+    }
     let mut headers = parts.headers.clone();
     h::strip_headers(&mut headers);
     let set = |headers: &mut hyper::HeaderMap, k: &'static str, v: &str| {

@@ -42,6 +42,7 @@ pub struct State {
     disabled: ArcSwap<HashSet<String>>,
     api_keys: ArcSwap<HashMap<Vec<u8>, Arc<ApiKeyUser>>>,
     endpoints: ArcSwap<HashMap<String, Vec<SocketAddr>>>,
+    specs: ArcSwap<HashMap<String, Arc<crate::openapi::ApiSpec>>>,
     recent: Mutex<std::collections::VecDeque<RecentDecision>>,
     /// Context-token signers already validated, by token header; emptied with every bundle or
     /// revocation change.
@@ -99,6 +100,7 @@ impl State {
             disabled: ArcSwap::from_pointee(HashSet::new()),
             api_keys: ArcSwap::from_pointee(HashMap::new()),
             endpoints: ArcSwap::from_pointee(HashMap::new()),
+            specs: ArcSwap::from_pointee(HashMap::new()),
             recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT)),
             context_signers: Mutex::new(HashMap::new()),
         })
@@ -132,6 +134,11 @@ impl State {
     /// The user an API key (its SHA-256) authenticates.
     pub fn api_key(&self, hash: &[u8]) -> Option<Arc<ApiKeyUser>> {
         self.api_keys.load().get(hash).cloned()
+    }
+
+    /// A service's compiled OpenAPI document, if it registered one.
+    pub fn spec(&self, service: &str) -> Option<Arc<crate::openapi::ApiSpec>> {
+        self.specs.load().get(service).cloned()
     }
 
     /// Endpoints of a service.
@@ -286,6 +293,23 @@ impl State {
                 }
             }
             self.endpoints.store(Arc::new(map));
+        }
+        if let Some(specs) = u.api_specs {
+            let mut map = HashMap::new();
+            for (service, text) in specs.specs {
+                match serde_json::from_str(&text)
+                    .map_err(|e| e.to_string())
+                    .and_then(|doc| crate::openapi::ApiSpec::compile(&doc))
+                {
+                    Ok(spec) => {
+                        map.insert(service, Arc::new(spec));
+                    }
+                    Err(e) => {
+                        tracing::error!(%service, error = %e, "pushed OpenAPI document refused; requests to it are not validated")
+                    }
+                }
+            }
+            self.specs.store(Arc::new(map));
         }
         let mut changed = false;
         if let Some(p) = u.policy {

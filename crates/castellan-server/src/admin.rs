@@ -134,6 +134,11 @@ pub(crate) fn routes() -> Router<Arc<Server>> {
         .route("/v1/services", get(list_services).post(add_service))
         .route("/v1/services/{name}/join-token", post(new_join_token))
         .route("/v1/services/{name}/disable", post(disable_service))
+        .route(
+            "/v1/services/{name}/spec",
+            axum::routing::put(set_spec)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_POLICY_BYTES)),
+        )
         .route("/v1/services/{name}/certificates", get(list_certificates))
         .route("/v1/certificates/{serial}/revoke", post(revoke_certificate))
         .route("/v1/revocations", get(revocations))
@@ -762,4 +767,36 @@ async fn revoke_api_key(
     s.changed().await;
     tracing::info!(admin = %c.name, key_id = %id, "API key revoked");
     Ok(Json(json!({"key_id": id, "revoked": true})))
+}
+
+async fn set_spec(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    Path(name): Path<String>,
+    body: String,
+) -> Result<Json<Value>, Problem> {
+    c.require_admin()?;
+    service_id(&s, &name)?;
+    s.store.service(&name).await?;
+    let doc = crate::config::yaml_text_to_json(&body)
+        .map_err(|e| Problem::bad_request(format!("spec: {e}")))?;
+    let version = doc
+        .get("openapi")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if !version.starts_with("3.") || !doc.get("paths").is_some_and(Value::is_object) {
+        return Err(Problem::bad_request(
+            "spec: an OpenAPI 3.0/3.1 document with paths is expected",
+        ));
+    }
+    let paths = doc
+        .get("paths")
+        .and_then(Value::as_object)
+        .map_or(0, serde_json::Map::len);
+    s.store
+        .set_service_spec(&name, &doc.to_string(), unix_now())
+        .await?;
+    s.changed().await;
+    tracing::info!(admin = %c.name, service = %name, paths, "OpenAPI document set");
+    Ok(Json(json!({"service": name, "paths": paths})))
 }

@@ -261,6 +261,23 @@ fn yaml_file(path: &Path) -> Result<Map<String, Value>, ConfigError> {
     }
 }
 
+/// YAML (or JSON) text as JSON; errors name line and column.
+pub(crate) fn yaml_text_to_json(text: &str) -> Result<Value, String> {
+    let docs = YamlLoader::load_from_str(text).map_err(|e| {
+        format!(
+            "{}:{}: {}",
+            e.marker().line(),
+            e.marker().col() + 1,
+            e.info()
+        )
+    })?;
+    Ok(docs
+        .into_iter()
+        .next()
+        .map(yaml_to_json)
+        .unwrap_or(Value::Null))
+}
+
 fn yaml_to_json(y: Yaml) -> Value {
     match y {
         Yaml::Real(s) => s.parse::<f64>().map_or(Value::String(s), Value::from),

@@ -33,6 +33,7 @@ pub(crate) struct Snapshot {
     pub(crate) api_keys: Vec<ApiKeyRow>,
     pub(crate) endpoints: Vec<(String, String)>,
     pub(crate) bundle: Vec<CertificateDer<'static>>,
+    pub(crate) specs: Vec<(String, String)>,
 }
 
 /// Fans changes out to watchers.
@@ -77,6 +78,7 @@ async fn load(s: &Server) -> Result<Snapshot, StoreError> {
         api_keys: s.store.active_api_keys().await?,
         endpoints,
         bundle: s.bundle(),
+        specs: s.store.service_specs().await?,
     })
 }
 
@@ -225,6 +227,12 @@ fn diff(before: Option<&Snapshot>, now: &Snapshot) -> Option<WatchUpdate> {
                     address: address.clone(),
                 })
                 .collect(),
+        });
+        any = true;
+    }
+    if before.is_none_or(|b| b.specs != now.specs) {
+        u.api_specs = Some(castellan_proto::v1::ApiSpecs {
+            specs: now.specs.iter().cloned().collect(),
         });
         any = true;
     }

@@ -919,4 +919,25 @@ impl Store {
         let (n,): (i64,) = on_pool!(self, p => sqlx::query_as(sql).bind(destination).bind(decision).bind(since_ms).fetch_one(p).await)?;
         Ok(n)
     }
+
+    /// Sets (replaces) a service's OpenAPI document.
+    pub async fn set_service_spec(
+        &self,
+        service: &str,
+        spec: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let sql = "INSERT INTO service_specs (service, spec, updated_at) VALUES ($1, $2, $3) \
+                   ON CONFLICT (service) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at";
+        on_pool!(self, p => sqlx::query(sql).bind(service).bind(spec).bind(now).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    /// Every service's OpenAPI document, by service.
+    pub async fn service_specs(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let sql = "SELECT service, spec FROM service_specs ORDER BY service";
+        let rows: Vec<(String, String)> =
+            on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        Ok(rows)
+    }
 }

@@ -39,6 +39,14 @@ pub enum ServiceCommand {
         /// Service name.
         name: String,
     },
+    /// Register the service's OpenAPI 3.0/3.1 document (YAML or JSON); proxies validate every
+    /// request to it before the app sees it.
+    Spec {
+        /// Service name.
+        name: String,
+        /// The OpenAPI document.
+        file: PathBuf,
+    },
     /// Disable a service: no more certificates, and proxies learn of it.
     Disable {
         /// Service name.
@@ -280,6 +288,32 @@ pub fn service(cmd: ServiceCommand, conn: &Connection, json_out: bool) -> ExitCo
             json_out,
             |v| s(v, "join_token").to_owned(),
         ),
+        ServiceCommand::Spec { name, file } => {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {}: {e}", file.display());
+                    return ExitCode::from(2);
+                }
+            };
+            match put_text(conn, &format!("/v1/services/{name}/spec"), text) {
+                Ok(v) => {
+                    if json_out {
+                        println!("{v}");
+                    } else {
+                        println!(
+                            "OpenAPI document for {name} set ({} paths); proxies validate requests against it",
+                            v.get("paths").unwrap_or(&Value::Null)
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         ServiceCommand::Disable { name } => finish(
             conn,
             call(Method::POST, format!("/v1/services/{name}/disable"), None),
@@ -637,6 +671,34 @@ pub enum AuditCommand {
         #[arg(long, default_value = "jsonl")]
         format: String,
     },
+}
+
+fn put_text(conn: &Connection, path: &str, body: String) -> Result<Value, String> {
+    let (client, server, token) = conn.client()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let r = client
+            .put(format!("{server}{path}"))
+            .bearer_auth(token)
+            .header("content-type", "application/yaml")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("{server}: {e}"))?;
+        let status = r.status();
+        let v: Value = r.json().await.map_err(|e| e.to_string())?;
+        if status.is_success() {
+            Ok(v)
+        } else {
+            Err(format!(
+                "{status}: {}",
+                v.get("detail").and_then(Value::as_str).unwrap_or("")
+            ))
+        }
+    })
 }
 
 fn get_text(conn: &Connection, path: &str) -> Result<String, String> {

@@ -195,6 +195,18 @@ pub async fn start_mesh() -> DemoResult<Mesh> {
         json!({"files": files, "comment": "castellan demo"}),
     )
     .await?;
+    // The orders service's OpenAPI document: proxies validate requests to it.
+    let spec = include_str!("../../../examples/demo/openapi/orders.yaml");
+    let r = http
+        .put(format!("{url}/v1/services/orders/spec"))
+        .bearer_auth(&tok)
+        .body(spec)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!("orders spec: {}", r.status()));
+    }
     let alice = admin(
         &http,
         &url,
@@ -405,7 +417,7 @@ fn cases(m: &Mesh) -> Vec<Case> {
                 }
                 if calls.len() == 2 { Ok(()) } else { Err("expected calls to inventory and payments".to_owned()) }
             }),
-            ..case("POST /orders (→ inventory, payments over mTLS)", "alice", Want::Status(201), format!("POST /orders HTTP/1.1\r\nHost: localhost\r\n{alice}Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}").into_bytes())
+            ..case("POST /orders (→ inventory, payments over mTLS)", "alice", Want::Status(201), format!("POST /orders HTTP/1.1\r\nHost: localhost\r\n{alice}Content-Type: application/json\r\nContent-Length: 26\r\nConnection: close\r\n\r\n{{\"item_id\":7,\"quantity\":2}}").into_bytes())
         },
         case("GET /admin/users", "alice", Want::Status(403), get("/admin/users", &alice, "")),
         case("GET /admin/users", "bob", Want::Status(200), get("/admin/users", &bob, "")),
@@ -482,6 +494,13 @@ fn cases(m: &Mesh) -> Vec<Case> {
             &alice,
             &format!("X-Big: {}\r\n", "a".repeat(20_000)),
         ),
+    ));
+    let bad = r#"{"item_id":7,"quantity":1000}"#;
+    v.push(case(
+        "validation: POST /orders with quantity 1000 (OpenAPI)",
+        "alice",
+        Want::Status(400),
+        format!("POST /orders HTTP/1.1\r\nHost: localhost\r\n{alice}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{bad}", bad.len()).into_bytes(),
     ));
     v.push(Case {
         repeat: 5,
