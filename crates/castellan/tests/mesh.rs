@@ -544,6 +544,7 @@ async fn renewal_at_half_life_keeps_open_connections() {
             .body(Empty::<bytes::Bytes>::new())
             .unwrap()
     };
+    send.ready().await.unwrap();
     let r = send
         .send_request(request(&gw.identity.signer()))
         .await
@@ -559,6 +560,7 @@ async fn renewal_at_half_life_keeps_open_connections() {
             t0.elapsed() < Duration::from_secs(60),
             "no renewal within 60 s"
         );
+        send.ready().await.unwrap();
         let r = send
             .send_request(request(&gw.identity.signer()))
             .await
@@ -569,6 +571,7 @@ async fn renewal_at_half_life_keeps_open_connections() {
     }
     eprintln!("sidecar renewed its SVID after {:?}", t0.elapsed());
     // The open connection still works; a new one sees the new certificate.
+    send.ready().await.unwrap();
     let r = send
         .send_request(request(&gw.identity.signer()))
         .await
