@@ -41,7 +41,18 @@ export CASTELLAN_TOKEN="$(python3 -c 'import json,sys;print(json.load(open(sys.a
 export CASTELLAN_CA_BUNDLE="$T/cp/bundle.pem"
 join() { "$B" service add "$@" -o json | python3 -c 'import json,sys;print(json.load(sys.stdin)["join_token"])'; }
 J_ORD=$(join orders); J_INV=$(join inventory); J_GW=$(join gateway --dns localhost --dns 127.0.0.1)
-"$B" policy apply examples/demo/policies >/dev/null
+# WITH_LIMIT=1: also a RateLimit on every /orders call (generous, so it counts but never refuses),
+# to measure what a limit check costs on the gateway path.
+mkdir -p "$T/policies" && cp examples/demo/policies/*.yaml "$T/policies/"
+if [ "${WITH_LIMIT:-0}" = 1 ]; then
+  cat > "$T/policies/bench-limit.yaml" <<YAML
+apiVersion: castellan/v1
+kind: RateLimit
+metadata: {name: bench-orders-per-user}
+spec: {service: orders, key: user, rate: 1000000, per: 1s, burst: 1000000, pathPrefixes: [/orders]}
+YAML
+fi
+"$B" policy apply "$T/policies" >/dev/null
 KEY=$("$B" apikey create --user alice --roles customer --claim customer_id=42 -o json | python3 -c 'import json,sys;print(json.load(sys.stdin)["api_key"])')
 
 proxy() { CASTELLAN_LOG=warn "$B" proxy run "$@" 2>>"$T/proxies.log" & PIDS+=($!); }
@@ -71,7 +82,7 @@ declare -A URL=(
 )
 echo "| path | oha max rps (32 conns, ${SECS}s) | wrk max rps (1 thread, 32 conns) | oha @1000 rps p50 | p99 | non-2xx | proxy RSS at 1000 rps |"
 echo "|---|---:|---:|---:|---:|---:|---|"
-for name in app nginx sidecar sidecar-pair gateway+sidecar; do
+for name in ${ROWS:-app nginx sidecar sidecar-pair gateway+sidecar}; do
   url="${URL[$name]}"
   auth=(); wrkauth=()
   if [ "$name" = "gateway+sidecar" ]; then auth=(-H "Authorization: Bearer $KEY"); wrkauth=(-s "$T/auth.lua"); fi

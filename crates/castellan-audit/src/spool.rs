@@ -206,8 +206,15 @@ impl Spool {
 
     /// Flushes written records to the disk.
     pub fn sync(&self) -> Result<(), SpoolError> {
-        let inner = self.inner.lock().map_err(|_| SpoolError::Full)?;
-        inner.file.sync_data().map_err(io(&inner.segment))
+        // fsync outside the lock: appends (on the request path) must not wait for the disk.
+        let (file, segment) = {
+            let inner = self.inner.lock().map_err(|_| SpoolError::Full)?;
+            (
+                inner.file.try_clone().map_err(io(&inner.segment))?,
+                inner.segment.clone(),
+            )
+        };
+        file.sync_data().map_err(io(&segment))
     }
 
     /// Records lost to a full spool and not yet reported by a gap record.
