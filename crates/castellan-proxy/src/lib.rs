@@ -296,13 +296,14 @@ impl Inner {
     pub(crate) fn staleness(&self) -> Option<i64> {
         let age = unix_now() - self.last_sync.load(std::sync::atomic::Ordering::Relaxed);
         let stale = age > self.cfg.max_staleness_secs;
-        metrics::gauge!("castellan_proxy_stale", "proxy" => self.cfg.proxy_id.clone())
-            .set(if stale { 1.0 } else { 0.0 });
+        // Called on every request: the gauge and the log change only on a transition.
         if stale {
             if !self
                 .stale_logged
                 .swap(true, std::sync::atomic::Ordering::Relaxed)
             {
+                metrics::gauge!("castellan_proxy_stale", "proxy" => self.cfg.proxy_id.clone())
+                    .set(1.0);
                 tracing::error!(
                     age_secs = age,
                     limit_secs = self.cfg.max_staleness_secs,
@@ -315,6 +316,8 @@ impl Inner {
                 .stale_logged
                 .swap(false, std::sync::atomic::Ordering::Relaxed)
             {
+                metrics::gauge!("castellan_proxy_stale", "proxy" => self.cfg.proxy_id.clone())
+                    .set(0.0);
                 tracing::warn!("control plane reachable again: enforcing");
             }
             None
