@@ -20,12 +20,31 @@ pub enum Kind {
     Gap,
 }
 
-/// One audit record (product.md §6). Field order is the hash's canonical order.
+/// The record format this crate writes.
+pub const FORMAT: u8 = 2;
+
+fn format_v1() -> u8 {
+    1
+}
+
+fn is_v1(v: &u8) -> bool {
+    *v == 1
+}
+
+/// One audit record (product.md §6). Field order is the hash's canonical order. Fields added
+/// in format 2 are left out of a v1 record's JSON, so v1 records hash as they always did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditRecord {
+    /// Record format: 1 (no epoch) or [`FORMAT`].
+    #[serde(default = "format_v1", skip_serializing_if = "is_v1")]
+    pub v: u8,
     /// The enforcement point that wrote it (proxy id).
     pub writer: String,
+    /// The writer's process start this chain belongs to (format 2): every start opens a new
+    /// chain, so a restart with an empty spool, or two processes given one id, never collide.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub epoch: String,
     /// 1, 2, 3, … per writer.
     pub seq: u64,
     /// The previous record's `hash` ([`GENESIS`] for the first).
@@ -132,10 +151,20 @@ impl Default for Head {
 }
 
 impl Head {
-    /// Chains an entry (or a gap of `lost` records) after this head and advances it.
-    pub fn chain(&mut self, writer: &str, kind: Kind, e: Entry, lost: u64) -> AuditRecord {
+    /// Chains an entry (or a gap of `lost` records) after this head and advances it, as a
+    /// format-2 record of `writer`'s chain `epoch`.
+    pub fn chain(
+        &mut self,
+        writer: &str,
+        epoch: &str,
+        kind: Kind,
+        e: Entry,
+        lost: u64,
+    ) -> AuditRecord {
         let mut r = AuditRecord {
+            v: FORMAT,
             writer: writer.to_owned(),
+            epoch: epoch.to_owned(),
             seq: self.seq + 1,
             prev_hash: self.hash.clone(),
             kind,
@@ -198,6 +227,114 @@ pub enum ChainError {
         /// How many were lost.
         lost: u64,
     },
+}
+
+/// Why a shipped batch does not continue the stored chain (checked on ingest, before anything
+/// is stored).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    /// A record's content does not match its hash.
+    #[error("record {seq} does not match its hash")]
+    BadHash {
+        /// Sequence number it claims.
+        seq: u64,
+    },
+    /// Not the next sequence number.
+    #[error("expected record {expected}, received record {received}")]
+    Position {
+        /// Stored head + 1.
+        expected: u64,
+        /// What the batch holds there.
+        received: u64,
+    },
+    /// Does not link to the stored head.
+    #[error(
+        "record {seq} does not link to the stored head (prev_hash {received}, head hash {expected})"
+    )]
+    Link {
+        /// Sequence number.
+        seq: u64,
+        /// The stored head's hash.
+        expected: String,
+        /// The record's `prev_hash`.
+        received: String,
+    },
+    /// A field that must be the batch's (writer, epoch, format) is not.
+    #[error("record {seq}: {what}")]
+    Field {
+        /// Sequence number.
+        seq: u64,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+impl Head {
+    /// Checks that `r` is the next record of the chain `(writer, epoch)` after this head and
+    /// advances the head. Gap records are accepted here (they are explicit; `verify` reports
+    /// them).
+    pub fn accept(
+        &mut self,
+        writer: &str,
+        epoch: &str,
+        r: &AuditRecord,
+    ) -> Result<(), IngestError> {
+        let field = |what: String| IngestError::Field { seq: r.seq, what };
+        if r.v != FORMAT {
+            return Err(field(format!(
+                "record format {} (this server takes {FORMAT})",
+                r.v
+            )));
+        }
+        if r.writer != writer {
+            return Err(field(format!(
+                "writer {:?} in a batch of {writer:?}",
+                r.writer
+            )));
+        }
+        if r.epoch != epoch {
+            return Err(field(format!(
+                "epoch {:?} in a batch of epoch {epoch:?}",
+                r.epoch
+            )));
+        }
+        if r.seq != self.seq + 1 {
+            return Err(IngestError::Position {
+                expected: self.seq + 1,
+                received: r.seq,
+            });
+        }
+        if r.prev_hash != self.hash {
+            return Err(IngestError::Link {
+                seq: r.seq,
+                expected: self.hash.clone(),
+                received: r.prev_hash.clone(),
+            });
+        }
+        if r.hash != r.compute_hash() {
+            return Err(IngestError::BadHash { seq: r.seq });
+        }
+        self.seq = r.seq;
+        self.hash.clone_from(&r.hash);
+        Ok(())
+    }
+}
+
+/// Whether `s` is a well-formed proxy id or epoch: 1–128 of `[A-Za-z0-9._-]` (no spaces, so
+/// the stored chain key `"<proxy id> <SPIFFE ID> <epoch>"` splits one way only).
+pub fn is_plain_id(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A fresh epoch: the start time (ms, hex, so epochs sort by start) and 64 random bits.
+pub fn new_epoch(now_ms: i64) -> String {
+    let mut r = [0u8; 8];
+    // INVARIANT: aws-lc's system RNG does not fail on supported platforms; if it ever did,
+    // the time part alone still separates process starts a millisecond apart.
+    let _ = aws_lc_rs::rand::fill(&mut r);
+    format!("{now_ms:012x}-{}", hex(&r))
 }
 
 /// Verifies one writer's records fed in storage order (by `seq`), one at a time, so a long
@@ -269,6 +406,7 @@ mod tests {
             .map(|i| {
                 h.chain(
                     "w",
+                    "e1",
                     Kind::Decision,
                     Entry {
                         decision_id: format!("d{i}"),
@@ -325,11 +463,85 @@ mod tests {
             Err(ChainError::Broken { seq: 5, prev: 4 })
         );
         let mut h = Head::default();
-        let mut with_gap = vec![h.chain("w", Kind::Decision, Entry::default(), 0)];
-        with_gap.push(h.chain("w", Kind::Gap, Entry::default(), 7));
+        let mut with_gap = vec![h.chain("w", "e1", Kind::Decision, Entry::default(), 0)];
+        with_gap.push(h.chain("w", "e1", Kind::Gap, Entry::default(), 7));
         assert_eq!(
             verify_chain(&with_gap),
             Err(ChainError::Gap { seq: 2, lost: 7 })
         );
+    }
+
+    #[test]
+    fn v1_records_keep_their_hash() {
+        // A record as the previous release wrote it (no `v`, no `epoch`).
+        let v1 = r#"{"writer":"gw","seq":1,"prev_hash":"0000000000000000000000000000000000000000000000000000000000000000","kind":"decision","time_ms":1,"decision_id":"d","trace_id":"","source":"","user":"","destination":"","method":"GET","path":"/","decision":"allow","rule":"","reason":"","mode":"","status":200,"latency_us":1,"lost":0,"hash":""}"#;
+        let mut r: AuditRecord = serde_json::from_str(v1).unwrap();
+        assert_eq!((r.v, r.epoch.as_str()), (1, ""));
+        r.hash = r.compute_hash();
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(!text.contains("\"v\"") && !text.contains("epoch"), "{text}");
+        assert_eq!(verify_chain([&r]), Ok(1));
+    }
+
+    #[test]
+    fn ingest_accepts_only_the_continuation_of_the_head() {
+        let good = chain(4);
+        let mut head = Head::default();
+        for r in &good[..2] {
+            head.accept("w", "e1", r).unwrap();
+        }
+        // Replayed, skipped ahead, forged link, altered, other writer or epoch: refused, head kept.
+        let before = head.clone();
+        assert_eq!(
+            head.accept("w", "e1", &good[0]),
+            Err(IngestError::Position {
+                expected: 3,
+                received: 1
+            })
+        );
+        assert_eq!(
+            head.accept("w", "e1", &good[3]),
+            Err(IngestError::Position {
+                expected: 3,
+                received: 4
+            })
+        );
+        let mut other = Head::default();
+        let forged = other.chain("w", "e1", Kind::Decision, Entry::default(), 0);
+        let mut forged3 = forged.clone();
+        forged3.seq = 3;
+        forged3.hash = forged3.compute_hash();
+        assert!(matches!(
+            head.accept("w", "e1", &forged3),
+            Err(IngestError::Link { seq: 3, .. })
+        ));
+        let mut altered = good[2].clone();
+        altered.status = 403;
+        assert_eq!(
+            head.accept("w", "e1", &altered),
+            Err(IngestError::BadHash { seq: 3 })
+        );
+        assert!(matches!(
+            head.accept("x", "e1", &good[2]),
+            Err(IngestError::Field { .. })
+        ));
+        assert!(matches!(
+            head.accept("w", "e2", &good[2]),
+            Err(IngestError::Field { .. })
+        ));
+        assert_eq!(head, before);
+        head.accept("w", "e1", &good[2]).unwrap();
+        assert_eq!(head.seq, 3);
+    }
+
+    #[test]
+    fn ids_and_epochs() {
+        assert!(is_plain_id("orders-sidecar.1_a"));
+        for bad in ["", "a b", "a\u{1b}[2J", "a/b", &"x".repeat(129)] {
+            assert!(!is_plain_id(bad), "{bad:?}");
+        }
+        let (a, b) = (new_epoch(1), new_epoch(1));
+        assert_ne!(a, b);
+        assert!(is_plain_id(&a));
     }
 }

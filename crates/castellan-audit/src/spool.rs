@@ -6,6 +6,7 @@
 use crate::{AuditRecord, Entry, Head, Kind};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead as _, BufReader, Seek as _, SeekFrom, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -55,8 +56,30 @@ struct Inner {
 pub struct Spool {
     dir: PathBuf,
     writer: String,
+    epoch: String,
     max_bytes: u64,
     inner: Mutex<Inner>,
+}
+
+/// Creates `dir` (and missing parents) readable by the owner only: records name users and
+/// paths.
+pub fn private_dir(dir: &Path) -> Result<(), SpoolError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))
 }
 
 fn segment_name(first_seq: u64) -> String {
@@ -99,8 +122,13 @@ fn first_seq_of(path: &Path) -> u64 {
 impl Spool {
     /// Opens (creating) the spool of `writer` in `dir`, at most `max_bytes` on disk, continuing
     /// the chain where it stopped.
-    pub fn open(dir: &Path, writer: &str, max_bytes: u64) -> Result<Spool, SpoolError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    pub fn open(
+        dir: &Path,
+        writer: &str,
+        epoch: &str,
+        max_bytes: u64,
+    ) -> Result<Spool, SpoolError> {
+        private_dir(dir)?;
         let acked = std::fs::read_to_string(dir.join(ACKED_FILE))
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -133,12 +161,14 @@ impl Spool {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&segment)
             .map_err(io(&segment))?;
         let segment_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(Spool {
             dir: dir.to_owned(),
             writer: writer.to_owned(),
+            epoch: epoch.to_owned(),
             max_bytes,
             inner: Mutex::new(Inner {
                 head,
@@ -164,6 +194,7 @@ impl Spool {
             inner.file = OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(&next)
                 .map_err(io(&next))?;
             inner.segment = next;
@@ -189,6 +220,7 @@ impl Spool {
             let lost = inner.lost;
             let gap = inner.head.chain(
                 &self.writer,
+                &self.epoch,
                 Kind::Gap,
                 Entry {
                     time_ms: e.time_ms,
@@ -199,9 +231,33 @@ impl Spool {
             self.write_line(&mut inner, &gap)?;
             inner.lost = 0;
         }
-        let r = inner.head.chain(&self.writer, Kind::Decision, e, 0);
+        let r = inner
+            .head
+            .chain(&self.writer, &self.epoch, Kind::Decision, e, 0);
         self.write_line(&mut inner, &r)?;
         Ok(r)
+    }
+
+    /// The writer (proxy id) of this spool's chain.
+    pub fn writer(&self) -> &str {
+        &self.writer
+    }
+
+    /// The epoch (process start) of this spool's chain.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// The directory holding this spool.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether every record written has been acknowledged.
+    pub fn drained(&self) -> bool {
+        self.inner
+            .lock()
+            .is_ok_and(|i| i.acked >= i.head.seq && i.lost == 0)
     }
 
     /// Flushes written records to the disk.
@@ -291,10 +347,10 @@ impl Spool {
         }
         inner.acked = seq;
         let acked_path = self.dir.join(ACKED_FILE);
-        std::fs::write(&acked_path, seq.to_string()).map_err(io(&acked_path))?;
+        write_private(&acked_path, seq.to_string().as_bytes())?;
         let head_path = self.dir.join(HEAD_FILE);
         let head = serde_json::to_string(&inner.head).unwrap_or_default();
-        std::fs::write(&head_path, head).map_err(io(&head_path))?;
+        write_private(&head_path, head.as_bytes())?;
         let segs = segments(&self.dir)?;
         for pair in segs.windows(2) {
             if let [this, next] = pair
@@ -319,6 +375,7 @@ impl Spool {
             inner.file = OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(&next)
                 .map_err(io(&next))?;
             inner.segment = next;
@@ -348,13 +405,13 @@ mod tests {
     #[test]
     fn survives_reopen_ships_in_order_and_reports_loss_as_a_gap() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Spool::open(dir.path(), "w", 1 << 20).unwrap();
+        let s = Spool::open(dir.path(), "w", "e1", 1 << 20).unwrap();
         for i in 0..10 {
             s.append(e(i)).unwrap();
         }
         drop(s);
         // Reopened (a restarted proxy): the chain continues.
-        let s = Spool::open(dir.path(), "w", 1 << 20).unwrap();
+        let s = Spool::open(dir.path(), "w", "e1", 1 << 20).unwrap();
         for i in 10..20 {
             s.append(e(i)).unwrap();
         }
@@ -374,7 +431,7 @@ mod tests {
 
         // A tiny spool fills: records are lost, counted, and reported by a gap record.
         let dir2 = tempfile::tempdir().unwrap();
-        let small = Spool::open(dir2.path(), "w", 4096).unwrap();
+        let small = Spool::open(dir2.path(), "w", "e1", 4096).unwrap();
         let mut kept = 0;
         for i in 0..20 {
             if small.append(e(i)).is_ok() {

@@ -82,6 +82,13 @@ impl SpiffeId {
         SpiffeId::parse(&format!("spiffe://{td}/svc/{name}"))
     }
 
+    /// The control plane's own ID in trust domain `td`: `spiffe://td/castellan/server`.
+    /// Proxies and the CLI accept the control plane only with this ID, never by DNS name:
+    /// workload SVIDs are always `/svc/<name>`, so no registered service can hold it.
+    pub fn control_plane(td: &str) -> Result<SpiffeId, SpiffeIdError> {
+        SpiffeId::parse(&format!("spiffe://{td}/castellan/server"))
+    }
+
     /// The trust domain.
     pub fn trust_domain(&self) -> &str {
         self.id.get(9..9 + self.td_len).unwrap_or_default()

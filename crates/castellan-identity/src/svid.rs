@@ -101,6 +101,44 @@ impl TrustBundle {
         })
     }
 
+    /// A bundle whose trust domain is read from its CA certificates' URI SAN
+    /// (`spiffe://<td>`, as Castellan's CA carries): a client given only a bundle file knows
+    /// which control plane ID to expect. Every root must name the same trust domain.
+    pub fn from_roots(roots: Vec<CertificateDer<'static>>) -> Result<TrustBundle, SvidError> {
+        let mut td: Option<String> = None;
+        for r in &roots {
+            let (_, cert) = X509Certificate::from_der(r.as_ref())
+                .map_err(|e| SvidError::Bundle(format!("CA certificate does not parse: {e}")))?;
+            let uri = cert
+                .subject_alternative_name()
+                .ok()
+                .flatten()
+                .and_then(|san| {
+                    san.value.general_names.iter().find_map(|g| match g {
+                        GeneralName::URI(u) => Some(u.to_string()),
+                        _ => None,
+                    })
+                })
+                .ok_or_else(|| {
+                    SvidError::Bundle("CA certificate names no trust domain (URI SAN)".to_owned())
+                })?;
+            let this = crate::spiffe::split_spiffe_id(&uri)
+                .map_err(|e| SvidError::Bundle(format!("CA URI SAN {uri:?}: {e}")))?
+                .0
+                .to_owned();
+            match &td {
+                Some(t) if *t != this => {
+                    return Err(SvidError::Bundle(format!(
+                        "bundle mixes trust domains {t} and {this}"
+                    )));
+                }
+                _ => td = Some(this),
+            }
+        }
+        let td = td.ok_or_else(|| SvidError::Bundle("no CA certificates".to_owned()))?;
+        TrustBundle::new(&td, roots)
+    }
+
     /// The trust domain.
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain

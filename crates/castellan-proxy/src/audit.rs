@@ -3,8 +3,9 @@
 //! only what the control plane says it stored. A full spool keeps the proxy serving; what it
 //! could not keep is counted and becomes an explicit gap record.
 
-use crate::{Inner, identity};
+use crate::{Inner, ProxyConfig, ProxyError, identity};
 use castellan_audit::Entry;
+use castellan_audit::spool::Spool;
 use castellan_proto::v1::AuditBatch;
 use castellan_proto::v1::audit_client::AuditClient;
 use std::sync::Arc;
@@ -28,70 +29,182 @@ pub(crate) fn write(inner: &Inner, e: Entry) {
     }
 }
 
-/// Ships the spool; syncs it to disk every 100 ms.
+/// Opens this start's spool (a new epoch under `STATE/audit/`) and the spools earlier starts
+/// left with records not yet stored.
+pub(crate) fn open_spools(cfg: &ProxyConfig) -> Result<(Spool, Vec<Spool>), ProxyError> {
+    let root = cfg.state_dir.join("audit");
+    let err = |e: String| ProxyError::Config(format!("{}: {e}", root.display()));
+    castellan_audit::spool::private_dir(&root).map_err(|e| err(e.to_string()))?;
+    let mut leftover = Vec::new();
+    let mut legacy = 0;
+    for entry in std::fs::read_dir(&root).map_err(|e| err(e.to_string()))? {
+        let path = entry.map_err(|e| err(e.to_string()))?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        if path.is_dir() && castellan_audit::is_plain_id(&name) {
+            let s = Spool::open(&path, &cfg.proxy_id, &name, cfg.audit_spool_bytes)
+                .map_err(|e| err(e.to_string()))?;
+            if s.drained() {
+                let _ = std::fs::remove_dir_all(&path);
+            } else {
+                leftover.push(s);
+            }
+        } else if name.starts_with("seg-") {
+            legacy += 1;
+        }
+    }
+    if legacy > 0 {
+        // Format-1 segments of the previous release: the control plane refuses that format,
+        // so they are kept for the operator, never deleted or shipped silently.
+        tracing::error!(dir = %root.display(), segments = legacy, "audit spool segments of record format 1 found; they are kept but not shipped (export them with the previous release)");
+    }
+    // Epoch names start with the start time in hex: oldest first.
+    leftover.sort_by(|a, b| a.epoch().cmp(b.epoch()));
+    let epoch = castellan_audit::new_epoch(crate::unix_now_ms());
+    let current = Spool::open(
+        &root.join(&epoch),
+        &cfg.proxy_id,
+        &epoch,
+        cfg.audit_spool_bytes,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    tracing::info!(epoch = %epoch, earlier_chains = leftover.len(), "audit chain opened");
+    Ok((current, leftover))
+}
+
+/// Why one shipping round failed.
+enum ShipError {
+    /// The control plane says the batch does not continue its stored head.
+    Refused(String),
+    /// Anything else (unreachable, internal): retry as is.
+    Other(String),
+}
+
+/// Ships one batch of `spool` (resynchronising with the stored head when refused). Returns how
+/// many records went out.
+async fn ship_round(
+    inner: &Inner,
+    spool: &Spool,
+    client: &mut Option<AuditClient<tonic::transport::Channel>>,
+    rewind: bool,
+) -> Result<usize, ShipError> {
+    let batch = spool
+        .next_batch(BATCH, rewind)
+        .map_err(|e| ShipError::Other(format!("audit spool unreadable: {e}")))?;
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    let n = batch.len();
+    if client.is_none() {
+        let ch = identity::control_channel(
+            &inner.cfg,
+            &inner.state.bundle(),
+            Some(&inner.identity.current()),
+        )
+        .await
+        .map_err(|e| ShipError::Other(e.to_string()))?;
+        *client = Some(AuditClient::new(ch));
+    }
+    let c = client
+        .as_mut()
+        .ok_or_else(|| ShipError::Other("no client".to_owned()))?;
+    let ship = |records: Vec<String>| AuditBatch {
+        writer: spool.writer().to_owned(),
+        epoch: spool.epoch().to_owned(),
+        records,
+    };
+    match c.ship(ship(batch)).await {
+        Ok(ack) => {
+            spool
+                .ack(ack.into_inner().stored_through)
+                .map_err(|e| ShipError::Other(e.to_string()))?;
+            Ok(n)
+        }
+        Err(st) if st.code() == tonic::Code::FailedPrecondition => {
+            // Our batch does not continue the stored head (an earlier batch was stored but its
+            // ack was lost): learn the head and go on from there.
+            let head = c
+                .ship(ship(Vec::new()))
+                .await
+                .map_err(|e| ShipError::Other(e.message().to_owned()))?
+                .into_inner()
+                .stored_through;
+            let (written, _) = spool.positions();
+            if head > written {
+                tracing::error!(
+                    epoch = spool.epoch(),
+                    stored = head,
+                    written,
+                    "the control plane holds more records of this chain than were written"
+                );
+            }
+            spool
+                .ack(head.min(written))
+                .map_err(|e| ShipError::Other(e.to_string()))?;
+            Err(ShipError::Refused(st.message().to_owned()))
+        }
+        Err(st) => Err(ShipError::Other(st.message().to_owned())),
+    }
+}
+
+/// Ships the spools (earlier starts' chains first); syncs the current one every 100 ms.
 pub(crate) async fn ship_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     let mut client: Option<AuditClient<tonic::transport::Channel>> = None;
     let mut rewind = true;
     let mut backoff = Duration::from_millis(100);
+    let proxy = inner.cfg.proxy_id.clone();
     loop {
         if let Err(e) = inner.audit.sync() {
             tracing::error!(error = %e, "audit spool sync failed");
         }
-        let batch = match inner.audit.next_batch(BATCH, rewind) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "audit spool unreadable");
-                Vec::new()
-            }
-        };
+        // INVARIANT: one spool is shipped at a time, oldest chain first, and a leftover spool
+        // is removed only once the control plane has acknowledged all of it.
+        let leftover = inner
+            .audit_leftover
+            .lock()
+            .ok()
+            .and_then(|mut l| (!l.is_empty()).then(|| l.remove(0)));
+        let spool = leftover.as_ref().unwrap_or(&inner.audit);
+        let result = ship_round(&inner, spool, &mut client, rewind).await;
         rewind = false;
+        if let Some(old) = leftover {
+            if old.drained() {
+                tracing::info!(epoch = old.epoch(), "earlier audit chain fully stored");
+                let _ = std::fs::remove_dir_all(old.dir());
+                rewind = true;
+            } else if let Ok(mut l) = inner.audit_leftover.lock() {
+                l.insert(0, old);
+            }
+        }
         let (written, acked) = inner.audit.positions();
-        metrics::gauge!("castellan_proxy_audit_spool_records", "proxy" => inner.cfg.proxy_id.clone()).set((written - acked.min(written)) as f64);
-        metrics::gauge!("castellan_proxy_audit_spool_bytes", "proxy" => inner.cfg.proxy_id.clone())
+        metrics::gauge!("castellan_proxy_audit_spool_records", "proxy" => proxy.clone())
+            .set((written - acked.min(written)) as f64);
+        metrics::gauge!("castellan_proxy_audit_spool_bytes", "proxy" => proxy.clone())
             .set(inner.audit.depth_bytes() as f64);
-        if batch.is_empty() {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                _ = stop.changed() => { let _ = inner.audit.sync(); return }
-            }
-        }
-        let n = batch.len();
-        let result = async {
-            if client.is_none() {
-                let pem: String = inner
-                    .state
-                    .bundle()
-                    .iter()
-                    .map(|c| identity::pem("CERTIFICATE", c.as_ref()))
-                    .collect();
-                let ch =
-                    identity::control_channel(&inner.cfg, &pem, Some(&inner.identity.current()))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                client = Some(AuditClient::new(ch));
-            }
-            let c = client.as_mut().ok_or("no client")?;
-            let ack = c
-                .ship(AuditBatch {
-                    writer: inner.cfg.proxy_id.clone(),
-                    records: batch,
-                })
-                .await
-                .map_err(|e| e.message().to_owned())?
-                .into_inner();
-            inner
-                .audit
-                .ack(ack.stored_through)
-                .map_err(|e| e.to_string())?;
-            Ok::<u64, String>(ack.stored_through)
-        }
-        .await;
         match result {
-            Ok(_) => {
-                metrics::counter!("castellan_proxy_audit_records_shipped_total", "proxy" => inner.cfg.proxy_id.clone()).increment(n as u64);
+            Ok(0) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    _ = stop.changed() => { let _ = inner.audit.sync(); return }
+                }
+            }
+            Ok(n) => {
+                metrics::counter!("castellan_proxy_audit_records_shipped_total", "proxy" => proxy.clone()).increment(n as u64);
                 backoff = Duration::from_millis(100);
             }
-            Err(e) => {
+            Err(ShipError::Refused(e)) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "audit batch refused; resynchronised with the stored head");
+                rewind = true;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(ShipError::Other(e)) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "shipping audit records failed; they stay in the spool");
                 client = None;
                 rewind = true;

@@ -319,15 +319,11 @@ async fn get_json(
 pub(crate) async fn refresh_castellan_keys(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     loop {
         let result: Result<TokenVerifier, String> = async {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in inner.state.bundle().iter() {
-                roots.add(c.clone()).map_err(|e| e.to_string())?;
-            }
-            let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+            // The control plane by its SPIFFE ID: a workload SVID that also names the
+            // control plane's host must not be able to serve us signing keys.
+            // hyper-rustls sets ALPN itself (and refuses a preset one).
+            let cfg =
+                crate::tls::control_plane_client_config(inner.state.bundle().to_vec(), None, &[])?;
             let conn = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_tls_config(cfg)
                 .https_only()

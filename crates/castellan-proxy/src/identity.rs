@@ -178,21 +178,34 @@ fn from_response(
     Ok((ident, bundle))
 }
 
-fn persist(dir: &Path, ident: &Identity) -> Result<(), ProxyError> {
-    let io = |e: std::io::Error| ProxyError::Identity(format!("{}: {e}", dir.display()));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let (cert, key) = ident.pem();
-    let tmp = dir.join(format!("{KEY_FILE}.tmp"));
+/// Writes `bytes` to `path` through a temporary file and a rename, readable by the owner only.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(key.as_bytes()).map_err(io)?;
-    std::fs::rename(&tmp, dir.join(KEY_FILE)).map_err(io)?;
-    std::fs::write(dir.join(CERT_FILE), cert).map_err(io)?;
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Creates the state directory (and parents) for the owner only.
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+fn persist(dir: &Path, ident: &Identity) -> Result<(), ProxyError> {
+    let io = |e: std::io::Error| ProxyError::Identity(format!("{}: {e}", dir.display()));
+    private_dir(dir).map_err(io)?;
+    let (cert, key) = ident.pem();
+    write_private(&dir.join(KEY_FILE), key.as_bytes()).map_err(io)?;
+    write_private(&dir.join(CERT_FILE), cert.as_bytes()).map_err(io)?;
     Ok(())
 }
 
@@ -235,36 +248,49 @@ fn new_csr() -> Result<(KeyPair, Vec<u8>), ProxyError> {
     Ok((key, csr.der().to_vec()))
 }
 
-/// A channel to the control plane trusting `bundle_pem`, optionally authenticating with `ident`.
+/// A channel to the control plane, accepted only with its SPIFFE ID under `bundle`
+/// (never by the DNS name or IP in the URL), optionally authenticating with `ident`.
 pub(crate) async fn control_channel(
     cfg: &ProxyConfig,
-    bundle_pem: &str,
+    bundle: &[CertificateDer<'static>],
     ident: Option<&Identity>,
 ) -> Result<tonic::transport::Channel, ProxyError> {
-    let mut tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(bundle_pem));
-    if let Some(i) = ident {
-        let (c, k) = i.pem();
-        tls = tls.identity(tonic::transport::Identity::from_pem(c, k));
+    let cp = |e: String| ProxyError::ControlPlane(format!("{}: {e}", cfg.control_plane));
+    let tls = crate::tls::control_plane_client_config(
+        bundle.to_vec(),
+        ident.map(|i| (i.chain.clone(), i.key_pkcs8.clone())),
+        &[b"h2"],
+    )
+    .map_err(cp)?;
+    let uri: hyper::Uri = cfg
+        .control_plane
+        .parse()
+        .map_err(|e| ProxyError::Config(format!("control_plane: {e}")))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(ProxyError::Config(format!(
+            "control_plane {}: must be https://",
+            cfg.control_plane
+        )));
     }
-    let err = |e: tonic::transport::Error| {
-        ProxyError::ControlPlane(format!("{}: {e}", cfg.control_plane))
-    };
-    tonic::transport::Channel::from_shared(cfg.control_plane.clone())
-        .map_err(|e| ProxyError::Config(format!("control_plane: {e}")))?
-        .tls_config(tls)
-        .map_err(err)?
+    let connector = crate::tls::TlsConnector::new(std::sync::Arc::new(tls));
+    // tonic refuses an https:// endpoint unless its own TLS (which checks names) is on; the
+    // connector always speaks TLS, so tonic is handed the same authority as http://.
+    let mut parts = uri.into_parts();
+    parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    let uri = hyper::Uri::from_parts(parts)
+        .map_err(|e| ProxyError::Config(format!("control_plane: {e}")))?;
+    tonic::transport::Endpoint::from(uri)
         .connect_timeout(std::time::Duration::from_secs(5))
-        .connect()
+        .connect_with_connector(connector)
         .await
-        .map_err(err)
+        .map_err(|e| cp(crate::error_chain(&e)))
 }
 
 /// The persisted identity if still good, else a new one from the join token. Returns the
 /// identity and, when freshly certified, the bundle that came with it.
 pub(crate) async fn bootstrap(
     cfg: &ProxyConfig,
-    bundle_pem: &str,
+    bundle: &[CertificateDer<'static>],
 ) -> Result<(Identity, Option<Vec<CertificateDer<'static>>>), ProxyError> {
     if let Some(ident) = load_persisted(&cfg.state_dir, unix_now()) {
         tracing::info!(id = %ident.id, not_after = ident.not_after, "using the persisted SVID");
@@ -274,7 +300,7 @@ pub(crate) async fn bootstrap(
         ProxyError::Config("no usable SVID in the state directory and no join token".to_owned())
     })?;
     let (key, csr) = new_csr()?;
-    let mut client = IdentityClient::new(control_channel(cfg, bundle_pem, None).await?);
+    let mut client = IdentityClient::new(control_channel(cfg, bundle, None).await?);
     let r = client
         .certify(CertifyRequest {
             join_token: token,
@@ -292,11 +318,11 @@ pub(crate) async fn bootstrap(
 /// A new SVID for a new key, authenticated with the current one.
 pub(crate) async fn renew(
     cfg: &ProxyConfig,
-    bundle_pem: &str,
+    bundle: &[CertificateDer<'static>],
     current: &Identity,
 ) -> Result<Identity, ProxyError> {
     let (key, csr) = new_csr()?;
-    let mut client = IdentityClient::new(control_channel(cfg, bundle_pem, Some(current)).await?);
+    let mut client = IdentityClient::new(control_channel(cfg, bundle, Some(current)).await?);
     let r = client
         .renew(RenewRequest { csr_der: csr })
         .await

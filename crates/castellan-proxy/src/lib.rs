@@ -186,7 +186,11 @@ pub(crate) struct Inner {
     oidc: Vec<TokenVerifier>,
     castellan_tokens: ArcSwap<Option<TokenVerifier>>,
     inbound_addr: SocketAddr,
+    /// This process's audit chain (a new epoch per start).
     audit: castellan_audit::spool::Spool,
+    /// Chains of earlier starts whose records were not all shipped; drained first, then
+    /// removed.
+    audit_leftover: Mutex<Vec<castellan_audit::spool::Spool>>,
     /// Everything pushed so far, merged: persisted after each update so a restart without the
     /// control plane still enforces the last good state.
     snapshot: Mutex<castellan_proto::v1::WatchUpdate>,
@@ -328,7 +332,10 @@ impl Inner {
         let now = unix_now();
         self.last_sync
             .store(now, std::sync::atomic::Ordering::Relaxed);
-        let _ = std::fs::write(self.cfg.state_dir.join(SYNCED_FILE), now.to_string());
+        let _ = identity::write_private(
+            &self.cfg.state_dir.join(SYNCED_FILE),
+            now.to_string().as_bytes(),
+        );
     }
 
     /// Merges an update into the persisted snapshot and writes it (atomically).
@@ -354,10 +361,7 @@ impl Inner {
             snap.api_specs.clone_from(&u.api_specs);
         }
         let path = self.cfg.state_dir.join(SNAPSHOT_FILE);
-        let tmp = path.with_extension("tmp");
-        if let Err(e) =
-            std::fs::write(&tmp, snap.encode_to_vec()).and_then(|()| std::fs::rename(&tmp, &path))
-        {
+        if let Err(e) = identity::write_private(&path, &snap.encode_to_vec()) {
             tracing::error!(error = %e, "persisting the pushed state failed");
         }
     }
@@ -382,10 +386,7 @@ impl Inner {
         let expected =
             castellan_identity::SpiffeId::for_service(self.state.trust_domain(), service)
                 .map_err(|e| ProxyError::Config(e.to_string()))?;
-        let verifier = Arc::new(tls::SvidServerVerifier {
-            state: self.state.clone(),
-            expected,
-        });
+        let verifier = Arc::new(tls::SvidServerVerifier::new(self.state.clone(), expected));
         // hyper-rustls sets ALPN (http/1.1) itself.
         let cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
             .with_safe_default_protocol_versions()
@@ -436,10 +437,24 @@ impl RunningProxy {
         Ok(self.state.revision())
     }
 
-    /// Audit records written and not yet stored by the control plane.
+    /// Audit records written and not yet stored by the control plane (this start's chain and
+    /// any left by earlier starts).
     pub fn audit_backlog(&self) -> u64 {
         let (written, acked) = self.inner.audit.positions();
-        written.saturating_sub(acked)
+        let left: u64 = self.inner.audit_leftover.lock().map_or(0, |l| {
+            l.iter()
+                .map(|s| {
+                    let (w, a) = s.positions();
+                    w.saturating_sub(a)
+                })
+                .sum()
+        });
+        written.saturating_sub(acked) + left
+    }
+
+    /// The epoch (process start) of this proxy's audit chain.
+    pub fn audit_epoch(&self) -> &str {
+        self.inner.audit.epoch()
     }
 
     /// Audit records written so far (the chain's last sequence number).
@@ -459,9 +474,7 @@ impl Drop for RunningProxy {
     }
 }
 
-fn read_bundle(
-    path: &std::path::Path,
-) -> Result<(String, Vec<CertificateDer<'static>>), ProxyError> {
+fn read_bundle(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, ProxyError> {
     let pem = std::fs::read_to_string(path)
         .map_err(|e| ProxyError::Config(format!("{}: {e}", path.display())))?;
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
@@ -473,14 +486,22 @@ fn read_bundle(
             path.display()
         )));
     }
-    Ok((pem, certs))
+    Ok(certs)
 }
 
-fn bundle_pem(certs: &[CertificateDer<'_>]) -> String {
-    certs
-        .iter()
-        .map(|c| identity::pem("CERTIFICATE", c.as_ref()))
-        .collect()
+/// An error with its sources, `a: b: c` (transport errors say little at the top).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        src = s.source();
+    }
+    out
 }
 
 /// Starts a proxy: identity, listeners, the watch stream and renewal.
@@ -490,8 +511,8 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             "a sidecar needs the app's address".to_owned(),
         ));
     }
-    let (pem, file_bundle) = read_bundle(&cfg.ca_bundle)?;
-    let (ident, pushed) = identity::bootstrap(&cfg, &pem).await?;
+    let file_bundle = read_bundle(&cfg.ca_bundle)?;
+    let (ident, pushed) = identity::bootstrap(&cfg, &file_bundle).await?;
     let td = ident.id.trust_domain().to_owned();
     let mut cfg = cfg;
     cfg.service_name = ident.id.service_name().map(str::to_owned);
@@ -515,10 +536,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         let l = TcpListener::bind(addr).await?;
         outbound.push((svc.clone(), l.local_addr()?, l));
     }
-    let spool_dir = cfg.state_dir.join("audit");
-    let audit =
-        castellan_audit::spool::Spool::open(&spool_dir, &cfg.proxy_id, cfg.audit_spool_bytes)
-            .map_err(|e| ProxyError::Config(e.to_string()))?;
+    let (audit, audit_leftover) = audit::open_spools(&cfg)?;
     // The last good pushed state, if any: enforce it at once, even with the control plane down.
     let mut snapshot = castellan_proto::v1::WatchUpdate::default();
     let mut last_sync = unix_now();
@@ -550,6 +568,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         breakers: Mutex::new(HashMap::new()),
         limits: ratelimit::Limits::new(cfg.redis_url.as_deref())?,
         audit,
+        audit_leftover: Mutex::new(audit_leftover),
         app: Client::builder(TokioExecutor::new()).build_http(),
         upstreams: Mutex::new(HashMap::new()),
         oidc,
@@ -623,9 +642,9 @@ async fn watch_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let ident = inner.identity.current();
-        let pem = bundle_pem(&inner.state.bundle());
+        let bundle = inner.state.bundle();
         let result: Result<(), String> = async {
-            let ch = identity::control_channel(&inner.cfg, &pem, Some(&ident))
+            let ch = identity::control_channel(&inner.cfg, &bundle, Some(&ident))
                 .await
                 .map_err(|e| e.to_string())?;
             let mut client = DistributionClient::new(ch);
@@ -681,8 +700,7 @@ async fn renew_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
             _ = stop.changed() => return,
         }
-        let pem = bundle_pem(&inner.state.bundle());
-        match identity::renew(&inner.cfg, &pem, &cur).await {
+        match identity::renew(&inner.cfg, &inner.state.bundle(), &cur).await {
             Ok(new) => {
                 tracing::info!(not_after = new.not_after, "SVID renewed");
                 if let Err(e) = inner.identity.swap(new) {

@@ -96,19 +96,77 @@ impl ClientCertVerifier for SvidClientVerifier {
     }
 }
 
-/// Outbound mTLS: the server must present the SVID of the service we meant to reach.
+/// Where a server verifier gets its SVID validator.
+#[derive(Debug)]
+enum Validation {
+    /// The proxy's enforcement state as it stands at handshake time (pushed bundle and
+    /// revocations).
+    Live(Arc<State>),
+    /// A fixed bundle (the CLI, and a proxy's channel to the control plane before and beside
+    /// its first push).
+    Fixed(Box<castellan_identity::SvidValidator>),
+}
+
+/// Outbound (m)TLS: the server must present a valid SVID carrying exactly the SPIFFE ID we
+/// meant to reach. The DNS name or IP the client dialled plays no part: a workload may
+/// register DNS names and IPs for its SVID, so a name proves nothing about who answers.
 #[derive(Debug)]
 pub struct SvidServerVerifier {
-    pub(crate) state: Arc<State>,
-    pub(crate) expected: SpiffeId,
+    validation: Validation,
+    expected: SpiffeId,
 }
 
 impl SvidServerVerifier {
     /// A verifier accepting only `expected`'s SVID, validated with `state`'s bundle and
     /// revocations at handshake time.
     pub fn new(state: Arc<State>, expected: SpiffeId) -> SvidServerVerifier {
-        SvidServerVerifier { state, expected }
+        SvidServerVerifier {
+            validation: Validation::Live(state),
+            expected,
+        }
     }
+
+    /// A verifier accepting only the control plane (`spiffe://<td>/castellan/server`) of the
+    /// trust domain named by `bundle`'s CA certificates.
+    pub fn control_plane(
+        bundle: Vec<CertificateDer<'static>>,
+    ) -> Result<SvidServerVerifier, castellan_identity::SvidError> {
+        let bundle = castellan_identity::TrustBundle::from_roots(bundle)?;
+        let expected = SpiffeId::control_plane(bundle.trust_domain())
+            .map_err(|e| castellan_identity::SvidError::Bundle(e.to_string()))?;
+        Ok(SvidServerVerifier {
+            validation: Validation::Fixed(Box::new(castellan_identity::SvidValidator::new(bundle))),
+            expected,
+        })
+    }
+
+    /// The SPIFFE ID this verifier accepts.
+    pub fn expected(&self) -> &SpiffeId {
+        &self.expected
+    }
+}
+
+/// A client configuration that trusts only the control plane of `bundle`'s trust domain, by
+/// SPIFFE ID; `client` adds mTLS with the proxy's SVID (chain, PKCS#8 key).
+pub fn control_plane_client_config(
+    bundle: Vec<CertificateDer<'static>>,
+    client: Option<(Vec<CertificateDer<'static>>, Vec<u8>)>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, String> {
+    let verifier = Arc::new(SvidServerVerifier::control_plane(bundle).map_err(|e| e.to_string())?);
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match client {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, rustls_pki_types::PrivateKeyDer::Pkcs8(key.into()))
+            .map_err(|e| e.to_string())?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
 }
 
 impl ServerCertVerifier for SvidServerVerifier {
@@ -120,11 +178,12 @@ impl ServerCertVerifier for SvidServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let id = self
-            .state
-            .validator()
-            .validate(&chain(end, inter), now, SvidUsage::Server)
-            .map_err(|e| rustls::Error::General(format!("server SVID refused: {e}")))?;
+        let chain = chain(end, inter);
+        let id = match &self.validation {
+            Validation::Live(state) => state.validator().validate(&chain, now, SvidUsage::Server),
+            Validation::Fixed(v) => v.validate(&chain, now, SvidUsage::Server),
+        }
+        .map_err(|e| rustls::Error::General(format!("server SVID refused: {e}")))?;
         if id != self.expected {
             return Err(rustls::Error::General(format!(
                 "server is {id}, expected {}",
@@ -167,4 +226,55 @@ pub(crate) fn peer_id(
         .validator()
         .validate(certs?, UnixTime::now(), SvidUsage::Client)
         .ok()
+}
+
+/// Dials TCP (no Nagle delay) and then TLS with a fixed client configuration, for tonic
+/// channels whose server is checked by SPIFFE ID rather than by the name in the URL.
+#[derive(Debug, Clone)]
+pub(crate) struct TlsConnector {
+    cfg: Arc<rustls::ClientConfig>,
+}
+
+impl TlsConnector {
+    pub(crate) fn new(cfg: Arc<rustls::ClientConfig>) -> TlsConnector {
+        TlsConnector { cfg }
+    }
+}
+
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+impl tower::Service<hyper::Uri> for TlsConnector {
+    type Response = TlsIo;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<TlsIo, std::io::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let cfg = self.cfg.clone();
+        Box::pin(async move {
+            let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_owned());
+            let host = uri.host().ok_or_else(|| bad("URL without host"))?;
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            // SNI only; the certificate is judged by its SPIFFE ID.
+            let name = ServerName::try_from(host.clone()).map_err(|_| bad("bad host"))?;
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
+    }
 }

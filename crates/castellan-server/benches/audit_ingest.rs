@@ -115,7 +115,7 @@ async fn run(label: &str, database_url: Option<String>, per_writer: u64, writers
             let writer = format!("gateway-{w}");
             let lines: Vec<String> = (0..per_writer)
                 .map(|i| {
-                    serde_json::to_string(&head.chain(&writer, Kind::Decision, entry(i), 0))
+                    serde_json::to_string(&head.chain(&writer, "e1", Kind::Decision, entry(i), 0))
                         .unwrap()
                 })
                 .collect();
@@ -123,6 +123,7 @@ async fn run(label: &str, database_url: Option<String>, per_writer: u64, writers
                 .chunks(2000)
                 .map(|c| AuditBatch {
                     writer: writer.clone(),
+                    epoch: "e1".to_owned(),
                     records: c.to_vec(),
                 })
                 .collect()
@@ -178,7 +179,7 @@ fn main() {
 
     // The per-request cost of the audit path: chaining (SHA-256) + one append to the spool.
     let dir = tempfile::tempdir().unwrap();
-    let spool = castellan_audit::spool::Spool::open(dir.path(), "bench", 1 << 30).unwrap();
+    let spool = castellan_audit::spool::Spool::open(dir.path(), "bench", "e1", 1 << 30).unwrap();
     let mut lat: Vec<u64> = Vec::with_capacity(100_000);
     for i in 0..100_000 {
         let t = Instant::now();

@@ -247,6 +247,11 @@ async fn add_service(
             "{bad:?} is not a DNS name or IP address"
         )));
     }
+    if let Some(own) = b.dns_names.iter().find(|n| s.is_own_name(n)) {
+        return Err(Problem::bad_request(format!(
+            "{own:?} is a name the control plane serves under; a workload's certificate may not carry it"
+        )));
+    }
     let now = unix_now();
     s.store
         .create_service_with_names(&b.name, &b.dns_names.join(" "), now)

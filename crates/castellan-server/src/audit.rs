@@ -8,7 +8,8 @@ use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use castellan_audit::{AuditRecord, ChainVerifier};
+use castellan_audit::{AuditRecord, ChainVerifier, Head};
+use castellan_identity::SpiffeId;
 use castellan_proto::v1::audit_server::{Audit, AuditServer};
 use castellan_proto::v1::{AuditAck, AuditBatch};
 use castellan_store::{AuditFilter, AuditRow};
@@ -35,26 +36,73 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal("internal error")
 }
 
+/// The stored key of a chain: the proxy id, the SPIFFE ID of the mTLS identity that shipped
+/// it, and the epoch. Neither part may contain a space, so the key splits one way only.
+pub(crate) fn chain_key(proxy_id: &str, identity: &SpiffeId, epoch: &str) -> String {
+    format!("{proxy_id} {identity} {epoch}")
+}
+
+/// A refused batch: logged, counted, and answered with a message naming the chain.
+fn refuse(key: &str, reason: &'static str, detail: String) -> Status {
+    metrics::counter!("castellan_server_audit_batches_refused_total", "reason" => reason)
+        .increment(1);
+    tracing::warn!(writer = %key, reason, %detail, "audit batch refused");
+    Status::failed_precondition(format!("audit chain {key}: {detail}"))
+}
+
 #[tonic::async_trait]
 impl Audit for AuditService {
     async fn ship(&self, req: Request<AuditBatch>) -> Result<GrpcResponse<AuditAck>, Status> {
+        // INVARIANT: the identity half of the chain key comes from the mTLS connection only;
+        // whatever the request says, no caller can write, pre-empt or ack another identity's
+        // chain.
         let id = self.s.grpc_caller(&req).await?;
         let batch = req.into_inner();
-        if batch.records.len() > MAX_BATCH || batch.writer.is_empty() || batch.writer.len() > 128 {
+        if batch.records.len() > MAX_BATCH {
+            return Err(Status::invalid_argument("batch too large"));
+        }
+        if !castellan_audit::is_plain_id(&batch.writer) {
+            metrics::counter!("castellan_server_audit_batches_refused_total", "reason" => "writer")
+                .increment(1);
             return Err(Status::invalid_argument(
-                "batch too large or writer missing",
+                "writer (proxy id) must be 1-128 of [A-Za-z0-9._-]",
             ));
         }
+        if !castellan_audit::is_plain_id(&batch.epoch) {
+            metrics::counter!("castellan_server_audit_batches_refused_total", "reason" => "format")
+                .increment(1);
+            tracing::warn!(writer = %batch.writer, identity = %id, "audit batch without an epoch (record format 1) refused");
+            return Err(Status::failed_precondition(format!(
+                "audit batch of {} without an epoch: record format 1 from a proxy of an earlier release; upgrade the proxy (its spool keeps the records)",
+                batch.writer
+            )));
+        }
+        let key = chain_key(&batch.writer, &id, &batch.epoch);
+        let mut head = match self.s.store.audit_head(&key).await.map_err(internal)? {
+            None => Head::default(),
+            Some(json) => {
+                let r: AuditRecord = serde_json::from_str(&json).map_err(internal)?;
+                Head {
+                    seq: r.seq,
+                    hash: r.hash,
+                }
+            }
+        };
         let mut rows = Vec::with_capacity(batch.records.len());
         for line in &batch.records {
-            let r: AuditRecord = serde_json::from_str(line)
-                .map_err(|e| Status::invalid_argument(format!("record: {e}")))?;
-            if r.writer != batch.writer {
-                return Err(Status::invalid_argument("a record of another writer"));
-            }
+            let r: AuditRecord = serde_json::from_str(line).map_err(|e| {
+                refuse(
+                    &key,
+                    "malformed",
+                    format!("after record {}: not a record: {e}", head.seq),
+                )
+            })?;
+            head.accept(&batch.writer, &batch.epoch, &r)
+                .map_err(|e| refuse(&key, "chain", e.to_string()))?;
             rows.push(AuditRow {
-                writer: r.writer.clone(),
-                seq: i64::try_from(r.seq).map_err(|_| Status::invalid_argument("seq"))?,
+                writer: key.clone(),
+                seq: i64::try_from(r.seq)
+                    .map_err(|_| refuse(&key, "malformed", "seq out of range".to_owned()))?,
                 record: line.clone(),
                 time_ms: r.time_ms,
                 source: r.source,
@@ -64,17 +112,18 @@ impl Audit for AuditService {
                 rule: r.rule,
             });
         }
-        let new = self.s.store.insert_audit(&rows).await.map_err(internal)?;
-        let through = self
-            .s
-            .store
-            .audit_high_water(&batch.writer)
-            .await
-            .map_err(internal)?;
+        let new = if rows.is_empty() {
+            0
+        } else {
+            self.s.store.insert_audit(&rows).await.map_err(|e| {
+                tracing::warn!(writer = %key, error = %e, "audit batch not stored (a concurrent write to the same chain?)");
+                Status::aborted(format!("audit chain {key}: not stored; retry"))
+            })?
+        };
         metrics::counter!("castellan_server_audit_records_stored_total").increment(new);
-        tracing::debug!(writer = %batch.writer, shipper = %id, new, through, "audit batch stored");
+        tracing::debug!(writer = %key, new, head = head.seq, "audit batch stored");
         Ok(GrpcResponse::new(AuditAck {
-            stored_through: u64::try_from(through).unwrap_or(0),
+            stored_through: head.seq,
         }))
     }
 }
@@ -162,7 +211,14 @@ pub(crate) async fn verify(
             }
         }
         all_ok &= error.is_none();
-        writers.push(json!({"writer": w, "records": stored, "verified": v.count(), "ok": error.is_none(), "first_error": error}));
+        // Chain keys are "<proxy id> <SPIFFE ID> <epoch>"; records of format 1 have the
+        // proxy id alone.
+        let mut parts = w.splitn(3, ' ');
+        let (proxy_id, identity, epoch) = (parts.next(), parts.next(), parts.next());
+        writers.push(
+            json!({"writer": w, "proxy_id": proxy_id, "identity": identity, "epoch": epoch,
+            "records": stored, "verified": v.count(), "ok": error.is_none(), "first_error": error}),
+        );
     }
     Ok(Json(
         json!({"ok": all_ok, "writers": writers, "checked_at": unix_now()}),

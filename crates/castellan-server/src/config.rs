@@ -118,6 +118,11 @@ pub struct ServerConfig {
     pub external_issuers: Vec<ExternalIssuer>,
     /// Deny-rate alerts.
     pub alerts: Vec<AlertRule>,
+    /// Most proxy ids one workload identity may have in the registry at once (a stolen key
+    /// cannot flood `proxy list`); reports beyond it are refused, logged and counted.
+    pub max_proxies_per_identity: i64,
+    /// A proxy not heard from for this long leaves the registry.
+    pub proxy_expiry_secs: i64,
 }
 
 impl Default for ServerConfig {
@@ -137,6 +142,8 @@ impl Default for ServerConfig {
             default_audience: None,
             external_issuers: Vec::new(),
             alerts: Vec::new(),
+            max_proxies_per_identity: 256,
+            proxy_expiry_secs: 3600,
         }
     }
 }
@@ -154,6 +161,8 @@ const ENV_FIELDS: &[&str] = &[
     "max_body_bytes",
     "auth_failures_per_minute",
     "default_audience",
+    "max_proxies_per_identity",
+    "proxy_expiry_secs",
 ];
 
 impl ServerConfig {
@@ -172,6 +181,7 @@ impl ServerConfig {
                     Ok(n)
                         if name.ends_with("_secs")
                             || name.ends_with("_bytes")
+                            || name.ends_with("_identity")
                             || name.ends_with("_minute") =>
                     {
                         Value::from(n)
@@ -193,6 +203,18 @@ impl ServerConfig {
         let ranges = [
             ("token_ttl_secs", self.token_ttl_secs, 1, 3600),
             ("svid_ttl_secs", self.svid_ttl_secs, 60, 7 * 24 * 3600),
+            (
+                "max_proxies_per_identity",
+                self.max_proxies_per_identity,
+                1,
+                1_000_000,
+            ),
+            (
+                "proxy_expiry_secs",
+                self.proxy_expiry_secs,
+                60,
+                30 * 24 * 3600,
+            ),
             (
                 "join_token_ttl_secs",
                 self.join_token_ttl_secs,

@@ -318,6 +318,28 @@ impl Distribution for DistributionService {
         if !r.address.is_empty() && r.address.parse::<std::net::SocketAddr>().is_err() {
             return Err(Status::invalid_argument("address must be ip:port"));
         }
+        // The row is keyed by (the caller's identity, proxy id): a report can only ever touch
+        // rows of the identity on the connection. Ids per identity are capped and stale ones
+        // expire, so a stolen key cannot flood the registry.
+        let now = unix_now();
+        self.s
+            .store
+            .expire_proxies(&service, now - self.s.cfg.proxy_expiry_secs)
+            .await
+            .map_err(internal)?;
+        let (known, count) = self
+            .s
+            .store
+            .proxy_presence(&service, &r.proxy_id)
+            .await
+            .map_err(internal)?;
+        if !known && count >= self.s.cfg.max_proxies_per_identity {
+            metrics::counter!("castellan_server_proxy_reports_refused_total", "reason" => "too-many-ids").increment(1);
+            tracing::warn!(%service, proxy_id = %r.proxy_id, count, "proxy report refused: too many proxy ids for this identity");
+            return Err(Status::resource_exhausted(format!(
+                "identity {service} already has {count} proxies registered (max_proxies_per_identity)"
+            )));
+        }
         let endpoint_new = !self
             .s
             .hub
@@ -334,7 +356,7 @@ impl Distribution for DistributionService {
                 address: r.address,
                 revision: r.revision,
                 cert_not_after: r.cert_not_after,
-                last_contact: unix_now(),
+                last_contact: now,
             })
             .await
             .map_err(internal)?;

@@ -38,6 +38,15 @@ impl IdentityService {
         let row = self.s.store.service(service).await.map_err(internal)?;
         let (mut dns, mut ips) = (Vec::new(), Vec::new());
         for n in row.dns_names.split_whitespace() {
+            // Checked again here, not only at registration: a row written past the API (or
+            // before the control plane's names changed) must not yield an impersonating SVID.
+            if self.s.is_own_name(n) {
+                tracing::error!(%service, name = n, "refusing to issue an SVID naming the control plane's host");
+                metrics::counter!("castellan_server_svid_refusals_total", "reason" => "control-plane-name").increment(1);
+                return Err(Status::failed_precondition(format!(
+                    "service {service:?} is registered with {n:?}, a name the control plane serves under"
+                )));
+            }
             match n.parse::<std::net::IpAddr>() {
                 Ok(ip) => ips.push(ip),
                 Err(_) => dns.push(n.to_owned()),

@@ -338,9 +338,20 @@ impl Server {
         self.keys.load().jwks.clone()
     }
 
+    /// Whether `name` is a DNS name or IP address the control plane serves under (and so may
+    /// never appear in a workload's SVID).
+    pub(crate) fn is_own_name(&self, name: &str) -> bool {
+        let addr = match self.serving.lock() {
+            Ok(g) => g.addr,
+            // Fail closed: treat every name as reserved if the state is unreadable.
+            Err(_) => return true,
+        };
+        tls::is_serving_name(&self.cfg, addr, name)
+    }
+
     /// The server's own SPIFFE ID (its serving certificate names it).
     pub fn spiffe_id(&self) -> Result<SpiffeId, ServerError> {
-        SpiffeId::parse(&format!("spiffe://{}/castellan/server", self.trust_domain))
+        SpiffeId::control_plane(&self.trust_domain)
             .map_err(|e| ServerError::Internal(e.to_string()))
     }
 

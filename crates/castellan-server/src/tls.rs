@@ -46,6 +46,30 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// The IP address the serving certificate names for a listener on `addr`.
+fn serving_ip(addr: SocketAddr) -> IpAddr {
+    if addr.ip().is_unspecified() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        addr.ip()
+    }
+}
+
+/// Whether `name` (a DNS name or IP literal) is one the control plane's serving certificate
+/// carries: a workload SVID must never name it, or its holder could pass for the control
+/// plane with any client that checks only names.
+pub(crate) fn is_serving_name(cfg: &ServerConfig, addr: SocketAddr, name: &str) -> bool {
+    match name.parse::<IpAddr>() {
+        Ok(ip) => ip == serving_ip(addr) || ip == addr.ip(),
+        Err(_) => {
+            let n = name.trim_end_matches('.');
+            cfg.hostnames
+                .iter()
+                .any(|h| h.trim_end_matches('.').eq_ignore_ascii_case(n))
+        }
+    }
+}
+
 /// Issues a fresh serving certificate and builds the TLS configuration around it.
 pub(crate) fn serving_config(
     cfg: &ServerConfig,
@@ -55,13 +79,9 @@ pub(crate) fn serving_config(
     now: i64,
 ) -> Result<(ServingState, rustls::ServerConfig), ServerError> {
     let key = KeyPair::generate().map_err(tls_err)?;
-    let id = SpiffeId::parse(&format!("spiffe://{trust_domain}/castellan/server"))
-        .map_err(|e| ServerError::Internal(e.to_string()))?;
-    let ip = if addr.ip().is_unspecified() {
-        IpAddr::V4(Ipv4Addr::LOCALHOST)
-    } else {
-        addr.ip()
-    };
+    let id =
+        SpiffeId::control_plane(trust_domain).map_err(|e| ServerError::Internal(e.to_string()))?;
+    let ip = serving_ip(addr);
     let issued = ks
         .active_ca
         .ca

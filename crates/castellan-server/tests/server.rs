@@ -373,7 +373,7 @@ async fn suite(h: Harness) {
             Method::POST,
             "/v1/services",
             Some(&h.admin),
-            Some(json!({"name": "gateway", "dns_names": ["localhost", "127.0.0.1"]})),
+            Some(json!({"name": "gateway", "dns_names": ["gw.example", "127.0.0.2"]})),
         )
         .await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
@@ -414,7 +414,8 @@ async fn suite(h: Harness) {
             .general_names
     );
     assert!(
-        sans.contains("localhost") && sans.contains("127.0.0.1") || sans.contains("[127, 0, 0, 1]"),
+        sans.contains("gw.example")
+            && (sans.contains("127.0.0.2") || sans.contains("[127, 0, 0, 2]")),
         "{sans}"
     );
     drop(gkey);
@@ -1680,13 +1681,14 @@ async fn deny_rate_alert_posts_to_the_webhook_once_per_window() {
                 status: 403,
                 ..castellan_audit::Entry::default()
             };
-            serde_json::to_string(&head.chain("gw-1", castellan_audit::Kind::Decision, e, 0))
+            serde_json::to_string(&head.chain("gw-1", "e1", castellan_audit::Kind::Decision, e, 0))
                 .unwrap()
         })
         .collect();
     let ack = audit
         .ship(castellan_proto::v1::AuditBatch {
             writer: "gw-1".to_owned(),
+            epoch: "e1".to_owned(),
             records,
         })
         .await
@@ -1723,4 +1725,224 @@ async fn deny_rate_alert_posts_to_the_webhook_once_per_window() {
         .await
         .unwrap();
     assert!(m.contains("castellan_server_alerts_fired_total"), "{m}");
+}
+
+/// Audit chains and registry rows belong to the mTLS identity that wrote them: identity B
+/// naming A's proxy id and epoch writes only B's own chain and row; batches that do not continue
+/// the stored head (a huge `seq`, a forged link, a replay, an old-format batch) are refused with
+/// the positions named; the ack is the chain's own head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_and_reports_are_bound_to_the_callers_identity_and_verified_on_ingest() {
+    use castellan_audit::{AuditRecord, Entry, Head, Kind};
+    use castellan_proto::v1::audit_client::AuditClient;
+    use castellan_proto::v1::distribution_client::DistributionClient;
+    use castellan_proto::v1::{AuditBatch, ProxyReport};
+    let h = start(None).await;
+    let (a_chain, a_key) = certified(&h, "orders").await;
+    let (b_chain, b_key) = certified(&h, "gateway").await;
+    let bundle = h.running.server.bundle();
+    let a_ch = channel_to(&h.running.url, &bundle, &a_chain, &a_key).await;
+    let b_ch = channel_to(&h.running.url, &bundle, &b_chain, &b_key).await;
+    let (mut a, mut b) = (
+        AuditClient::new(a_ch.clone()),
+        AuditClient::new(b_ch.clone()),
+    );
+    let rec = |head: &mut Head, i: u64| {
+        let e = Entry {
+            decision_id: format!("d{i}"),
+            status: 200,
+            ..Entry::default()
+        };
+        serde_json::to_string(&head.chain("orders-1", "ep1", Kind::Decision, e, 0)).unwrap()
+    };
+    let batch = |records: Vec<String>| AuditBatch {
+        writer: "orders-1".to_owned(),
+        epoch: "ep1".to_owned(),
+        records,
+    };
+
+    // A stores records 1..3.
+    let mut ha = Head::default();
+    let a1: Vec<String> = (0..3).map(|i| rec(&mut ha, i)).collect();
+    let ack = a.ship(batch(a1)).await.unwrap().into_inner();
+    assert_eq!(ack.stored_through, 3);
+
+    // B ships a self-consistent chain of 5 under A's proxy id and epoch: it lands in B's own
+    // chain, and B's ack is B's head.
+    let mut hb = Head::default();
+    let forged: Vec<String> = (100..105).map(|i| rec(&mut hb, i)).collect();
+    assert_eq!(
+        b.ship(batch(forged))
+            .await
+            .unwrap()
+            .into_inner()
+            .stored_through,
+        5
+    );
+    // B's attempt to pre-empt A's record 4 is a position error in B's chain.
+    let mut pre = Head {
+        seq: 3,
+        hash: ha.hash.clone(),
+    };
+    let e = b.ship(batch(vec![rec(&mut pre, 200)])).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("expected record 6, received record 4"),
+        "{}",
+        e.message()
+    );
+
+    // A continues untouched: 4..6 stored, acked 6.
+    let a2: Vec<String> = (3..6).map(|i| rec(&mut ha, i)).collect();
+    assert_eq!(
+        a.ship(batch(a2.clone()))
+            .await
+            .unwrap()
+            .into_inner()
+            .stored_through,
+        6
+    );
+
+    // A huge seq is refused, naming the writer and both positions; nothing moves.
+    let mut huge: AuditRecord = serde_json::from_str(&a2[0]).unwrap();
+    huge.seq = u64::MAX / 2;
+    huge.prev_hash.clone_from(&ha.hash);
+    huge.hash = huge.compute_hash();
+    let e = a
+        .ship(batch(vec![serde_json::to_string(&huge).unwrap()]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    let msg = e.message();
+    assert!(
+        msg.contains("orders-1 spiffe://example.org/svc/orders ep1")
+            && msg.contains("expected record 7, received record 9223372036854775807"),
+        "{msg}"
+    );
+    // A batch whose first prev_hash does not continue the head: refused.
+    let mut unlinked = Head {
+        seq: 6,
+        hash: castellan_audit::GENESIS.to_owned(),
+    };
+    let e = a
+        .ship(batch(vec![rec(&mut unlinked, 7)]))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("does not link to the stored head"),
+        "{}",
+        e.message()
+    );
+    // A replay of stored records: refused, never "stored" as a no-op.
+    let e = a.ship(batch(a2)).await.unwrap_err();
+    assert!(
+        e.message().contains("expected record 7, received record 4"),
+        "{}",
+        e.message()
+    );
+    // An empty batch asks for the head; the real writer keeps shipping.
+    assert_eq!(
+        a.ship(batch(vec![]))
+            .await
+            .unwrap()
+            .into_inner()
+            .stored_through,
+        6
+    );
+    assert_eq!(
+        a.ship(batch(vec![rec(&mut ha, 6)]))
+            .await
+            .unwrap()
+            .into_inner()
+            .stored_through,
+        7
+    );
+    // A proxy of the previous release (no epoch): a clear refusal.
+    let e = a
+        .ship(AuditBatch {
+            writer: "orders-1".to_owned(),
+            epoch: String::new(),
+            records: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("record format 1"), "{}", e.message());
+
+    // verify: two intact chains, each under its own identity.
+    let (st, v) = h
+        .admin(
+            reqwest::Method::GET,
+            "/v1/audit/verify",
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["ok"], true, "{v}");
+    let chain = |who: &str| {
+        v["writers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["identity"] == format!("spiffe://example.org/svc/{who}"))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(
+        (
+            chain("orders")["records"].as_u64(),
+            chain("orders")["proxy_id"].as_str()
+        ),
+        (Some(7), Some("orders-1"))
+    );
+    assert_eq!(chain("gateway")["records"].as_u64(), Some(5));
+
+    // Report: B naming A's proxy id gets a row of its own; A's row is unchanged.
+    let report = |id: &str, address: &str| ProxyReport {
+        proxy_id: id.to_owned(),
+        mode: "sidecar".to_owned(),
+        address: address.to_owned(),
+        revision: 0,
+        cert_not_after: 0,
+    };
+    let (mut da, mut db) = (DistributionClient::new(a_ch), DistributionClient::new(b_ch));
+    da.report(report("orders-1", "127.0.0.1:2222"))
+        .await
+        .unwrap();
+    db.report(report("orders-1", "127.0.0.1:1111"))
+        .await
+        .unwrap();
+    let (_, proxies) = h
+        .admin(reqwest::Method::GET, "/v1/proxies", Some(&h.admin), None)
+        .await;
+    let rows: Vec<(String, String)> = proxies
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["proxy_id"] == "orders-1")
+        .map(|p| {
+            (
+                p["service"].as_str().unwrap().to_owned(),
+                p["address"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        rows.contains(&("orders".to_owned(), "127.0.0.1:2222".to_owned())),
+        "{proxies}"
+    );
+    assert!(
+        rows.contains(&("gateway".to_owned(), "127.0.0.1:1111".to_owned())),
+        "{proxies}"
+    );
+    // A stolen key cannot flood the registry: ids per identity are capped (default 256).
+    for i in 1..256 {
+        db.report(report(&format!("flood-{i}"), "")).await.unwrap();
+    }
+    let e = db.report(report("flood-256", "")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    // A known id still reports.
+    db.report(report("flood-1", "")).await.unwrap();
+    da.report(report("orders-2", "")).await.unwrap();
 }

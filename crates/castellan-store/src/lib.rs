@@ -808,10 +808,28 @@ impl Store {
     /// Records a proxy's report (insert or update).
     pub async fn report_proxy(&self, r: &ProxyRow) -> Result<(), StoreError> {
         let sql = "INSERT INTO proxies (proxy_id, service, mode, address, revision, cert_not_after, last_contact) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                   ON CONFLICT (proxy_id) DO UPDATE SET service = excluded.service, mode = excluded.mode, address = excluded.address, \
+                   ON CONFLICT (service, proxy_id) DO UPDATE SET mode = excluded.mode, address = excluded.address, \
                    revision = excluded.revision, cert_not_after = excluded.cert_not_after, last_contact = excluded.last_contact";
         on_pool!(self, p => sqlx::query(sql).bind(&r.proxy_id).bind(&r.service).bind(&r.mode).bind(&r.address).bind(r.revision).bind(r.cert_not_after).bind(r.last_contact).execute(p).await.map(|r| r.rows_affected()))?;
         Ok(())
+    }
+
+    /// Whether `service` has a proxy `proxy_id` in the registry, and how many proxies it has.
+    pub async fn proxy_presence(
+        &self,
+        service: &str,
+        proxy_id: &str,
+    ) -> Result<(bool, i64), StoreError> {
+        let sql = "SELECT COALESCE(SUM(CASE WHEN proxy_id = $2 THEN 1 ELSE 0 END), 0), COUNT(*) FROM proxies WHERE service = $1";
+        let (this, all): (i64, i64) = on_pool!(self, p => sqlx::query_as(sql).bind(service).bind(proxy_id).fetch_one(p).await)?;
+        Ok((this > 0, all))
+    }
+
+    /// Removes `service`'s proxies last heard from before `before`; returns how many.
+    pub async fn expire_proxies(&self, service: &str, before: i64) -> Result<u64, StoreError> {
+        let sql = "DELETE FROM proxies WHERE service = $1 AND last_contact < $2";
+        on_pool!(self, p => sqlx::query(sql).bind(service).bind(before).execute(p).await.map(|r| r.rows_affected()))
+            .map_err(Into::into)
     }
 
     /// Every proxy, by id.
@@ -846,8 +864,9 @@ impl Store {
 
     // ---- audit ------------------------------------------------------------------------------
 
-    /// Stores records (one writer's, in order); rows already stored are kept as they are.
-    /// Returns how many were new. Rows go in multi-row INSERTs of 100, in one transaction.
+    /// Stores records (one chain's, in order, already checked to continue its head). A row
+    /// that exists already fails the whole batch (a concurrent writer of the same chain):
+    /// nothing is ever silently dropped. Returns how many were stored. Rows go in multi-row INSERTs of 100, in one transaction.
     pub async fn insert_audit(&self, rows: &[AuditRow]) -> Result<u64, StoreError> {
         const CHUNK: usize = 100;
         let n = on_pool!(self, p => {
@@ -861,7 +880,6 @@ impl Store {
                     b.push_bind(&r.writer).push_bind(r.seq).push_bind(&r.record).push_bind(r.time_ms).push_bind(&r.source)
                         .push_bind(&r.user_sub).push_bind(&r.destination).push_bind(&r.decision).push_bind(&r.rule);
                 });
-                qb.push(" ON CONFLICT (writer, seq) DO NOTHING");
                 n += qb.build().execute(&mut *tx).await?.rows_affected();
             }
             tx.commit().await?;
@@ -870,12 +888,12 @@ impl Store {
         Ok(n)
     }
 
-    /// The highest sequence number stored for `writer` (0: none).
-    pub async fn audit_high_water(&self, writer: &str) -> Result<i64, StoreError> {
-        let sql = "SELECT COALESCE(MAX(seq), 0) FROM audit_records WHERE writer = $1";
-        let (n,): (i64,) =
-            on_pool!(self, p => sqlx::query_as(sql).bind(writer).fetch_one(p).await)?;
-        Ok(n)
+    /// The record JSON at the head of `writer`'s chain (highest `seq`), if any.
+    pub async fn audit_head(&self, writer: &str) -> Result<Option<String>, StoreError> {
+        let sql = "SELECT record FROM audit_records WHERE writer = $1 ORDER BY seq DESC LIMIT 1";
+        let row: Option<(String,)> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(writer).fetch_optional(p).await)?;
+        Ok(row.map(|(r,)| r))
     }
 
     /// Every writer with records.

@@ -7,7 +7,6 @@ use rustls_pki_types::pem::PemObject as _;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 /// How to reach the control plane.
 #[derive(Debug, Args)]
@@ -158,19 +157,10 @@ impl Connection {
             .map_err(|e| format!("{}: {e}", bundle.display()))?
             .collect::<Result<_, _>>()
             .map_err(|e| format!("{}: {e}", bundle.display()))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| format!("{}: {e}", bundle.display()))?;
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        // The control plane is accepted only with its SPIFFE ID under this bundle: a workload
+        // SVID naming the same host would otherwise collect the admin token.
+        let tls = castellan_proxy::tls::control_plane_client_config(certs, None, &[])
+            .map_err(|e| format!("{}: {e}", bundle.display()))?;
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .build()
@@ -192,7 +182,10 @@ fn send(conn: &Connection, c: Call) -> Result<Value, String> {
         if let Some(b) = c.body {
             req = req.json(&b);
         }
-        let resp = req.send().await.map_err(|e| format!("{server}: {e}"))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("{server}: {}", castellan_proxy::error_chain(&e)))?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| e.to_string())?;
         let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -228,14 +221,32 @@ fn finish(
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", printable(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v.get(k).and_then(Value::as_str).unwrap_or("")
+fn s(v: &Value, k: &str) -> String {
+    printable(v.get(k).and_then(Value::as_str).unwrap_or(""))
+}
+
+/// `x` with every control character escaped (`\u{1b}`, `\n`, `\t`): values stored by the
+/// server may come from anyone (a token's `sub`, a request path), and raw escape sequences
+/// would rewrite the operator's terminal or forge table rows.
+pub(crate) fn printable(x: &str) -> String {
+    if !x.chars().any(char::is_control) {
+        return x.to_owned();
+    }
+    x.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn table(v: &Value, cols: &[&str]) -> String {
@@ -245,9 +256,9 @@ fn table(v: &Value, cols: &[&str]) -> String {
         let cells: Vec<String> = cols
             .iter()
             .map(|c| match row.get(*c) {
-                Some(Value::String(x)) => x.clone(),
+                Some(Value::String(x)) => printable(x),
                 Some(Value::Null) | None => "-".to_owned(),
-                Some(x) => x.to_string(),
+                Some(x) => printable(&x.to_string()),
             })
             .collect();
         out.push_str(&cells.join("\t"));
@@ -687,7 +698,7 @@ fn put_text(conn: &Connection, path: &str, body: String) -> Result<Value, String
             .body(body)
             .send()
             .await
-            .map_err(|e| format!("{server}: {e}"))?;
+            .map_err(|e| format!("{server}: {}", castellan_proxy::error_chain(&e)))?;
         let status = r.status();
         let v: Value = r.json().await.map_err(|e| e.to_string())?;
         if status.is_success() {
@@ -713,7 +724,7 @@ fn get_text(conn: &Connection, path: &str) -> Result<String, String> {
             .bearer_auth(token)
             .send()
             .await
-            .map_err(|e| format!("{server}: {e}"))?;
+            .map_err(|e| format!("{server}: {}", castellan_proxy::error_chain(&e)))?;
         let status = r.status();
         let text = r.text().await.map_err(|e| e.to_string())?;
         if status.is_success() {
@@ -804,9 +815,10 @@ pub fn audit(cmd: AuditCommand, conn: &Connection, json_out: bool) -> ExitCode {
                                 w.get("records").unwrap_or(&Value::Null)
                             ),
                             Some(e) => println!(
-                                "{}: {} records, FIRST BAD RECORD: {e}",
+                                "{}: {} records, FIRST BAD RECORD: {}",
                                 s(w, "writer"),
-                                w.get("records").unwrap_or(&Value::Null)
+                                w.get("records").unwrap_or(&Value::Null),
+                                printable(e)
                             ),
                         }
                     }

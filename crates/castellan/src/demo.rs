@@ -122,7 +122,17 @@ async fn admin(
     }
 }
 
-/// A TLS client configuration trusting `bundle`.
+/// The loopback address the demo gateway listens on and its SVID names.
+pub const GATEWAY_IP: &str = "127.0.0.2";
+
+/// A TLS client configuration for the control plane of `bundle`'s trust domain, accepted by
+/// SPIFFE ID only.
+pub fn control_plane_tls(bundle: &[CertificateDer<'static>]) -> DemoResult<rustls::ClientConfig> {
+    castellan_proxy::tls::control_plane_client_config(bundle.to_vec(), None, &[])
+}
+
+/// A TLS client configuration trusting `bundle` and checking the server's name (what an edge
+/// client of the gateway does).
 pub fn tls_roots(bundle: &[CertificateDer<'static>]) -> DemoResult<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in bundle {
@@ -157,7 +167,7 @@ pub async fn start_mesh() -> DemoResult<Mesh> {
     castellan_proxy::use_metrics_handle(castellan_server::metrics_handle());
     let bundle = server.server.bundle();
     let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(tls_roots(&bundle)?)
+        .tls_backend_preconfigured(control_plane_tls(&bundle)?)
         .build()
         .map_err(|e| e.to_string())?;
     let url = server.url.clone();
@@ -167,7 +177,9 @@ pub async fn start_mesh() -> DemoResult<Mesh> {
         ("orders", json!([])),
         ("inventory", json!([])),
         ("payments", json!([])),
-        ("gateway", json!(["localhost", "127.0.0.1"])),
+        // The gateway's SVID names its own loopback address: names the control plane serves
+        // under (localhost, 127.0.0.1) are refused for workloads.
+        ("gateway", json!([GATEWAY_IP])),
     ] {
         let v = admin(
             &http,
@@ -266,6 +278,10 @@ pub async fn start_mesh() -> DemoResult<Mesh> {
         ("/orders".to_owned(), "orders".to_owned()),
         ("/admin".to_owned(), "orders".to_owned()),
     ];
+    g.listen = SocketAddr::from((
+        GATEWAY_IP.parse::<std::net::IpAddr>().map_err(|_| "addr")?,
+        0,
+    ));
     let gateway = castellan_proxy::start(g)
         .await
         .map_err(|e| format!("gateway: {e}"))?;
@@ -338,7 +354,7 @@ pub async fn raw(
     let mut buf = Vec::new();
     match tls {
         Some(cfg) => {
-            let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+            let name = ServerName::IpAddress(addr.ip().into());
             let mut s = tokio_rustls::TlsConnector::from(cfg)
                 .connect(name, tcp)
                 .await
@@ -639,7 +655,7 @@ async fn verify_audit(m: &Mesh, json_out: bool) -> bool {
     }
     let verdict: DemoResult<Value> = async {
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls_roots(&m.bundle)?)
+            .tls_backend_preconfigured(control_plane_tls(&m.bundle)?)
             .build()
             .map_err(|e| e.to_string())?;
         let r = http
@@ -673,9 +689,15 @@ async fn verify_audit(m: &Mesh, json_out: bool) -> bool {
                 .at("writers")
                 .as_array()
                 .and_then(|ws| {
+                    // This run's chain of the proxy: its id and this start's epoch.
+                    let proxy_id = if name == &"gateway" {
+                        "gateway".to_owned()
+                    } else {
+                        format!("{name}-sidecar")
+                    };
                     ws.iter().find(|w| {
-                        w.at("writer").as_str() == Some(&format!("{name}-sidecar"))
-                            || (name == &"gateway" && w.at("writer").as_str() == Some("gateway"))
+                        w.at("proxy_id").as_str() == Some(proxy_id.as_str())
+                            && w.at("epoch").as_str() == Some(p.audit_epoch())
                     })
                 })
                 .cloned()
@@ -697,7 +719,7 @@ async fn verify_audit(m: &Mesh, json_out: bool) -> bool {
 
 fn write_state(m: &Mesh, file: &Path) -> DemoResult<()> {
     let state = json!({
-        "gateway_url": format!("https://127.0.0.1:{}", m.gateway.inbound.port()),
+        "gateway_url": format!("https://{}", m.gateway.inbound),
         "admin_url": m.server.url,
         "ca_bundle": m.bundle_path,
         "admin_token": m.admin_token,
@@ -746,8 +768,8 @@ pub fn run(serve: bool, state_file: Option<PathBuf>, json_out: bool) -> ExitCode
                 return ExitCode::FAILURE;
             }
             eprintln!(
-                "castellan demo is serving; gateway https://127.0.0.1:{}; interrupt to stop",
-                mesh.gateway.inbound.port()
+                "castellan demo is serving; gateway https://{}; interrupt to stop",
+                mesh.gateway.inbound
             );
             let _ = tokio::signal::ctrl_c().await;
             return ExitCode::SUCCESS;

@@ -62,7 +62,14 @@ async fn audit_verify_names_altered_deleted_and_swapped_records() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("gateway: 8 records, chain intact"), "{text}");
+    // Chains are named "<proxy id> <SPIFFE ID> <epoch>".
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("gateway spiffe://demo.castellan/svc/gateway ")
+                && l.ends_with(": 8 records, chain intact")
+        ),
+        "{text}"
+    );
 
     // Query and export see the same records.
     let q = tokio::task::spawn_blocking({
@@ -126,13 +133,20 @@ async fn audit_verify_names_altered_deleted_and_swapped_records() {
         .await
         .unwrap();
     let get = |seq: i64| {
-        format!("SELECT record FROM audit_records WHERE writer = 'gateway' AND seq = {seq}")
+        format!("SELECT record FROM audit_records WHERE writer LIKE 'gateway %' AND seq = {seq}")
     };
     let (r3,): (String,) = sqlx::query_as(&get(3)).fetch_one(&mut conn).await.unwrap();
+    let (gw_chain,): (String,) =
+        sqlx::query_as("SELECT DISTINCT writer FROM audit_records WHERE writer LIKE 'gateway %'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
     let set = |seq: i64, rec: &str| {
-        sqlx::query("UPDATE audit_records SET record = $1 WHERE writer = 'gateway' AND seq = $2")
-            .bind(rec.to_owned())
-            .bind(seq)
+        sqlx::query(
+            "UPDATE audit_records SET record = $1 WHERE writer LIKE 'gateway %' AND seq = $2",
+        )
+        .bind(rec.to_owned())
+        .bind(seq)
     };
 
     // 1. Altered: a denial turned into… anything else.
@@ -144,14 +158,16 @@ async fn audit_verify_names_altered_deleted_and_swapped_records() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
-        text.contains("gateway: 8 records, FIRST BAD RECORD: record 3 was altered"),
+        text.contains(&format!(
+            "{gw_chain}: 8 records, FIRST BAD RECORD: record 3 was altered"
+        )),
         "{text}"
     );
     set(3, &r3).execute(&mut conn).await.unwrap();
 
     // 2. Deleted.
     let (r5,): (String,) = sqlx::query_as(&get(5)).fetch_one(&mut conn).await.unwrap();
-    sqlx::query("DELETE FROM audit_records WHERE writer = 'gateway' AND seq = 5")
+    sqlx::query("DELETE FROM audit_records WHERE writer LIKE 'gateway %' AND seq = 5")
         .execute(&mut conn)
         .await
         .unwrap();
@@ -162,8 +178,8 @@ async fn audit_verify_names_altered_deleted_and_swapped_records() {
         text.contains("records 5..5 are missing (deleted) before record 6"),
         "{text}"
     );
-    sqlx::query("INSERT INTO audit_records (writer, seq, record, time_ms, source, user_sub, destination, decision, rule) VALUES ('gateway', 5, $1, 0, '', '', '', '', '')")
-        .bind(&r5).execute(&mut conn).await.unwrap();
+    sqlx::query("INSERT INTO audit_records (writer, seq, record, time_ms, source, user_sub, destination, decision, rule) VALUES ($2, 5, $1, 0, '', '', '', '', '')")
+        .bind(&r5).bind(&gw_chain).execute(&mut conn).await.unwrap();
 
     // 3. Swapped: two records exchange places.
     let (r2,): (String,) = sqlx::query_as(&get(2)).fetch_one(&mut conn).await.unwrap();
@@ -317,7 +333,7 @@ async fn sigkill_of_the_control_plane_loses_no_audit_record() {
     let j_orders = post("/v1/services", json!({"name": "orders"})).await;
     let j_gw = post(
         "/v1/services",
-        json!({"name": "gateway", "dns_names": ["localhost"]}),
+        json!({"name": "gateway", "dns_names": [castellan::demo::GATEWAY_IP]}),
     )
     .await;
     let policy_dir =
@@ -360,6 +376,13 @@ async fn sigkill_of_the_control_plane_loses_no_audit_record() {
     );
     g.join_token = j_gw["join_token"].as_str().map(str::to_owned);
     g.routes = vec![("/orders".to_owned(), "orders".to_owned())];
+    g.listen = (
+        castellan::demo::GATEWAY_IP
+            .parse::<std::net::IpAddr>()
+            .unwrap(),
+        0,
+    )
+        .into();
     let gw = castellan_proxy::start(g).await.unwrap();
     orders.ready(Duration::from_secs(10)).await.unwrap();
     gw.ready(Duration::from_secs(10)).await.unwrap();
@@ -423,9 +446,9 @@ async fn sigkill_of_the_control_plane_loses_no_audit_record() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|x| x["writer"] == w)
+            .filter(|x| x["proxy_id"] == w)
             .map(|x| x["records"].as_u64().unwrap())
-            .unwrap()
+            .sum::<u64>()
     };
     assert_eq!(
         count("gateway-1"),
@@ -621,4 +644,130 @@ async fn circuit_breaker_persisted_policy_and_staleness() {
         metrics.contains("castellan_proxy_stale{proxy=\"orders-1\"} 1"),
         "{metrics}"
     );
+}
+
+/// Every process start opens a new epoch: a second live process given the same proxy id, and a
+/// restart with an empty state directory, each write their own chain, and no record of any of
+/// them is lost or refused. State files are owner-only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_and_shared_ids_open_new_epochs_and_lose_nothing() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let m = start_mesh().await.unwrap();
+    let tls = Arc::new(tls_roots(&m.bundle).unwrap());
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(castellan::demo::control_plane_tls(&m.bundle).unwrap())
+        .build()
+        .unwrap();
+    // Another process with the demo gateway's id "gateway", on an empty state directory.
+    let gateway_like = |dir: &str| {
+        let (http, url, tok, bundle, state) = (
+            http.clone(),
+            m.server.url.clone(),
+            m.admin_token.clone(),
+            m.bundle_path.clone(),
+            m.dir.path().join(dir),
+        );
+        async move {
+            let j: Value = http
+                .post(format!("{url}/v1/services/gateway/join-token"))
+                .bearer_auth(tok)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let mut g = ProxyConfig::new(Mode::Gateway, "gateway", &url, bundle, state);
+            g.join_token = j["join_token"].as_str().map(str::to_owned);
+            g.routes = vec![("/orders".to_owned(), "orders".to_owned())];
+            g.listen = (
+                castellan::demo::GATEWAY_IP
+                    .parse::<std::net::IpAddr>()
+                    .unwrap(),
+                0,
+            )
+                .into();
+            let p = castellan_proxy::start(g).await.unwrap();
+            p.ready(Duration::from_secs(10)).await.unwrap();
+            while p.state.endpoints("orders").is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            p
+        }
+    };
+    let req = format!("GET /orders/42 HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", m.alice_key).into_bytes();
+    let send = |p: &RunningProxy, n: usize| {
+        let (addr, tls, req) = (p.inbound, tls.clone(), req.clone());
+        async move {
+            for _ in 0..n {
+                assert_eq!(raw(addr, Some(tls.clone()), &req).await.unwrap().0, 200);
+            }
+        }
+    };
+    let twin = gateway_like("twin").await;
+    send(&m.gateway, 3).await;
+    send(&twin, 4).await;
+    send(&m.gateway, 2).await;
+    assert_ne!(twin.audit_epoch(), m.gateway.audit_epoch());
+    // Spool, snapshot and key files: owner-only, in owner-only directories.
+    let state = m.dir.path().join("twin");
+    for (path, want) in [
+        (state.clone(), 0o700),
+        (state.join("audit"), 0o700),
+        (state.join("audit").join(twin.audit_epoch()), 0o700),
+        (state.join("svid.key"), 0o600),
+        (state.join("svid.pem"), 0o600),
+        (state.join("snapshot.pb"), 0o600),
+    ] {
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, want, "{}", path.display());
+    }
+    let seg = std::fs::read_dir(state.join("audit").join(twin.audit_epoch()))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    drained(&[&m.gateway, &twin], Duration::from_secs(10)).await;
+    let first_twin_epoch = twin.audit_epoch().to_owned();
+    // Killed, and restarted with an empty state directory and the same id.
+    twin.shutdown();
+    drop(twin);
+    let reborn = gateway_like("reborn").await;
+    send(&reborn, 5).await;
+    drained(&[&m.gateway, &reborn], Duration::from_secs(10)).await;
+
+    let url = m.server.url.clone();
+    let (tok, bundle) = (m.admin_token.clone(), m.bundle_path.clone());
+    let out = tokio::task::spawn_blocking(move || cli(&url, &tok, &bundle, &["audit", "verify"]))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    let line = |epoch: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("gateway spiffe://demo.castellan/svc/gateway ") && l.contains(epoch)
+            })
+            .unwrap_or_else(|| panic!("no chain for epoch {epoch}: {text}"))
+            .to_owned()
+    };
+    assert!(
+        line(m.gateway.audit_epoch()).ends_with(": 5 records, chain intact"),
+        "{text}"
+    );
+    assert!(
+        line(&first_twin_epoch).ends_with(": 4 records, chain intact"),
+        "{text}"
+    );
+    assert!(
+        line(reborn.audit_epoch()).ends_with(": 5 records, chain intact"),
+        "{text}"
+    );
+    reborn.shutdown();
 }

@@ -41,6 +41,13 @@ async fn gateway(m: &Mesh, id: &str, redis: &str) -> RunningProxy {
     g.join_token = j["join_token"].as_str().map(str::to_owned);
     g.routes = vec![("/admin".to_owned(), "orders".to_owned())];
     g.redis_url = Some(redis.to_owned());
+    g.listen = (
+        castellan::demo::GATEWAY_IP
+            .parse::<std::net::IpAddr>()
+            .unwrap(),
+        0,
+    )
+        .into();
     let p = castellan_proxy::start(g).await.unwrap();
     p.ready(Duration::from_secs(10)).await.unwrap();
     let t0 = Instant::now();
