@@ -40,25 +40,25 @@ const REGISTERED: &[&str] = &[
     "act",
 ];
 
+/// The end user of a verified token: `sub`, `roles` (a list of strings, or absent), and every
+/// other claim in its JSON shape — dropping a claim of an unexpected shape would make a deny
+/// rule reading it fail open. `None` (→ 401) when `sub` or `roles` is malformed.
 fn user_from_claims(
     claims: &Map<String, Value>,
     signer: &castellan_identity::SpiffeId,
 ) -> Option<UserContext> {
     let sub = claims.get("sub")?.as_str()?.to_owned();
-    let roles = claims
-        .get("roles")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|r| r.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
+    let roles = match claims.get("roles") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|r| r.as_str().map(str::to_owned))
+            .collect::<Option<Vec<String>>>()?,
+        Some(_) => return None,
+    };
     let extra = claims
         .iter()
-        .filter(|(k, v)| {
-            !REGISTERED.contains(&k.as_str()) && (v.is_string() || v.is_number() || v.is_boolean())
-        })
+        .filter(|(k, _)| !REGISTERED.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     Some(UserContext {
@@ -69,6 +69,15 @@ fn user_from_claims(
         txn: String::new(),
         exp: claims.get("exp").and_then(Value::as_i64).unwrap_or(0),
     })
+}
+
+/// Whether a route `prefix` serves `path` (both normalized): the prefix itself, or anything
+/// below it (`/api` serves `/api/x`; `/` and `/api/` serve everything under them).
+fn route_matches(prefix: &str, path: &str) -> bool {
+    path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| prefix.ends_with('/') || rest.starts_with('/'))
 }
 
 /// Who the request's credentials say the user is; `Err` is the 401 to send.
@@ -128,15 +137,20 @@ fn authenticate(
     Err(Box::new(unauthorized("invalid token", did)))
 }
 
-async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    inner: Arc<Inner>,
+    client_ip: std::net::IpAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let mut p = Pending::new(&req, "");
     p.source = inner.identity.current().id.as_str().to_owned();
-    let r = handle_inner(&inner, req, &mut p).await;
+    let r = handle_inner(&inner, client_ip, req, &mut p).await;
     p.finish(&inner, r)
 }
 
 async fn handle_inner(
     inner: &Arc<Inner>,
+    client_ip: std::net::IpAddr,
     req: Request<Incoming>,
     p: &mut Pending,
 ) -> Response<Body> {
@@ -148,7 +162,10 @@ async fn handle_inner(
         let why = format!("policy is stale (no control-plane contact for {age} s): failing closed");
         return problem(StatusCode::SERVICE_UNAVAILABLE, &why, &did);
     }
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    if let Err(why) = h::normalize_headers(&mut parts.headers, true) {
+        return problem(StatusCode::BAD_REQUEST, &why.to_string(), &did);
+    }
     let Some(target) = normalized_target(&parts) else {
         return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
     };
@@ -157,12 +174,7 @@ async fn handle_inner(
         .cfg
         .routes
         .iter()
-        .filter(|(prefix, _)| {
-            path == prefix
-                || path
-                    .strip_prefix(prefix.as_str())
-                    .is_some_and(|r| r.starts_with('/'))
-        })
+        .filter(|(prefix, _)| route_matches(prefix, path))
         .max_by_key(|(prefix, _)| prefix.len());
     let Some((_, service)) = route else {
         return problem(StatusCode::NOT_FOUND, "no route", &did);
@@ -225,6 +237,20 @@ async fn handle_inner(
     if let Ok(v) = HeaderValue::from_str(&token) {
         headers.insert(CONTEXT_HEADER, v);
     }
+    // What the edge knows about the client, set by us alone (the client's own were removed).
+    let host = parts.headers.get(hyper::header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    if let Some(v) = host {
+        headers.insert("x-forwarded-host", v);
+    }
     let eps = inner.state.endpoints(service);
     if eps.is_empty() {
         return problem(StatusCode::SERVICE_UNAVAILABLE, "service unavailable", &did);
@@ -265,12 +291,13 @@ pub(crate) async fn serve(
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
             _ = stop.changed() => return,
         };
         let _ = tcp.set_nodelay(true);
         let (inner, acceptor) = (inner.clone(), acceptor.clone());
+        let client_ip = peer.ip();
         tokio::spawn(async move {
             let Ok(Ok(tls)) =
                 tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
@@ -280,7 +307,7 @@ pub(crate) async fn serve(
             let audit_inner = inner.clone();
             let svc = service_fn(move |req| {
                 let inner = inner.clone();
-                async move { Ok::<_, Infallible>(handle(inner, req).await) }
+                async move { Ok::<_, Infallible>(handle(inner, client_ip, req).await) }
             });
             if let Err(e) = http1_builder()
                 .serve_connection(TokioIo::new(crate::framing::FramingGuard::new(tls)), svc)

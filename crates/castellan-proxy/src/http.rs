@@ -69,6 +69,145 @@ pub fn check_framing(h: &HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Header fields RFC 9110 defines as comma-separated lists: sent more than once, their values
+/// are joined with ", " into one field, which is what policy sees and what the app receives.
+/// Any other field sent twice is refused.
+const LIST_VALUED: &[&str] = &[
+    "accept",
+    "accept-charset",
+    "accept-encoding",
+    "accept-language",
+    "access-control-request-headers",
+    "cache-control",
+    "connection",
+    "forwarded",
+    "if-match",
+    "if-none-match",
+    "pragma",
+    "prefer",
+    "te",
+    "trailer",
+    "upgrade",
+    "via",
+    "warning",
+    "x-forwarded-for",
+];
+
+/// Headers some back ends honour to rewrite the path or method after our decision
+/// (shared/design/attack-classes.md): never passed on.
+const REWRITE_HEADERS: &[&str] = &[
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "x-forwarded-prefix",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-method",
+];
+
+/// Headers only the edge sets about the client; whatever a client sends is replaced.
+const FORWARDING_HEADERS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-real-ip",
+];
+
+/// `name` as back ends that fold `_` into `-` see it (WSGI, CGI, Rack): lower case, `-`.
+fn folded(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.contains('_') {
+        std::borrow::Cow::Owned(name.replace('_', "-"))
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
+/// Why a request's header section was refused (400).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderRefusal {
+    /// A value that is not UTF-8.
+    NotUtf8(String),
+    /// A field that may appear once appeared more often (or two spellings that back ends fold
+    /// to one name).
+    Repeated(String),
+}
+
+impl std::fmt::Display for HeaderRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeaderRefusal::NotUtf8(n) => write!(f, "header {n} is not valid UTF-8"),
+            HeaderRefusal::Repeated(n) => write!(f, "header {n} sent more than once"),
+        }
+    }
+}
+
+/// Puts a request's header section in the one shape both policy and the app see, before
+/// anything reads it:
+/// - names are compared as back ends fold them (`X_Castellan_User` is `x-castellan-user`);
+/// - every `x-castellan-*` field and every rewrite / method-override field is removed, in any
+///   spelling; at the `edge`, so are client-supplied forwarding fields (the gateway sets its
+///   own);
+/// - a value that is not UTF-8 is refused;
+/// - a field sent twice (or in two spellings) is refused unless it is list-valued, in which
+///   case its values are joined into one field.
+pub fn normalize_headers(h: &mut HeaderMap, edge: bool) -> Result<(), HeaderRefusal> {
+    let mut seen: Vec<String> = Vec::with_capacity(h.keys_len());
+    let mut remove: Vec<HeaderName> = Vec::new();
+    let mut join: Vec<HeaderName> = Vec::new();
+    for name in h.keys() {
+        let f = folded(name.as_str());
+        if f.starts_with(CASTELLAN_PREFIX)
+            || REWRITE_HEADERS.contains(&f.as_ref())
+            || (edge && FORWARDING_HEADERS.contains(&f.as_ref()))
+        {
+            remove.push(name.clone());
+            continue;
+        }
+        for v in h.get_all(name) {
+            if std::str::from_utf8(v.as_bytes()).is_err() {
+                return Err(HeaderRefusal::NotUtf8(f.into_owned()));
+            }
+        }
+        let list = LIST_VALUED.contains(&f.as_ref());
+        if seen.iter().any(|s| *s == f) {
+            // Two spellings of one folded name: refused even for list fields, since a back end
+            // would merge what we pass on as two.
+            return Err(HeaderRefusal::Repeated(f.into_owned()));
+        }
+        if h.get_all(name).iter().nth(1).is_some() {
+            if !list {
+                return Err(HeaderRefusal::Repeated(f.into_owned()));
+            }
+            join.push(name.clone());
+        }
+        seen.push(f.into_owned());
+    }
+    for n in remove {
+        h.remove(n);
+    }
+    for n in join {
+        let joined: Vec<u8> = {
+            let mut out = Vec::new();
+            for (i, v) in h.get_all(&n).iter().enumerate() {
+                if i > 0 {
+                    out.extend_from_slice(b", ");
+                }
+                out.extend_from_slice(v.as_bytes());
+            }
+            out
+        };
+        if let Ok(v) = HeaderValue::from_bytes(&joined) {
+            h.insert(n, v);
+        }
+    }
+    Ok(())
+}
+
 const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
@@ -98,7 +237,7 @@ pub fn strip_headers(h: &mut HeaderMap) {
     }
     let ours: Vec<HeaderName> = h
         .keys()
-        .filter(|k| k.as_str().starts_with(CASTELLAN_PREFIX))
+        .filter(|k| folded(k.as_str()).starts_with(CASTELLAN_PREFIX))
         .cloned()
         .collect();
     for n in ours {

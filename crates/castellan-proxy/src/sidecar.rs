@@ -44,19 +44,15 @@ pub(crate) fn decide(
     destination: &str,
     parts: &hyper::http::request::Parts,
 ) -> Decision {
+    // INVARIANT: the headers went through `http::normalize_headers`: one field per name, UTF-8,
+    // no `x-castellan-*` from the client — exactly what the app will receive.
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     for (k, v) in &parts.headers {
         if k.as_str().starts_with(h::CASTELLAN_PREFIX) {
             continue;
         }
-        if let Ok(v) = v.to_str() {
-            headers
-                .entry(k.as_str().to_owned())
-                .and_modify(|e| {
-                    e.push_str(", ");
-                    e.push_str(v);
-                })
-                .or_insert_with(|| v.to_owned());
+        if let Ok(v) = std::str::from_utf8(v.as_bytes()) {
+            headers.insert(k.as_str().to_owned(), v.to_owned());
         }
     }
     let host = parts
@@ -275,8 +271,27 @@ async fn inbound_inner(
         let why = format!("policy is stale (no control-plane contact for {age} s): failing closed");
         return problem(StatusCode::SERVICE_UNAVAILABLE, &why, &did);
     }
-    let (parts, body) = req.into_parts();
-    let context = match parts.headers.get(CONTEXT_HEADER) {
+    let (mut parts, body) = req.into_parts();
+    // The verified context token is taken out before client headers are normalized (which
+    // strips every x-castellan-* field).
+    if parts
+        .headers
+        .get_all(CONTEXT_HEADER)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "header x-castellan-context sent more than once",
+            &did,
+        );
+    }
+    let context_raw = parts.headers.remove(CONTEXT_HEADER);
+    if let Err(why) = h::normalize_headers(&mut parts.headers, false) {
+        return problem(StatusCode::BAD_REQUEST, &why.to_string(), &did);
+    }
+    let context = match context_raw.as_ref() {
         None => None,
         Some(v) => {
             let token = v.to_str().unwrap_or_default();
