@@ -250,10 +250,23 @@ pub(crate) fn normalized_target(parts: &hyper::http::request::Parts) -> Option<S
     })
 }
 
-async fn inbound(inner: Arc<Inner>, source: SpiffeId, req: Request<Incoming>) -> Response<Body> {
+async fn inbound(inner: Arc<Inner>, peer: Arc<Peer>, req: Request<Incoming>) -> Response<Body> {
     let mut p = Pending::new(&req, &inner.cfg.proxy_service());
-    p.source = source.as_str().to_owned();
-    let r = inbound_inner(&inner, source, req, &mut p).await;
+    p.source = peer.id.as_str().to_owned();
+    let r = match peer.still_valid(&inner.state) {
+        Ok(()) => inbound_inner(&inner, peer.id.clone(), req, &mut p).await,
+        Err(why) => {
+            tracing::info!(peer = %peer.id, %why, "request from a peer no longer valid");
+            let mut r = problem(
+                StatusCode::FORBIDDEN,
+                "peer certificate revoked, disabled or expired",
+                &p.did,
+            );
+            r.headers_mut()
+                .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+    };
     p.finish(&inner, r)
 }
 
@@ -415,6 +428,10 @@ pub(crate) async fn serve_inbound(
                 .with_client_cert_verifier(verifier)
                 .with_cert_resolver(inner.identity.clone());
             c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            // No resumption: rustls does not run the client verifier on a resumed session, so a
+            // peer revoked or disabled since would get back in with its ticket.
+            c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            c.send_tls13_tickets = 0;
             Arc::new(c)
         }
         Err(e) => {
@@ -442,24 +459,53 @@ pub(crate) async fn serve_inbound(
                 }
                 Err(_) => return,
             };
-            let certs: Option<Vec<rustls_pki_types::CertificateDer<'static>>> = tls
+            let certs: Vec<rustls_pki_types::CertificateDer<'static>> = tls
                 .get_ref()
                 .1
                 .peer_certificates()
-                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-            let Some(source) = crate::tls::peer_id(&inner.state, certs.as_deref()) else {
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default();
+            let Some(peer) = Peer::new(&inner.state, certs) else {
                 return;
             };
-            let (audit_inner, audit_source) = (inner.clone(), source.as_str().to_owned());
+            let peer = Arc::new(peer);
+            let (audit_inner, audit_source) = (inner.clone(), peer.id.as_str().to_owned());
+            let svc_inner = inner.clone();
+            let svc_peer = peer.clone();
             let svc = service_fn(move |req| {
-                let inner = inner.clone();
-                let source = source.clone();
-                async move { Ok::<_, Infallible>(inbound(inner, source, req).await) }
+                let (inner, peer) = (svc_inner.clone(), svc_peer.clone());
+                async move { Ok::<_, Infallible>(inbound(inner, peer, req).await) }
             });
-            if let Err(e) = http1_builder()
-                .serve_connection(TokioIo::new(crate::framing::FramingGuard::new(tls)), svc)
-                .await
-            {
+            let conn = http1_builder()
+                .serve_connection(TokioIo::new(crate::framing::FramingGuard::new(tls)), svc);
+            tokio::pin!(conn);
+            // The connection lives only as long as its peer's credentials: a revocation, a
+            // disabled service or the SVID's expiry closes it (after the request in flight).
+            let mut changes = inner.state.subscribe();
+            let (mut watching, mut expired) = (true, false);
+            let expiry = tokio::time::sleep(Duration::from_secs(
+                u64::try_from(peer.not_after - unix_now()).unwrap_or(0),
+            ));
+            tokio::pin!(expiry);
+            let result = loop {
+                tokio::select! {
+                    r = conn.as_mut() => break r,
+                    c = changes.changed(), if watching => match c {
+                        Err(_) => watching = false,
+                        Ok(()) => if let Err(why) = peer.still_valid(&inner.state) {
+                            tracing::info!(peer = %peer.id, %why, "closing the connection of a peer no longer valid");
+                            metrics::counter!("castellan_proxy_connections_closed_total", "proxy" => inner.cfg.proxy_id.clone(), "reason" => "peer-invalid").increment(1);
+                            conn.as_mut().graceful_shutdown();
+                            watching = false;
+                        },
+                    },
+                    () = &mut expiry, if !expired => {
+                        expired = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            };
+            if let Err(e) = result {
                 record_unparsed(
                     &audit_inner,
                     &audit_source,
@@ -468,6 +514,48 @@ pub(crate) async fn serve_inbound(
                 );
             }
         });
+    }
+}
+
+/// The authenticated peer of one inbound connection, re-checked whenever the bundle or the
+/// revocations change and refused once its SVID expires.
+pub(crate) struct Peer {
+    pub(crate) id: SpiffeId,
+    certs: Vec<rustls_pki_types::CertificateDer<'static>>,
+    not_after: i64,
+    /// The state generation it was last found valid at.
+    checked: std::sync::atomic::AtomicU64,
+}
+
+impl Peer {
+    fn new(
+        state: &crate::state::State,
+        certs: Vec<rustls_pki_types::CertificateDer<'static>>,
+    ) -> Option<Peer> {
+        let generation = state.generation();
+        let id = crate::tls::check_client(state, &certs, rustls_pki_types::UnixTime::now()).ok()?;
+        let (_, leaf) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+        Some(Peer {
+            id,
+            not_after: leaf.validity().not_after.timestamp(),
+            certs,
+            checked: std::sync::atomic::AtomicU64::new(generation),
+        })
+    }
+
+    /// Whether the peer's SVID is still acceptable. One atomic load and a clock read per
+    /// request while nothing changed; a full re-check after a change.
+    pub(crate) fn still_valid(&self, state: &crate::state::State) -> Result<(), String> {
+        if unix_now() >= self.not_after {
+            return Err(format!("{}'s SVID expired", self.id));
+        }
+        let generation = state.generation();
+        if self.checked.load(Ordering::Acquire) == generation {
+            return Ok(());
+        }
+        crate::tls::check_client(state, &self.certs, rustls_pki_types::UnixTime::now())?;
+        self.checked.store(generation, Ordering::Release);
+        Ok(())
     }
 }
 

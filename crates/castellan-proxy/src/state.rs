@@ -47,6 +47,8 @@ pub struct State {
     /// Context-token signers already validated, by token header; emptied with every bundle or
     /// revocation change.
     context_signers: Mutex<HashMap<String, castellan_identity::ValidatedSigner>>,
+    /// Bumped with every bundle or revocation change: open connections re-check their peer.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// A decision this proxy made, kept briefly for operators and the demo (the audit trail is the
@@ -103,12 +105,24 @@ impl State {
             specs: ArcSwap::from_pointee(HashMap::new()),
             recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT)),
             context_signers: Mutex::new(HashMap::new()),
+            changes: tokio::sync::watch::Sender::new(0),
         })
     }
 
     /// The trust domain.
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// A receiver told of every bundle or revocation change (its value is a generation
+    /// number).
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The current generation of the bundle and revocations.
+    pub(crate) fn generation(&self) -> u64 {
+        *self.changes.borrow()
     }
 
     /// The SVID validator in force (bundle + revocations).
@@ -218,6 +232,7 @@ impl State {
                     self.validator.store(Arc::new(v));
                     c.clear();
                 }
+                self.changes.send_modify(|g| *g += 1);
             }
             Err(e) => {
                 tracing::error!(error = %e, "pushed trust bundle refused; keeping the previous one")
@@ -255,6 +270,8 @@ impl State {
                     }
                 }
             }
+            // INVARIANT: stored before the validator is rebuilt, which announces the change:
+            // connections re-checking on that announcement see the new disabled set.
             self.disabled.store(Arc::new(disabled));
             validator_dirty = true;
             tracing::info!(count = u.revocations.len(), "revocations received");

@@ -45,6 +45,24 @@ fn schemes() -> Vec<rustls::SignatureScheme> {
         .supported_schemes()
 }
 
+/// Whether a client's SVID chain is acceptable now: valid, unrevoked, of an enabled service.
+/// Called in the handshake and again for open connections whenever the bundle or the
+/// revocations change.
+pub(crate) fn check_client(
+    state: &State,
+    chain: &[CertificateDer<'_>],
+    now: UnixTime,
+) -> Result<SpiffeId, String> {
+    let id = state
+        .validator()
+        .validate(chain, now, SvidUsage::Client)
+        .map_err(|e| format!("client SVID refused: {e}"))?;
+    if id.service_name().is_some_and(|s| state.is_disabled(s)) {
+        return Err(format!("{id} is disabled"));
+    }
+    Ok(id)
+}
+
 /// Inbound mTLS: the client must present a valid, unrevoked SVID of the trust domain.
 #[derive(Debug)]
 pub(crate) struct SvidClientVerifier {
@@ -62,14 +80,7 @@ impl ClientCertVerifier for SvidClientVerifier {
         inter: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let id = self
-            .state
-            .validator()
-            .validate(&chain(end, inter), now, SvidUsage::Client)
-            .map_err(|e| rustls::Error::General(format!("client SVID refused: {e}")))?;
-        if id.service_name().is_some_and(|s| self.state.is_disabled(s)) {
-            return Err(rustls::Error::General(format!("{id} is disabled")));
-        }
+        check_client(&self.state, &chain(end, inter), now).map_err(rustls::Error::General)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -214,18 +225,6 @@ impl ServerCertVerifier for SvidServerVerifier {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         schemes()
     }
-}
-
-/// Peer SPIFFE ID of an accepted mTLS connection (already verified in the handshake; parsed
-/// again through the validator so the caller holds a typed ID).
-pub(crate) fn peer_id(
-    state: &State,
-    certs: Option<&[CertificateDer<'static>]>,
-) -> Option<SpiffeId> {
-    state
-        .validator()
-        .validate(certs?, UnixTime::now(), SvidUsage::Client)
-        .ok()
 }
 
 /// Dials TCP (no Nagle delay) and then TLS with a fixed client configuration, for tonic

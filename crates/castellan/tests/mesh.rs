@@ -597,3 +597,147 @@ async fn renewal_at_half_life_keeps_open_connections() {
     assert_eq!(new_cert, orders.identity.current().chain[0]);
     server.shutdown().await;
 }
+
+/// A keep-alive connection to a sidecar: the TLS session (to read how it was established) and
+/// a request sender.
+async fn keep_alive(
+    cfg: Arc<rustls::ClientConfig>,
+    to: std::net::SocketAddr,
+) -> Result<
+    (
+        rustls::HandshakeKind,
+        hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    ),
+    String,
+> {
+    let tcp = tokio::net::TcpStream::connect(to).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(cfg)
+        .connect(
+            rustls_pki_types::ServerName::try_from("sidecar").unwrap(),
+            tcp,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let kind = stream.get_ref().1.handshake_kind().unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    // TLS 1.3 reports a failed client certificate only on the first read: one request tells.
+    Ok((kind, send))
+}
+
+/// Status of one GET over an open connection; `None` when the connection was closed.
+async fn get_on(
+    send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    path: &str,
+) -> Option<u16> {
+    use http_body_util::BodyExt as _;
+    send.ready().await.ok()?;
+    let r = send
+        .send_request(
+            hyper::Request::get(path)
+                .header("host", "inventory")
+                .body(http_body_util::Empty::new())
+                .unwrap(),
+        )
+        .await
+        .ok()?;
+    let st = r.status().as_u16();
+    let _ = r.into_body().collect().await;
+    Some(st)
+}
+
+/// A peer revoked or disabled after it connected keeps neither its open keep-alive connection
+/// nor a way back in through TLS session resumption.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_or_disabled_peers_lose_open_connections_and_resumed_sessions() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let m = start_mesh().await.unwrap();
+    let inventory = m.sidecar("inventory").unwrap();
+
+    // ---- certificate revoked: a second orders proxy, whose SVID alone is revoked ----------
+    let j = post(&m, "/v1/services/orders/join-token", json!({})).await;
+    let mut cfg = ProxyConfig::new(
+        Mode::Sidecar,
+        "orders-2",
+        &m.server.url,
+        m.bundle_path.clone(),
+        m.dir.path().join("orders-2"),
+    );
+    cfg.join_token = Some(j["join_token"].as_str().unwrap().to_owned());
+    cfg.app = Some("127.0.0.1:9".parse().unwrap());
+    let orders2 = castellan_proxy::start(cfg).await.unwrap();
+    orders2.ready(Duration::from_secs(10)).await.unwrap();
+    let as_orders2 = mtls(&orders2, inventory, "inventory");
+    let (_, mut open) = keep_alive(as_orders2.clone(), inventory.inbound)
+        .await
+        .unwrap();
+    assert_eq!(get_on(&mut open, "/items/1").await, Some(200));
+    // A second connection with the same client session cache is a full handshake: the
+    // sidecar offers no resumption, so every connection meets the verifier.
+    let (kind, mut second) = keep_alive(as_orders2.clone(), inventory.inbound)
+        .await
+        .unwrap();
+    assert_eq!(kind, rustls::HandshakeKind::Full);
+    assert_eq!(get_on(&mut second, "/items/1").await, Some(200));
+
+    let serial: String =
+        x509_parser::parse_x509_certificate(orders2.identity.current().chain[0].as_ref())
+            .unwrap()
+            .1
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+    post(&m, &format!("/v1/certificates/{serial}/revoke"), json!({})).await;
+    let chain = orders2.identity.current().chain.clone();
+    wait_for("the revocation at the inventory sidecar", || {
+        inventory
+            .state
+            .validator()
+            .validate(
+                &chain,
+                rustls_pki_types::UnixTime::now(),
+                castellan_identity::SvidUsage::Client,
+            )
+            .is_err()
+    })
+    .await;
+    assert_ne!(
+        get_on(&mut open, "/items/1").await,
+        Some(200),
+        "the keep-alive connection opened before the revocation is refused"
+    );
+    let again = match keep_alive(as_orders2.clone(), inventory.inbound).await {
+        Err(_) => None,
+        Ok((_, mut s)) => get_on(&mut s, "/items/1").await,
+    };
+    assert_eq!(
+        again, None,
+        "no new (or resumed) session for a revoked SVID"
+    );
+
+    // ---- service disabled: the demo's orders sidecar --------------------------------------
+    let orders = m.sidecar("orders").unwrap();
+    let as_orders = mtls(orders, inventory, "inventory");
+    let (_, mut open) = keep_alive(as_orders.clone(), inventory.inbound)
+        .await
+        .unwrap();
+    assert_eq!(get_on(&mut open, "/items/1").await, Some(200));
+    post(&m, "/v1/services/orders/disable", json!({})).await;
+    wait_for("the disable at the inventory sidecar", || {
+        inventory.state.is_disabled("orders")
+    })
+    .await;
+    assert_ne!(get_on(&mut open, "/items/1").await, Some(200));
+    let again = match keep_alive(as_orders, inventory.inbound).await {
+        Err(_) => None,
+        Ok((_, mut s)) => get_on(&mut s, "/items/1").await,
+    };
+    assert_eq!(
+        again, None,
+        "no new (or resumed) session for a disabled service"
+    );
+    orders2.shutdown();
+}
