@@ -48,6 +48,19 @@ pub enum ContextError {
     /// Expired, not yet valid, or claiming a lifetime over the maximum.
     #[error("context token is expired or not yet valid")]
     Time,
+    /// Presented by a workload that is neither its signer calling its audience, nor its
+    /// audience making one onward call: a replay.
+    #[error(
+        "context token presented by {presenter}, who may not present it (signed by {signer} for {aud})"
+    )]
+    Presenter {
+        /// Who presented it (the mTLS peer).
+        presenter: String,
+        /// Who signed it.
+        signer: String,
+        /// Whom it was minted for.
+        aud: String,
+    },
     /// Signing failed (ours).
     #[error("cannot sign context token: {0}")]
     Sign(String),
@@ -68,6 +81,32 @@ pub struct UserContext {
     pub txn: String,
     /// Expiry.
     pub exp: i64,
+    /// The workload it was minted for (the destination of the signer's call).
+    pub aud: SpiffeId,
+}
+
+impl UserContext {
+    /// Binds the token to the connection it arrived on (product.md §3): accepted from its
+    /// signer calling the audience (`me`) — a direct call, empty `act` — or from the audience
+    /// itself making one onward call on the user's behalf — `act` = [the audience]. Anyone
+    /// else presenting it is replaying it.
+    pub fn presented_by(
+        &self,
+        presenter: &SpiffeId,
+        me: &SpiffeId,
+    ) -> Result<Vec<String>, ContextError> {
+        if *presenter == self.signer && self.aud == *me {
+            return Ok(Vec::new());
+        }
+        if *presenter == self.aud && presenter != me {
+            return Ok(vec![presenter.as_str().to_owned()]);
+        }
+        Err(ContextError::Presenter {
+            presenter: presenter.to_string(),
+            signer: self.signer.to_string(),
+            aud: self.aud.to_string(),
+        })
+    }
 }
 
 /// Signs context tokens with a workload's SVID key.
@@ -108,8 +147,9 @@ impl ContextSigner {
         &self.id
     }
 
-    /// Mints a token for `sub` with `roles` and `claims`, for audience `aud` (the next hop's
-    /// trust domain), for request `txn`, valid from `now` for `ttl` seconds (at most 300).
+    /// Mints a token for `sub` with `roles` and `claims`, for audience `aud` (the SPIFFE ID of
+    /// the service the signer calls), for request `txn`, valid from `now` for `ttl` seconds
+    /// (at most 300).
     #[allow(clippy::too_many_arguments)]
     pub fn mint(
         &self,
@@ -232,12 +272,13 @@ pub fn validate_context_signer(
 }
 
 /// Verifies the signature and claims of a token whose signer was validated (same header):
-/// `iss` the signer; `aud` this trust domain; time within a 30 s leeway and a lifetime of at
-/// most 5 minutes; the signer's certificate still valid.
+/// `iss` the signer; `aud` a workload of `trust_domain`; time within a 30 s leeway and a
+/// lifetime of at most 5 minutes; the signer's certificate still valid. Who may present it is
+/// [`UserContext::presented_by`].
 pub fn verify_context_signed_by(
     token: &str,
     signer: &ValidatedSigner,
-    audience: &str,
+    trust_domain: &str,
     now: i64,
 ) -> Result<UserContext, ContextError> {
     let (h64, p64, s64) = split3(token)?;
@@ -267,7 +308,8 @@ pub fn verify_context_signed_by(
     if s("iss")? != signer.id.as_str() {
         return Err(ContextError::Claim("iss (not the signer)"));
     }
-    if s("aud")? != audience {
+    let aud = SpiffeId::parse(s("aud")?).map_err(|_| ContextError::Claim("aud"))?;
+    if aud.trust_domain() != trust_domain {
         return Err(ContextError::Claim("aud"));
     }
     let (iat, exp) = (i("iat")?, i("exp")?);
@@ -295,6 +337,7 @@ pub fn verify_context_signed_by(
         claims,
         exp,
         signer: signer.id.clone(),
+        aud,
     })
 }
 
@@ -303,9 +346,9 @@ pub fn verify_context_signed_by(
 pub fn verify_context(
     token: &str,
     validator: &SvidValidator,
-    audience: &str,
+    trust_domain: &str,
     now: i64,
 ) -> Result<UserContext, ContextError> {
     let signer = validate_context_signer(token, validator, now)?;
-    verify_context_signed_by(token, &signer, audience, now)
+    verify_context_signed_by(token, &signer, trust_domain, now)
 }

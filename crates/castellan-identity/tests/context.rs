@@ -57,6 +57,9 @@ fn signer(s: &Svid, name: &str) -> ContextSigner {
     .unwrap()
 }
 
+/// The audience of the tokens here: the orders service, which the gateway calls.
+const ORDERS: &str = "spiffe://demo.castellan/svc/orders";
+
 fn claims() -> Map<String, serde_json::Value> {
     let mut m = Map::new();
     m.insert("customer_id".to_owned(), json!("42"));
@@ -85,7 +88,7 @@ fn gateway_context_verifies_and_forgeries_do_not() {
     let validator = SvidValidator::new(TrustBundle::new(TD, vec![ca.cert().clone()]).unwrap());
     let tok = signer(&gw, "gateway")
         .mint(
-            TD,
+            ORDERS,
             "alice",
             &["customer".to_owned()],
             &claims(),
@@ -119,7 +122,7 @@ fn gateway_context_verifies_and_forgeries_do_not() {
         &orders.key.serialize_der(),
     )
     .unwrap()
-    .mint(TD, "alice", &[], &claims(), "r", NOW, 60)
+    .mint(ORDERS, "alice", &[], &claims(), "r", NOW, 60)
     .unwrap();
     assert_eq!(
         verify_context(&forged, &validator, TD, NOW),
@@ -130,7 +133,7 @@ fn gateway_context_verifies_and_forgeries_do_not() {
         CertificateAuthority::generate(TD, NOW - 100, Duration::from_secs(86400)).unwrap();
     let rogue = svid(&other_ca, "gateway");
     let t = signer(&rogue, "gateway")
-        .mint(TD, "alice", &[], &claims(), "r", NOW, 60)
+        .mint(ORDERS, "alice", &[], &claims(), "r", NOW, 60)
         .unwrap();
     assert!(matches!(
         verify_context(&t, &validator, TD, NOW),
@@ -155,17 +158,46 @@ fn gateway_context_verifies_and_forgeries_do_not() {
     );
     assert!(verify_context(&tok, &validator, TD, NOW + 60 + 29).is_ok());
     let future = signer(&gw, "gateway")
-        .mint(TD, "alice", &[], &claims(), "r", NOW + 120, 60)
+        .mint(ORDERS, "alice", &[], &claims(), "r", NOW + 120, 60)
         .unwrap();
     assert_eq!(
         verify_context(&future, &validator, TD, NOW),
         Err(ContextError::Time)
     );
-    // Wrong audience.
+    // Wrong audience: another trust domain, or not a workload at all.
     assert_eq!(
         verify_context(&tok, &validator, "other.org", NOW),
         Err(ContextError::Claim("aud"))
     );
+    let bare = signer(&gw, "gateway")
+        .mint(TD, "alice", &[], &claims(), "r", NOW, 60)
+        .unwrap();
+    assert_eq!(
+        verify_context(&bare, &validator, TD, NOW),
+        Err(ContextError::Claim("aud"))
+    );
+    // Sender constraint: the signer calling the audience (direct), the audience calling on
+    // (one delegation, act = [orders]); anyone else is a replay.
+    let id = |n: &str| SpiffeId::for_service(TD, n).unwrap();
+    assert_eq!(ctx.presented_by(&id("gateway"), &id("orders")), Ok(vec![]));
+    assert_eq!(
+        ctx.presented_by(&id("orders"), &id("inventory")),
+        Ok(vec![ORDERS.to_owned()])
+    );
+    for (presenter, me) in [
+        ("gateway", "payments"),   // the signer replaying it at another service
+        ("inventory", "payments"), // a second hop
+        ("inventory", "orders"),   // anyone else, even to the audience
+        ("orders", "orders"),      // the audience to itself
+    ] {
+        assert!(
+            matches!(
+                ctx.presented_by(&id(presenter), &id(me)),
+                Err(ContextError::Presenter { .. })
+            ),
+            "{presenter} → {me}"
+        );
+    }
     // Header tricks: jku/jwk/x5u/kid/crit, alg none, HS256, wrong typ, no x5c.
     let h = decode(tok.split('.').next().unwrap());
     for (k, v) in [

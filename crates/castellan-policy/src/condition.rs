@@ -212,9 +212,11 @@ fn user_val(req: &Request) -> Val<'_> {
     let Some(u) = &req.user else { return map([]) };
     let roles: Vec<Val<'_>> = u.roles.iter().map(|r| str_val(r)).collect();
     let claims = map(u.claims.iter().map(|(k, v)| (k.as_str(), json_val(v))));
+    let act: Vec<Val<'_>> = u.act.iter().map(|a| str_val(a)).collect();
     let mut entries = vec![
         ("roles", Box::new(CelList::from(roles)) as Val<'_>),
         ("claims", claims),
+        ("act", Box::new(CelList::from(act)) as Val<'_>),
     ];
     if let Some(sub) = &u.sub {
         entries.push(("sub", str_val(sub)));

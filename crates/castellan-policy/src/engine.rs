@@ -358,6 +358,11 @@ impl PolicySet {
             {
                 return Match::No;
             }
+            if let Some(delegated) = users.delegated
+                && delegated == user.act.is_empty()
+            {
+                return Match::No;
+            }
             if let Some(claims) = &users.claims
                 && !claims.iter().all(|(k, want)| match user.claims.get(k) {
                     Some(got) if got == want => true,

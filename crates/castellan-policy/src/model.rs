@@ -115,6 +115,9 @@ pub struct Users {
     pub subjects: Option<Vec<String>>,
     /// All of these claims, each equal (same JSON type and value), or contained in an array claim.
     pub claims: Option<Vec<(String, serde_json::Value)>>,
+    /// `true`: only calls made on the user's behalf by another service or client (`user.act`
+    /// not empty); `false`: only direct calls.
+    pub delegated: Option<bool>,
 }
 
 /// The `to` clause.

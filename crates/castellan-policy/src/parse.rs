@@ -675,7 +675,11 @@ fn parse_from(ck: &mut Checker<'_>, node: &Node) -> Option<From> {
 }
 
 fn parse_users(ck: &mut Checker<'_>, node: &Node) -> Option<Users> {
-    let f = ck.fields(node, "from.users", &["roles", "subjects", "claims"])?;
+    let f = ck.fields(
+        node,
+        "from.users",
+        &["roles", "subjects", "claims", "delegated"],
+    )?;
     let mut ok = true;
     let nonempty = |s: &str| {
         if s.is_empty() {
@@ -723,14 +727,26 @@ fn parse_users(ck: &mut Checker<'_>, node: &Node) -> Option<Users> {
         },
         None => None,
     };
-    if roles.is_none() && subjects.is_none() && claims.is_none() && ok {
-        ck.error(node.pos, "from.users must name roles, subjects or claims");
+    let delegated = match f.get("delegated") {
+        Some(n) => {
+            let v = ck.boolean(n, "from.users.delegated");
+            ok &= v.is_some();
+            v
+        }
+        None => None,
+    };
+    if roles.is_none() && subjects.is_none() && claims.is_none() && delegated.is_none() && ok {
+        ck.error(
+            node.pos,
+            "from.users must name roles, subjects, claims or delegated",
+        );
         ok = false;
     }
     ok.then_some(Users {
         roles,
         subjects,
         claims,
+        delegated,
     })
 }
 

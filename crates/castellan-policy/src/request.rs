@@ -48,6 +48,10 @@ pub struct User {
     /// Other claims, with their JSON types.
     #[serde(default)]
     pub claims: BTreeMap<String, serde_json::Value>,
+    /// The delegation chain: services or clients acting on the user's behalf, nearest last;
+    /// empty for a direct call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub act: Vec<String>,
 }
 
 /// The called service.

@@ -535,3 +535,67 @@ fn rate_limit_documents_load_and_bad_ones_are_located() {
         "{e}"
     );
 }
+
+/// The delegation chain reaches policy: `from.users.delegated` and `user.act` in CEL.
+#[test]
+fn delegation_is_visible_to_rules_and_conditions() {
+    let s = set(r#"
+apiVersion: castellan/v1
+kind: AccessPolicy
+metadata: {name: inv}
+spec:
+  service: orders
+  rules:
+    - name: direct-reads
+      effect: allow
+      from: {services: [gateway], users: {delegated: false}}
+      to: {methods: [GET]}
+    - name: reserve-for-orders-only
+      effect: allow
+      from: {services: [orders], users: {delegated: true}}
+      to: {methods: [POST]}
+      when: "'spiffe://example.org/svc/orders' in user.act"
+    - name: never-via-inventory
+      effect: deny
+      when: "user.act.exists(a, a.endsWith('/svc/inventory'))"
+"#);
+    let engine = Engine::new(s);
+    let with = |src: &str, method: &str, act: &[&str]| {
+        req(
+            json!({"source": {"service": src}, "destination": {"service": "orders"},
+                   "user": {"sub": "alice", "act": act},
+                   "request": {"method": method, "path": "/x", "host": "orders"}}),
+        )
+    };
+    let d = engine.decide(&with("gateway", "GET", &[]));
+    assert!(d.is_allowed(), "{d:?}");
+    let d = engine.decide(&with(
+        "gateway",
+        "GET",
+        &["spiffe://example.org/svc/orders"],
+    ));
+    assert!(
+        !d.is_allowed(),
+        "a delegated call does not match delegated: false"
+    );
+    let d = engine.decide(&with(
+        "orders",
+        "POST",
+        &["spiffe://example.org/svc/orders"],
+    ));
+    assert!(d.is_allowed(), "{d:?}");
+    let d = engine.decide(&with("orders", "POST", &[]));
+    assert!(
+        !d.is_allowed(),
+        "a direct call does not match delegated: true"
+    );
+    let d = engine.decide(&with(
+        "orders",
+        "POST",
+        &["spiffe://example.org/svc/inventory"],
+    ));
+    assert_eq!(
+        d.rule.map(|r| r.to_string()).as_deref(),
+        Some("inv/never-via-inventory")
+    );
+}

@@ -7,7 +7,8 @@ use crate::http::{self as h, Body, CONTEXT_HEADER, problem};
 use crate::sidecar::{Pending, decide, denial, http1_builder, normalized_target, unauthorized};
 use crate::{Inner, unix_now};
 use bytes::Bytes;
-use castellan_identity::{TokenVerifier, UserContext};
+use castellan_identity::TokenVerifier;
+use castellan_policy::User;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, HeaderValue};
@@ -43,10 +44,7 @@ const REGISTERED: &[&str] = &[
 /// The end user of a verified token: `sub`, `roles` (a list of strings, or absent), and every
 /// other claim in its JSON shape — dropping a claim of an unexpected shape would make a deny
 /// rule reading it fail open. `None` (→ 401) when `sub` or `roles` is malformed.
-fn user_from_claims(
-    claims: &Map<String, Value>,
-    signer: &castellan_identity::SpiffeId,
-) -> Option<UserContext> {
+fn user_from_claims(claims: &Map<String, Value>) -> Option<User> {
     let sub = claims.get("sub")?.as_str()?.to_owned();
     let roles = match claims.get("roles") {
         None => Vec::new(),
@@ -61,13 +59,11 @@ fn user_from_claims(
         .filter(|(k, _)| !REGISTERED.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    Some(UserContext {
-        signer: signer.clone(),
-        sub,
+    Some(User {
+        sub: Some(sub),
         roles,
         claims: extra,
-        txn: String::new(),
-        exp: claims.get("exp").and_then(Value::as_i64).unwrap_or(0),
+        act: Vec::new(),
     })
 }
 
@@ -85,8 +81,7 @@ fn authenticate(
     inner: &Inner,
     headers: &hyper::HeaderMap,
     did: &str,
-) -> Result<(UserContext, String), Box<Response<Body>>> {
-    let me = inner.identity.current().id.clone();
+) -> Result<(User, String), Box<Response<Body>>> {
     let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
     let bearer = headers
         .get(AUTHORIZATION)
@@ -107,13 +102,11 @@ fn authenticate(
         let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cred.as_bytes());
         return match inner.state.api_key(hash.as_ref()) {
             Some(u) => Ok((
-                UserContext {
-                    signer: me,
-                    sub: u.user.clone(),
+                User {
+                    sub: Some(u.user.clone()),
                     roles: u.roles.clone(),
-                    claims: u.claims.clone(),
-                    txn: String::new(),
-                    exp: 0,
+                    claims: u.claims.clone().into_iter().collect(),
+                    act: Vec::new(),
                 },
                 u.key_id.clone(),
             )),
@@ -129,7 +122,7 @@ fn authenticate(
         .chain(inner.oidc.iter());
     for v in verifiers {
         if let Ok(t) = v.verify(cred, now)
-            && let Some(u) = user_from_claims(&t.claims, &me)
+            && let Some(u) = user_from_claims(&t.claims)
         {
             return Ok((u, String::new()));
         }
@@ -185,9 +178,17 @@ async fn handle_inner(
         Ok(u) => u,
         Err(r) => return *r,
     };
-    p.user = user.sub.clone();
+    let sub = user.sub.clone().unwrap_or_default();
+    p.user.clone_from(&sub);
     let me = inner.identity.current().id.clone();
-    let d = decide(inner, Some(&me), Some(&user), service, &parts);
+    // The claims as the token carries them (a JSON object).
+    let claims: Map<String, Value> = user
+        .claims
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let roles = user.roles.clone();
+    let d = decide(inner, Some(&me), Some(user), service, &parts);
     let denied = (!d.is_allowed()).then(|| denial(&d, &did));
     p.decision = Some(d);
     if let Some(r) = denied {
@@ -206,11 +207,17 @@ async fn handle_inner(
         p.rate_limited = Some(limit);
         return crate::sidecar::too_many(wait, &did);
     }
+    // The token names its destination: only we (calling it) or it (calling on once) may
+    // present it.
+    let Ok(aud) = castellan_identity::SpiffeId::for_service(inner.state.trust_domain(), service)
+    else {
+        return problem(StatusCode::INTERNAL_SERVER_ERROR, "internal error", &did);
+    };
     let token = match inner.identity.signer().mint(
-        inner.state.trust_domain(),
-        &user.sub,
-        &user.roles,
-        &user.claims,
+        aud.as_str(),
+        &sub,
+        &roles,
+        &claims,
         &did,
         unix_now(),
         CONTEXT_TTL,

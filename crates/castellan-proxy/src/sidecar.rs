@@ -5,7 +5,7 @@
 
 use crate::http::{self as h, Body, CONTEXT_HEADER, problem};
 use crate::{Inner, unix_now};
-use castellan_identity::{SpiffeId, UserContext};
+use castellan_identity::SpiffeId;
 use castellan_policy::{
     Decision, Destination, HttpRequest, Reason, Request as PolicyRequest, Source, User,
 };
@@ -40,7 +40,7 @@ pub(crate) fn http1_builder() -> http1::Builder {
 pub(crate) fn decide(
     inner: &Inner,
     source: Option<&SpiffeId>,
-    user: Option<&UserContext>,
+    user: Option<User>,
     destination: &str,
     parts: &hyper::http::request::Parts,
 ) -> Decision {
@@ -67,11 +67,7 @@ pub(crate) fn decide(
             service: None,
             spiffe_id: Some(s.as_str().to_owned()),
         }),
-        user: user.map(|u| User {
-            sub: Some(u.sub.clone()),
-            roles: u.roles.clone(),
-            claims: u.claims.clone().into_iter().collect(),
-        }),
+        user,
         destination: Destination {
             service: destination.to_owned(),
         },
@@ -304,6 +300,7 @@ async fn inbound_inner(
     if let Err(why) = h::normalize_headers(&mut parts.headers, false) {
         return problem(StatusCode::BAD_REQUEST, &why.to_string(), &did);
     }
+    let me = inner.identity.current().id.clone();
     let context = match context_raw.as_ref() {
         None => None,
         Some(v) => {
@@ -316,7 +313,18 @@ async fn inbound_inner(
                         .current()
                         .may_mint_context(ctx.signer.as_str()) =>
                 {
-                    Some((ctx, v.clone()))
+                    // Sender-constrained: only its signer calling us, or its audience making
+                    // one onward call, may present it.
+                    match ctx.presented_by(&source, &me) {
+                        Ok(act) => Some((ctx, act, v.clone())),
+                        Err(e) => {
+                            tracing::info!(error = %e, "context token refused");
+                            return unauthorized(
+                                "context token may not be presented by this caller",
+                                &did,
+                            );
+                        }
+                    }
                 }
                 Ok(ctx) => {
                     tracing::info!(signer = %ctx.signer, "context token from a workload that may not mint context");
@@ -332,11 +340,16 @@ async fn inbound_inner(
     let d = decide(
         inner,
         Some(&source),
-        context.as_ref().map(|c| &c.0),
+        context.as_ref().map(|(ctx, act, _)| User {
+            sub: Some(ctx.sub.clone()),
+            roles: ctx.roles.clone(),
+            claims: ctx.claims.clone().into_iter().collect(),
+            act: act.clone(),
+        }),
         &inner.cfg.proxy_service(),
         &parts,
     );
-    if let Some((ctx, _)) = &context {
+    if let Some((ctx, _, _)) = &context {
         p.user = ctx.sub.clone();
     }
     let allowed = d.is_allowed();
@@ -387,7 +400,7 @@ async fn inbound_inner(
     };
     set(&mut headers, "x-castellan-source", source.as_str());
     set(&mut headers, "x-castellan-decision-id", &did);
-    if let Some((ctx, raw)) = &context {
+    if let Some((ctx, _, raw)) = &context {
         set(&mut headers, "x-castellan-user", &ctx.sub);
         headers.insert(CONTEXT_HEADER, raw.clone());
     }

@@ -551,7 +551,7 @@ async fn circuit_breaker_persisted_policy_and_staleness() {
             .identity
             .signer()
             .mint(
-                "demo.castellan",
+                "spiffe://demo.castellan/svc/orders",
                 "alice",
                 &["customer".to_owned()],
                 &claims,

@@ -94,7 +94,7 @@ async fn sidecars_check_identity_context_revocation_and_follow_policy_changes() 
     let signer = gw2.identity.signer();
     let good = signer
         .mint(
-            "demo.castellan",
+            "spiffe://demo.castellan/svc/orders",
             "alice",
             &["customer".to_owned()],
             &claims42(),
@@ -128,12 +128,50 @@ async fn sidecars_check_identity_context_revocation_and_follow_policy_changes() 
     .await
     .unwrap();
     assert_eq!(st, 403, "inventory may not call orders");
+    // Context tokens are sender-constrained (aud = orders): anyone but the signer (calling
+    // orders) or orders (calling on once) presenting it is refused.
+    let payments = m.sidecar("payments").unwrap();
+    let (st, _) = raw(
+        orders.inbound,
+        Some(as_inventory.clone()),
+        &get("/orders/42", Some(&good)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st, 401, "replayed by inventory at orders");
+    for (who, client) in [
+        (
+            "the signer at another service",
+            mtls(&gw2, payments, "payments"),
+        ),
+        ("a second hop", mtls(inventory, payments, "payments")),
+    ] {
+        let (st, _) = raw(
+            payments.inbound,
+            Some(client),
+            &get("/charges", Some(&good)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(st, 401, "{who}");
+    }
+    // Orders making one onward call on the user's behalf: accepted (the policy decides).
+    let as_orders = mtls(orders, inventory, "inventory");
+    let (st, body) = raw(
+        inventory.inbound,
+        Some(as_orders),
+        &get("/items/7", Some(&good)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["headers"]["x-castellan-user"], "alice");
     // A context token signed by a workload that may not mint context.
     let forged = inventory
         .identity
         .signer()
         .mint(
-            "demo.castellan",
+            "spiffe://demo.castellan/svc/orders",
             "alice",
             &["admin".to_owned()],
             &claims42(),
@@ -153,7 +191,7 @@ async fn sidecars_check_identity_context_revocation_and_follow_policy_changes() 
     // An expired context token, and one for another trust domain.
     let expired = signer
         .mint(
-            "demo.castellan",
+            "spiffe://demo.castellan/svc/orders",
             "alice",
             &["customer".to_owned()],
             &claims42(),
@@ -529,7 +567,7 @@ async fn renewal_at_half_life_keeps_open_connections() {
     let request = |signer: &castellan_identity::ContextSigner| {
         let tok = signer
             .mint(
-                "demo.castellan",
+                "spiffe://demo.castellan/svc/orders",
                 "alice",
                 &["customer".to_owned()],
                 &claims42(),
