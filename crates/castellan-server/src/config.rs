@@ -123,6 +123,17 @@ pub struct ServerConfig {
     pub max_proxies_per_identity: i64,
     /// A proxy not heard from for this long leaves the registry.
     pub proxy_expiry_secs: i64,
+    /// A TLS handshake (protocol detection included) must finish within this.
+    pub handshake_timeout_secs: i64,
+    /// A connection with no request in flight for this long is closed (one that sends nothing
+    /// after its handshake included). Watch streams are requests in flight.
+    pub idle_timeout_secs: i64,
+    /// Connections are asked to close (gracefully) after this long; clients reconnect.
+    pub max_connection_age_secs: i64,
+    /// Open connections, all sources together; beyond it new ones are closed at once.
+    pub max_connections: i64,
+    /// Open connections from one source address.
+    pub max_connections_per_source: i64,
 }
 
 impl Default for ServerConfig {
@@ -144,6 +155,11 @@ impl Default for ServerConfig {
             alerts: Vec::new(),
             max_proxies_per_identity: 256,
             proxy_expiry_secs: 3600,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 30,
+            max_connection_age_secs: 3600,
+            max_connections: 10_000,
+            max_connections_per_source: 256,
         }
     }
 }
@@ -163,6 +179,11 @@ const ENV_FIELDS: &[&str] = &[
     "default_audience",
     "max_proxies_per_identity",
     "proxy_expiry_secs",
+    "handshake_timeout_secs",
+    "idle_timeout_secs",
+    "max_connection_age_secs",
+    "max_connections",
+    "max_connections_per_source",
 ];
 
 impl ServerConfig {
@@ -182,6 +203,7 @@ impl ServerConfig {
                         if name.ends_with("_secs")
                             || name.ends_with("_bytes")
                             || name.ends_with("_identity")
+                            || name.starts_with("max_connections")
                             || name.ends_with("_minute") =>
                     {
                         Value::from(n)
@@ -222,6 +244,26 @@ impl ServerConfig {
                 24 * 3600,
             ),
             ("ca_ttl_secs", self.ca_ttl_secs, 3600, 10 * 365 * 24 * 3600),
+            (
+                "handshake_timeout_secs",
+                self.handshake_timeout_secs,
+                1,
+                300,
+            ),
+            ("idle_timeout_secs", self.idle_timeout_secs, 1, 3600),
+            (
+                "max_connection_age_secs",
+                self.max_connection_age_secs,
+                10,
+                7 * 24 * 3600,
+            ),
+            ("max_connections", self.max_connections, 1, 1_000_000),
+            (
+                "max_connections_per_source",
+                self.max_connections_per_source,
+                1,
+                1_000_000,
+            ),
         ];
         for (name, v, lo, hi) in ranges {
             if !(lo..=hi).contains(&v) {

@@ -13,14 +13,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::CertificateDer;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceExt as _;
 
-/// A TLS handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request headers must arrive within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head (HTTP/1.1 buffer, HTTP/2 header list).
@@ -56,6 +57,108 @@ pub(crate) fn router(s: Arc<Server>) -> Router {
         // After the merge: replaces tonic's fallback, so unknown paths get problem JSON.
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(middleware::from_fn(count_requests))
+        .layer(middleware::from_fn(track_activity))
+}
+
+/// How busy one connection is: requests (streaming responses included) in flight, and when
+/// the last one ended. The listener closes connections idle for too long.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    in_flight: AtomicUsize,
+    last: Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// How long nothing has been in flight (`None` while something is).
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        self.last.lock().ok().map(|l| l.elapsed())
+    }
+}
+
+/// One request in flight; dropped with the last byte of its response.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn enter(a: &Arc<Activity>) -> InFlight {
+        a.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(a.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.0.last.lock() {
+            *l = Instant::now();
+        }
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn track_activity(req: Request, next: Next) -> Response {
+    let guard = req.extensions().get::<Arc<Activity>>().map(InFlight::enter);
+    let resp = next.run(req).await;
+    match guard {
+        None => resp,
+        Some(guard) => {
+            let (parts, body) = resp.into_parts();
+            // The response body (a gRPC stream may last for hours) holds the guard.
+            let body = axum::body::Body::new(http_body_util::BodyExt::map_frame(body, move |f| {
+                let _in_flight = &guard;
+                f
+            }));
+            Response::from_parts(parts, body)
+        }
+    }
+}
+
+/// Connection slots: a total cap and a cap per source address.
+#[derive(Debug, Default)]
+struct Slots {
+    total: AtomicUsize,
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One taken slot, given back on drop.
+struct Slot(Arc<Slots>, IpAddr);
+
+impl Slots {
+    fn take(self: &Arc<Self>, ip: IpAddr, max_total: usize, max_per_source: usize) -> Option<Slot> {
+        let mut per = self.per_source.lock().ok()?;
+        let n = per.entry(ip).or_insert(0);
+        if *n >= max_per_source || self.total.load(Ordering::Acquire) >= max_total {
+            if *n == 0 {
+                per.remove(&ip);
+            }
+            return None;
+        }
+        *n += 1;
+        self.total.fetch_add(1, Ordering::AcqRel);
+        Some(Slot(self.clone(), ip))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut per) = self.0.per_source.lock()
+            && let Some(n) = per.get_mut(&self.1)
+        {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.1);
+            }
+        }
+        self.0.total.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 async fn count_requests(req: Request, next: Next) -> Response {
@@ -94,26 +197,63 @@ async fn prometheus(State(s): State<Arc<Server>>) -> Response {
         .into_response()
 }
 
-/// Accepts connections until `stop` turns true.
+/// After a graceful close was asked for, a connection gets this long to finish.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+fn secs(v: i64) -> Duration {
+    Duration::from_secs(u64::try_from(v).unwrap_or(1))
+}
+
+/// Accepts connections until `stop` turns true. Every connection is bounded: a slot (total and
+/// per source), a handshake deadline, an idle timeout, a maximum age.
 pub(crate) async fn serve(s: Arc<Server>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     let app = router(s.clone());
+    let slots = Arc::new(Slots::default());
+    let max_total = usize::try_from(s.cfg.max_connections).unwrap_or(usize::MAX);
+    let max_per = usize::try_from(s.cfg.max_connections_per_source).unwrap_or(usize::MAX);
+    let mut backoff = Duration::from_millis(10);
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(c) => c,
+                Ok(c) => {
+                    backoff = Duration::from_millis(10);
+                    c
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // EMFILE and friends: back off instead of spinning; existing connections
+                    // finish and free descriptors.
+                    if backoff == Duration::from_millis(10) {
+                        tracing::warn!(error = %e, "accept failed; backing off");
+                    }
+                    metrics::counter!("castellan_server_accept_errors_total").increment(1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             },
             _ = stop.changed() => return,
         };
+        let Some(slot) = slots.take(peer.ip(), max_total, max_per) else {
+            metrics::counter!("castellan_server_connections_refused_total").increment(1);
+            tracing::debug!(%peer, "connection refused: connection cap reached");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(s.tls.load_full());
         let app = app.clone();
+        let (handshake, idle, max_age) = (
+            secs(s.cfg.handshake_timeout_secs),
+            secs(s.cfg.idle_timeout_secs),
+            secs(s.cfg.max_connection_age_secs),
+        );
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let _slot = slot;
+            let born = Instant::now();
+            let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -122,6 +262,7 @@ pub(crate) async fn serve(s: Arc<Server>, listener: TcpListener, mut stop: watch
                 }
                 Err(_) => {
                     tracing::debug!(%peer, "TLS handshake timed out");
+                    metrics::counter!("castellan_server_tls_handshake_failures_total").increment(1);
                     return;
                 }
             };
@@ -131,8 +272,11 @@ pub(crate) async fn serve(s: Arc<Server>, listener: TcpListener, mut stop: watch
                     .peer_certificates()
                     .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())),
             );
+            let activity = Arc::new(Activity::new());
+            let svc_activity = activity.clone();
             let svc = app.map_request(move |mut req: Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(certs.clone());
+                req.extensions_mut().insert(svc_activity.clone());
                 req
             });
             let mut b = auto::Builder::new(TokioExecutor::new());
@@ -143,12 +287,43 @@ pub(crate) async fn serve(s: Arc<Server>, listener: TcpListener, mut stop: watch
             b.http2()
                 .timer(TokioTimer::new())
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .max_concurrent_streams(256);
-            if let Err(e) = b
-                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc))
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                .max_concurrent_streams(256)
+                .keep_alive_interval(Some(idle.max(Duration::from_secs(2)) / 2))
+                .keep_alive_timeout(Duration::from_secs(10));
+            let conn = b.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
+            tokio::pin!(conn);
+            let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+            let mut closing: Option<Instant> = None;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = tokio::time::sleep(tick) => {
+                        let now = Instant::now();
+                        if let Some(deadline) = closing {
+                            if now >= deadline {
+                                tracing::debug!(%peer, "connection dropped: did not close in time");
+                                break;
+                            }
+                            continue;
+                        }
+                        let reason = if activity.idle_for().is_some_and(|d| d >= idle) {
+                            "idle"
+                        } else if born.elapsed() >= max_age {
+                            "max-age"
+                        } else {
+                            continue;
+                        };
+                        metrics::counter!("castellan_server_connections_closed_total", "reason" => reason).increment(1);
+                        tracing::debug!(%peer, reason, "closing connection");
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some(now + CLOSE_GRACE.min(idle));
+                    }
+                }
             }
         });
     }

@@ -1946,3 +1946,116 @@ async fn audit_and_reports_are_bound_to_the_callers_identity_and_verified_on_ing
     db.report(report("flood-1", "")).await.unwrap();
     da.report(report("orders-2", "")).await.unwrap();
 }
+
+/// The listener bounds what unauthenticated clients can hold: 300 TLS connections that send
+/// nothing are all closed by the idle timeout (2 s here) while the API keeps answering; a TCP
+/// connection that never completes its handshake is dropped at the handshake timeout; past the
+/// per-source cap new connections are closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_connection_caps_hold() {
+    use tokio::io::AsyncReadExt as _;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ServerConfig {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        idle_timeout_secs: 2,
+        handshake_timeout_secs: 2,
+        max_connections_per_source: 320,
+        ..ServerConfig::default()
+    };
+    castellan_server::init(&cfg, TD, None).await.unwrap();
+    let running = Server::start(cfg, None).await.unwrap();
+    let bundle = running.server.bundle();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in &bundle {
+        roots.add(c.clone()).unwrap();
+    }
+    let tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let connect = || {
+        let (tls, addr) = (tls.clone(), running.addr);
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(tls)
+                .connect(
+                    rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+                    tcp,
+                )
+                .await
+        }
+    };
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(connect().await.unwrap());
+    }
+    // A TCP connection that never starts TLS.
+    let mut silent = tokio::net::TcpStream::connect(running.addr).await.unwrap();
+    // The API answers meanwhile (a fresh client each time: new connections).
+    let http = tls_client(&bundle, None);
+    for _ in 0..3 {
+        let r = http
+            .get(format!("{}/healthz", running.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // Past the per-source cap (320; 300 idle + the silent one + the client above are open):
+    // new connections are closed at once.
+    let mut refused = 0;
+    let mut extra = Vec::new();
+    for _ in 0..30 {
+        match connect().await {
+            Ok(c) => extra.push(c),
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(refused > 0, "the per-source cap refused nothing");
+    drop(extra);
+    // Every idle connection is closed by the server (EOF or reset), within idle + grace.
+    let t0 = std::time::Instant::now();
+    for mut c in idle {
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(std::time::Duration::from_secs(20), c.read(&mut buf)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "an idle connection is still open after {:?}",
+            t0.elapsed()
+        );
+    }
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(std::time::Duration::from_secs(20), silent.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection without a handshake is still open"
+    );
+    // And the API still answers afterwards.
+    let r = http
+        .get(format!("{}/healthz", running.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let m = http
+        .get(format!("{}/metrics", running.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("castellan_server_connections_closed_total{reason=\"idle\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("castellan_server_connections_refused_total"),
+        "{m}"
+    );
+}

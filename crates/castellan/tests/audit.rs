@@ -406,11 +406,8 @@ async fn sigkill_of_the_control_plane_loses_no_audit_record() {
                 } else {
                     (&allowed, 200)
                 };
-                assert_eq!(
-                    raw(addr, Some(tls.clone()), req).await.unwrap().0,
-                    want,
-                    "request {i}"
-                );
+                let (st, body) = raw(addr, Some(tls.clone()), req).await.unwrap();
+                assert_eq!(st, want, "request {i}: {body}");
             }
             n as u64
         }
