@@ -32,6 +32,10 @@ const MAX_HEADER_BYTES: usize = 32 * 1024;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PeerCerts(pub(crate) Option<Arc<Vec<CertificateDer<'static>>>>);
 
+/// The client's address (the TCP peer).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerAddr(pub(crate) std::net::SocketAddr);
+
 /// The OpenAPI document of the admin and OAuth2 API.
 const OPENAPI: &str = include_str!("openapi.json");
 
@@ -276,6 +280,7 @@ pub(crate) async fn serve(s: Arc<Server>, listener: TcpListener, mut stop: watch
             let svc_activity = activity.clone();
             let svc = app.map_request(move |mut req: Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(certs.clone());
+                req.extensions_mut().insert(PeerAddr(peer));
                 req.extensions_mut().insert(svc_activity.clone());
                 req
             });

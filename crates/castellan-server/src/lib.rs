@@ -509,6 +509,7 @@ async fn reload_loop(server: std::sync::Weak<Server>, mut stop: watch::Receiver<
         if let Err(e) = s.reload().await {
             tracing::error!(error = %e, "reloading keys failed; serving with the previous ones");
         }
+        s.prune_auth_failures();
         if let Err(e) = s.store.purge_revoked_tokens(unix_now()).await {
             tracing::warn!(error = %e, "purging expired token revocations failed");
         }

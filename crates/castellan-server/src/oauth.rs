@@ -4,7 +4,7 @@
 //! `tls_client_auth` (RFC 8705; the token is then bound to the certificate).
 
 use crate::admin::is_scope_token;
-use crate::http::PeerCerts;
+use crate::http::{PeerAddr, PeerCerts};
 use crate::keys::credential_hash;
 use crate::problem::OAuthError;
 use crate::{Server, unix_now};
@@ -27,6 +27,8 @@ const GRANT_CLIENT_CREDENTIALS: &str = "client_credentials";
 const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 const TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// The scope that lets a client introspect tokens issued to other clients.
+const INTROSPECTION_SCOPE: &str = "introspection";
 
 pub(crate) fn routes() -> Router<Arc<Server>> {
     Router::new()
@@ -164,37 +166,57 @@ fn form_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// What failed authentications are counted against: the client id *and* the source address,
+/// so nobody can lock a client out from elsewhere, and unknown ids are counted like known ones.
+fn failure_key(id: &str, source: std::net::IpAddr) -> String {
+    format!("{id}\u{0}{source}")
+}
+
 impl Server {
-    /// Refuses clients locked out after too many failures.
-    fn check_lockout(&self, id: &str) -> Result<(), OAuthError> {
+    /// Refuses a (client, source) locked out after too many failures. The answer is the same
+    /// whether the client exists or not.
+    fn check_lockout(&self, key: &str) -> Result<(), OAuthError> {
         if let Ok(mut l) = self.lockouts.lock()
-            && let Some(until) = l.get(id).copied()
+            && let Some(until) = l.get(key).copied()
         {
             let now = Instant::now();
             if until > now {
                 return Err(OAuthError::locked_out((until - now).as_secs() + 1));
             }
-            l.remove(id);
+            l.remove(key);
         }
         Ok(())
     }
 
-    /// Counts a failed authentication of an existing client; past the per-minute allowance the
-    /// client is locked out until the allowance refills.
-    fn auth_failed(&self, id: &str, why: &'static str) -> OAuthError {
+    /// Counts a failed authentication of `(client, source)`; past the per-minute allowance
+    /// that pair is locked out until the allowance refills.
+    fn auth_failed(&self, key: &str, id: &str, why: &'static str) -> OAuthError {
         metrics::counter!("castellan_server_client_auth_failures_total", "reason" => why)
             .increment(1);
         tracing::info!(client = %id, reason = why, "client authentication failed");
-        if let Err(not_until) = self.auth_failures.check_key(&id.to_owned()) {
+        if let Err(not_until) = self.auth_failures.check_key(&key.to_owned()) {
             let wait = not_until.wait_time_from(governor::clock::Clock::now(
                 &governor::clock::DefaultClock::default(),
             ));
             if let Ok(mut l) = self.lockouts.lock() {
-                l.insert(id.to_owned(), Instant::now() + wait);
+                if l.len() >= 100_000 {
+                    let now = Instant::now();
+                    l.retain(|_, until| *until > now);
+                }
+                l.insert(key.to_owned(), Instant::now() + wait);
             }
             return OAuthError::locked_out(wait.as_secs() + 1);
         }
         OAuthError::invalid_client("client authentication failed")
+    }
+
+    /// Forgets failure counts that have refilled (called periodically).
+    pub(crate) fn prune_auth_failures(&self) {
+        self.auth_failures.retain_recent();
+        if let Ok(mut l) = self.lockouts.lock() {
+            let now = Instant::now();
+            l.retain(|_, until| *until > now);
+        }
     }
 
     async fn authenticate(
@@ -202,6 +224,7 @@ impl Server {
         headers: &HeaderMap,
         p: &Params,
         peer: &PeerCerts,
+        source: &PeerAddr,
     ) -> Result<Client, OAuthError> {
         let basic = basic_credentials(headers)?;
         let post_secret = p.get("client_secret");
@@ -228,17 +251,21 @@ impl Server {
                 (id.to_owned(), secret.map(str::to_owned))
             }
         };
+        let key = failure_key(&id, source.0.ip());
+        // A secret attempt from a locked-out (client, source) is refused before anything is
+        // looked up; a certificate proof is never refused for failed secrets.
+        if secret.is_some() {
+            self.check_lockout(&key)?;
+        }
         let row = match self.client(&id).await {
             Ok(r) => r,
             Err(StoreError::NotFound(_)) => {
-                metrics::counter!("castellan_server_client_auth_failures_total", "reason" => "unknown-client").increment(1);
-                return Err(OAuthError::invalid_client("client authentication failed"));
+                return Err(self.auth_failed(&key, &id, "unknown-client"));
             }
             Err(e) => return Err(OAuthError::internal(e)),
         };
-        self.check_lockout(&id)?;
         if row.disabled_at.is_some() {
-            return Err(self.auth_failed(&id, "disabled"));
+            return Err(self.auth_failed(&key, &id, "disabled"));
         }
         match secret {
             Some(secret) => {
@@ -249,7 +276,7 @@ impl Server {
                     )
                     .is_ok();
                 if !ok {
-                    return Err(self.auth_failed(&id, "bad-secret"));
+                    return Err(self.auth_failed(&key, &id, "bad-secret"));
                 }
                 Ok(Client {
                     row,
@@ -260,14 +287,19 @@ impl Server {
                 // tls_client_auth: the SVID the client presented in this TLS handshake.
                 let (Some(want), Some(chain)) = (row.tls_san_uri.as_deref(), peer.0.as_deref())
                 else {
-                    return Err(self.auth_failed(&id, "no-credentials"));
+                    return Err(OAuthError::invalid_client("client authentication failed"));
                 };
                 let validator = self.svid_validator().await.map_err(OAuthError::internal)?;
                 let now = UnixTime::now();
                 match validator.validate(chain, now, SvidUsage::Client) {
                     Ok(got) if got.as_str() == want => {}
-                    Ok(_) => return Err(self.auth_failed(&id, "wrong-certificate")),
-                    Err(_) => return Err(self.auth_failed(&id, "bad-certificate")),
+                    // Certificates cannot be guessed: failures are counted in metrics but
+                    // never charged to the lockout allowance.
+                    Ok(_) | Err(_) => {
+                        metrics::counter!("castellan_server_client_auth_failures_total", "reason" => "certificate").increment(1);
+                        tracing::info!(client = %id, "client certificate refused");
+                        return Err(OAuthError::invalid_client("client authentication failed"));
+                    }
                 }
                 let leaf = chain
                     .first()
@@ -374,10 +406,11 @@ fn token_response(token: String, ttl: i64, scopes: &[&str], exchanged: bool) -> 
 async fn token(
     State(s): State<Arc<Server>>,
     Extension(peer): Extension<PeerCerts>,
+    Extension(source): Extension<PeerAddr>,
     headers: HeaderMap,
     p: Params,
 ) -> Result<Response, OAuthError> {
-    let client = s.authenticate(&headers, &p, &peer).await?;
+    let client = s.authenticate(&headers, &p, &peer, &source).await?;
     match p.get("grant_type") {
         Some(GRANT_CLIENT_CREDENTIALS) => client_credentials(&s, client, &p),
         Some(GRANT_TOKEN_EXCHANGE) => token_exchange(&s, client, &p).await,
@@ -542,20 +575,26 @@ async fn token_exchange(s: &Server, client: Client, p: &Params) -> Result<Respon
 async fn introspect(
     State(s): State<Arc<Server>>,
     Extension(peer): Extension<PeerCerts>,
+    Extension(source): Extension<PeerAddr>,
     headers: HeaderMap,
     p: Params,
 ) -> Result<Response, OAuthError> {
-    s.authenticate(&headers, &p, &peer).await?;
+    let client = s.authenticate(&headers, &p, &peer, &source).await?;
     let token = p
         .get("token")
         .ok_or_else(|| OAuthError::bad("invalid_request", "token is required"))?;
+    // A client learns only about its own tokens, unless it holds the introspection scope.
+    let may_see = |claims: &Map<String, Value>| {
+        claims.get("client_id").and_then(Value::as_str) == Some(client.row.client_id.as_str())
+            || scopes_of(&client.row.scopes).contains(&INTROSPECTION_SCOPE)
+    };
     let body = match s.verify_own(token, unix_now()).await {
-        Some(mut claims) => {
+        Some(mut claims) if may_see(&claims) => {
             claims.insert("active".to_owned(), Value::Bool(true));
             claims.insert("token_type".to_owned(), Value::String("Bearer".to_owned()));
             Value::Object(claims)
         }
-        None => json!({"active": false}),
+        _ => json!({"active": false}),
     };
     let mut r = Json(body).into_response();
     r.headers_mut()
@@ -566,10 +605,11 @@ async fn introspect(
 async fn revoke(
     State(s): State<Arc<Server>>,
     Extension(peer): Extension<PeerCerts>,
+    Extension(source): Extension<PeerAddr>,
     headers: HeaderMap,
     p: Params,
 ) -> Result<Response, OAuthError> {
-    let client = s.authenticate(&headers, &p, &peer).await?;
+    let client = s.authenticate(&headers, &p, &peer, &source).await?;
     let token = p
         .get("token")
         .ok_or_else(|| OAuthError::bad("invalid_request", "token is required"))?;

@@ -737,6 +737,20 @@ async fn suite(h: Harness) {
         )
         .await;
     assert_eq!(v, json!({"active": false}));
+    // Another client introspecting billing's token learns nothing.
+    let (st, v, _) = h
+        .post_form(
+            &mtls,
+            "/oauth2/introspect",
+            None,
+            &[("client_id", "orders-worker"), ("token", &tok)],
+        )
+        .await;
+    assert_eq!(
+        (st, v),
+        (StatusCode::OK, json!({"active": false})),
+        "introspecting another client's token"
+    );
     let (st, v, _) = h
         .post_form(
             &mtls,
@@ -821,6 +835,84 @@ async fn suite(h: Harness) {
         )
         .await;
     assert_eq!(st, StatusCode::OK);
+    // An unknown client id gets exactly the same answers: nothing tells which ids exist.
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let (st, v, _) = h
+            .post_form(
+                &h.http,
+                "/oauth2/token",
+                Some(("no-such-client", "wrong")),
+                &[("grant_type", "client_credentials")],
+            )
+            .await;
+        codes.push((
+            st.as_u16(),
+            v["error"].as_str().unwrap_or_default().to_owned(),
+        ));
+    }
+    let want: Vec<(u16, String)> = [401, 401, 401, 429, 429]
+        .iter()
+        .map(|c| (*c, "invalid_client".to_owned()))
+        .collect();
+    assert_eq!(codes, want);
+    // Lockout is per (client, source): from another address the right secret still works.
+    let elsewhere = reqwest::Client::builder()
+        .tls_backend_preconfigured(
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates({
+                    let mut r = rustls::RootCertStore::empty();
+                    for c in h.running.server.bundle() {
+                        r.add(c).unwrap();
+                    }
+                    r
+                })
+                .with_no_client_auth(),
+        )
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let (st, _, _) = h
+        .post_form(
+            &elsewhere,
+            "/oauth2/token",
+            Some(("billing", &secret)),
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
+    assert_eq!(
+        st,
+        StatusCode::OK,
+        "billing is not locked out from 127.0.0.2"
+    );
+    // Failed secrets never lock out the holder of a tls_client_auth client's certificate.
+    for _ in 0..6 {
+        h.post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("orders-worker", "guessed")),
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
+    }
+    let (st, _, _) = h
+        .post_form(
+            &mtls,
+            "/oauth2/token",
+            None,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "orders-worker"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        st,
+        StatusCode::OK,
+        "the certificate holder is not locked out"
+    );
 
     // ---- revocation and disable reach renewals --------------------------------------
     let serial = {
