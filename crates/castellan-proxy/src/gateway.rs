@@ -80,6 +80,7 @@ fn route_matches(prefix: &str, path: &str) -> bool {
 fn authenticate(
     inner: &Inner,
     headers: &hyper::HeaderMap,
+    client_cert: Option<&str>,
     did: &str,
 ) -> Result<(User, String), Box<Response<Body>>> {
     let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
@@ -114,13 +115,36 @@ fn authenticate(
         };
     }
     let now = unix_now();
-    let castellan = inner.castellan_tokens.load();
-    let verifiers = castellan
-        .as_ref()
-        .as_ref()
-        .into_iter()
-        .chain(inner.oidc.iter());
-    for v in verifiers {
+    if let Some(v) = inner.castellan_tokens.load().as_ref()
+        && let Ok(t) = v.verify(cred, now)
+    {
+        let claim = |k: &str| t.claims.get(k).and_then(Value::as_str);
+        // Revocation and disabled clients, as pushed: checked on every request.
+        if inner
+            .state
+            .is_token_revoked(claim("jti"), claim("client_id"))
+        {
+            return Err(Box::new(unauthorized("token revoked", did)));
+        }
+        // RFC 8705 §3: a certificate-bound token only with its certificate.
+        if let Some(bound) = t
+            .claims
+            .get("cnf")
+            .and_then(|c| c.get("x5t#S256"))
+            .and_then(Value::as_str)
+            && client_cert != Some(bound)
+        {
+            return Err(Box::new(unauthorized(
+                "certificate-bound token presented without its certificate",
+                did,
+            )));
+        }
+        return match user_from_claims(&t.claims) {
+            Some(u) => Ok((u, String::new())),
+            None => Err(Box::new(unauthorized("invalid token", did))),
+        };
+    }
+    for v in &inner.oidc {
         if let Ok(t) = v.verify(cred, now)
             && let Some(u) = user_from_claims(&t.claims)
         {
@@ -130,20 +154,26 @@ fn authenticate(
     Err(Box::new(unauthorized("invalid token", did)))
 }
 
-async fn handle(
-    inner: Arc<Inner>,
-    client_ip: std::net::IpAddr,
-    req: Request<Incoming>,
-) -> Response<Body> {
+/// What the edge knows about one client connection.
+#[derive(Debug)]
+struct EdgeConn {
+    /// The client's address.
+    ip: std::net::IpAddr,
+    /// base64url SHA-256 of the client certificate's DER, when the client sent one (verified
+    /// against the bundle in the handshake): what `cnf.x5t#S256` must equal.
+    cert_thumbprint: Option<String>,
+}
+
+async fn handle(inner: Arc<Inner>, conn: Arc<EdgeConn>, req: Request<Incoming>) -> Response<Body> {
     let mut p = Pending::new(&req, "");
     p.source = inner.identity.current().id.as_str().to_owned();
-    let r = handle_inner(&inner, client_ip, req, &mut p).await;
+    let r = handle_inner(&inner, &conn, req, &mut p).await;
     p.finish(&inner, r)
 }
 
 async fn handle_inner(
     inner: &Arc<Inner>,
-    client_ip: std::net::IpAddr,
+    conn: &EdgeConn,
     req: Request<Incoming>,
     p: &mut Pending,
 ) -> Response<Body> {
@@ -174,10 +204,11 @@ async fn handle_inner(
     };
     p.destination = service.clone();
     p.path = target.clone();
-    let (user, api_key_id) = match authenticate(inner, &parts.headers, &did) {
-        Ok(u) => u,
-        Err(r) => return *r,
-    };
+    let (user, api_key_id) =
+        match authenticate(inner, &parts.headers, conn.cert_thumbprint.as_deref(), &did) {
+            Ok(u) => u,
+            Err(r) => return *r,
+        };
     let sub = user.sub.clone().unwrap_or_default();
     p.user.clone_from(&sub);
     let me = inner.identity.current().id.clone();
@@ -251,7 +282,7 @@ async fn handle_inner(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
+    if let Ok(v) = HeaderValue::from_str(&conn.ip.to_string()) {
         headers.insert("x-forwarded-for", v);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
@@ -286,7 +317,7 @@ pub(crate) async fn serve(
     {
         Ok(b) => {
             let mut c = b
-                .with_no_client_auth()
+                .with_client_cert_verifier(Arc::new(crate::tls::OptionalClientCert))
                 .with_cert_resolver(inner.identity.clone());
             c.alpn_protocols = vec![b"http/1.1".to_vec()];
             Arc::new(c)
@@ -304,17 +335,25 @@ pub(crate) async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let (inner, acceptor) = (inner.clone(), acceptor.clone());
-        let client_ip = peer.ip();
         tokio::spawn(async move {
             let Ok(Ok(tls)) =
                 tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
             else {
                 return;
             };
+            let conn = Arc::new(EdgeConn {
+                ip: peer.ip(),
+                cert_thumbprint: tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(crate::tls::x5t_s256),
+            });
             let audit_inner = inner.clone();
             let svc = service_fn(move |req| {
-                let inner = inner.clone();
-                async move { Ok::<_, Infallible>(handle(inner, client_ip, req).await) }
+                let (inner, conn) = (inner.clone(), conn.clone());
+                async move { Ok::<_, Infallible>(handle(inner, conn, req).await) }
             });
             if let Err(e) = http1_builder()
                 .serve_connection(TokioIo::new(crate::framing::FramingGuard::new(tls)), svc)

@@ -357,6 +357,9 @@ impl Inner {
         if !u.trust_bundle.is_empty() {
             snap.trust_bundle.clone_from(&u.trust_bundle);
         }
+        if u.token_revocations.is_some() {
+            snap.token_revocations.clone_from(&u.token_revocations);
+        }
         if u.api_specs.is_some() {
             snap.api_specs.clone_from(&u.api_specs);
         }

@@ -29,6 +29,13 @@ pub struct ApiKeyUser {
     pub claims: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Castellan tokens that must be refused though their signature is good.
+#[derive(Debug, Default)]
+struct TokenRevocations {
+    jtis: HashSet<String>,
+    clients: HashSet<String>,
+}
+
 /// The enforcement state.
 #[derive(Debug)]
 pub struct State {
@@ -41,6 +48,8 @@ pub struct State {
     revoked: Mutex<Vec<Vec<u8>>>,
     disabled: ArcSwap<HashSet<String>>,
     api_keys: ArcSwap<HashMap<Vec<u8>, Arc<ApiKeyUser>>>,
+    /// Revoked (unexpired) castellan token ids and disabled OAuth2 clients.
+    token_revocations: ArcSwap<TokenRevocations>,
     endpoints: ArcSwap<HashMap<String, Vec<SocketAddr>>>,
     specs: ArcSwap<HashMap<String, Arc<crate::openapi::ApiSpec>>>,
     recent: Mutex<std::collections::VecDeque<RecentDecision>>,
@@ -101,6 +110,7 @@ impl State {
             revoked: Mutex::new(Vec::new()),
             disabled: ArcSwap::from_pointee(HashSet::new()),
             api_keys: ArcSwap::from_pointee(HashMap::new()),
+            token_revocations: ArcSwap::from_pointee(TokenRevocations::default()),
             endpoints: ArcSwap::from_pointee(HashMap::new()),
             specs: ArcSwap::from_pointee(HashMap::new()),
             recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT)),
@@ -148,6 +158,13 @@ impl State {
     /// The user an API key (its SHA-256) authenticates.
     pub fn api_key(&self, hash: &[u8]) -> Option<Arc<ApiKeyUser>> {
         self.api_keys.load().get(hash).cloned()
+    }
+
+    /// Whether a castellan token (its `jti`, its `client_id`) was revoked or its client
+    /// disabled, as of the last push.
+    pub fn is_token_revoked(&self, jti: Option<&str>, client_id: Option<&str>) -> bool {
+        let r = self.token_revocations.load();
+        jti.is_some_and(|j| r.jtis.contains(j)) || client_id.is_some_and(|c| r.clients.contains(c))
     }
 
     /// A service's compiled OpenAPI document, if it registered one.
@@ -310,6 +327,12 @@ impl State {
                 }
             }
             self.endpoints.store(Arc::new(map));
+        }
+        if let Some(t) = u.token_revocations {
+            self.token_revocations.store(Arc::new(TokenRevocations {
+                jtis: t.revoked_jtis.into_iter().collect(),
+                clients: t.disabled_clients.into_iter().collect(),
+            }));
         }
         if let Some(specs) = u.api_specs {
             let mut map = HashMap::new();

@@ -107,6 +107,64 @@ impl ClientCertVerifier for SvidClientVerifier {
     }
 }
 
+/// The gateway's edge: a client certificate is optional and never judged by its issuer — it
+/// only proves possession of a key (rustls checks the handshake signature), which is what a
+/// certificate-bound token (RFC 8705 `cnf.x5t#S256`) asks for.
+#[derive(Debug)]
+pub(crate) struct OptionalClientCert;
+
+impl ClientCertVerifier for OptionalClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end: &CertificateDer<'_>,
+        _inter: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        sig_tls12(m, c, d)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        sig_tls13(m, c, d)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        schemes()
+    }
+}
+
+/// base64url SHA-256 of a certificate's DER: its `x5t#S256`.
+pub(crate) fn x5t_s256(cert: &CertificateDer<'_>) -> String {
+    use base64::Engine as _;
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.as_ref());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d.as_ref())
+}
+
 /// Where a server verifier gets its SVID validator.
 #[derive(Debug)]
 enum Validation {

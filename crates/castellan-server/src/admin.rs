@@ -478,6 +478,7 @@ async fn disable_client(
     let now = unix_now();
     s.store.disable_client(&id, now).await?;
     s.forget_client(&id);
+    s.changed().await;
     tracing::info!(admin = %c.name, client = %id, "OAuth2 client disabled");
     Ok(Json(json!({"client_id": id, "disabled_at": now})))
 }

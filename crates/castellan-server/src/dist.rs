@@ -34,6 +34,10 @@ pub(crate) struct Snapshot {
     pub(crate) endpoints: Vec<(String, String)>,
     pub(crate) bundle: Vec<CertificateDer<'static>>,
     pub(crate) specs: Vec<(String, String)>,
+    /// Revoked, unexpired token ids.
+    pub(crate) revoked_tokens: Vec<String>,
+    /// Disabled OAuth2 clients.
+    pub(crate) disabled_clients: Vec<String>,
 }
 
 /// Fans changes out to watchers.
@@ -79,6 +83,8 @@ async fn load(s: &Server) -> Result<Snapshot, StoreError> {
         endpoints,
         bundle: s.bundle(),
         specs: s.store.service_specs().await?,
+        revoked_tokens: s.store.revoked_token_ids(now).await?,
+        disabled_clients: s.store.disabled_client_ids().await?,
     })
 }
 
@@ -233,6 +239,15 @@ fn diff(before: Option<&Snapshot>, now: &Snapshot) -> Option<WatchUpdate> {
     if before.is_none_or(|b| b.specs != now.specs) {
         u.api_specs = Some(castellan_proto::v1::ApiSpecs {
             specs: now.specs.iter().cloned().collect(),
+        });
+        any = true;
+    }
+    if before.is_none_or(|b| {
+        b.revoked_tokens != now.revoked_tokens || b.disabled_clients != now.disabled_clients
+    }) {
+        u.token_revocations = Some(castellan_proto::v1::TokenRevocations {
+            revoked_jtis: now.revoked_tokens.clone(),
+            disabled_clients: now.disabled_clients.clone(),
         });
         any = true;
     }

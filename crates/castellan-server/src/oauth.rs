@@ -631,6 +631,8 @@ async fn revoke(
             .revoke_token(jti, exp)
             .await
             .map_err(OAuthError::internal)?;
+        // Gateways and decision points learn it with the next push.
+        s.changed().await;
         metrics::counter!("castellan_server_tokens_revoked_total").increment(1);
         tracing::info!(client = %client.row.client_id, %jti, "access token revoked");
     }

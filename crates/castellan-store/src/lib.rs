@@ -635,6 +635,22 @@ impl Store {
         Ok(row.is_some())
     }
 
+    /// Ids of revoked tokens that have not expired by `now`, sorted.
+    pub async fn revoked_token_ids(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        let sql = "SELECT jti FROM revoked_tokens WHERE expires_at > $1 ORDER BY jti";
+        let rows: Vec<(String,)> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(now).fetch_all(p).await)?;
+        Ok(rows.into_iter().map(|(j,)| j).collect())
+    }
+
+    /// Ids of disabled OAuth2 clients, sorted.
+    pub async fn disabled_client_ids(&self) -> Result<Vec<String>, StoreError> {
+        let sql =
+            "SELECT client_id FROM oauth_clients WHERE disabled_at IS NOT NULL ORDER BY client_id";
+        let rows: Vec<(String,)> = on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        Ok(rows.into_iter().map(|(c,)| c).collect())
+    }
+
     /// Forgets revocations of tokens that have expired by `now`.
     pub async fn purge_revoked_tokens(&self, now: i64) -> Result<u64, StoreError> {
         let sql = "DELETE FROM revoked_tokens WHERE expires_at <= $1";
