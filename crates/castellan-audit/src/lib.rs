@@ -81,6 +81,9 @@ pub struct AuditRecord {
     pub latency_us: u64,
     /// Gap records: how many records were lost.
     pub lost: u64,
+    /// Format 2: who acted on the user's behalf (delegation chain), nearest last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub act: Vec<String>,
     /// SHA-256 (hex) over every field above, in this order, as JSON.
     pub hash: String,
 }
@@ -116,6 +119,8 @@ pub struct Entry {
     pub status: u16,
     /// Latency, µs.
     pub latency_us: u64,
+    /// Delegation chain.
+    pub act: Vec<String>,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -183,6 +188,7 @@ impl Head {
             status: e.status,
             latency_us: e.latency_us,
             lost,
+            act: e.act,
             hash: String::new(),
         };
         r.hash = r.compute_hash();

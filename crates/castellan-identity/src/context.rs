@@ -83,6 +83,9 @@ pub struct UserContext {
     pub exp: i64,
     /// The workload it was minted for (the destination of the signer's call).
     pub aud: SpiffeId,
+    /// Who acted on the user's behalf before the signer (from an exchanged token's `act`),
+    /// nearest last.
+    pub act: Vec<String>,
 }
 
 impl UserContext {
@@ -96,10 +99,12 @@ impl UserContext {
         me: &SpiffeId,
     ) -> Result<Vec<String>, ContextError> {
         if *presenter == self.signer && self.aud == *me {
-            return Ok(Vec::new());
+            return Ok(self.act.clone());
         }
         if *presenter == self.aud && presenter != me {
-            return Ok(vec![presenter.as_str().to_owned()]);
+            let mut act = self.act.clone();
+            act.push(presenter.as_str().to_owned());
+            return Ok(act);
         }
         Err(ContextError::Presenter {
             presenter: presenter.to_string(),
@@ -161,10 +166,31 @@ impl ContextSigner {
         now: i64,
         ttl: i64,
     ) -> Result<String, ContextError> {
-        let body = json!({
+        self.mint_with_act(aud, sub, roles, claims, &[], txn, now, ttl)
+    }
+
+    /// As [`mint`](Self::mint), for a user on whose behalf `act` (nearest last) already acted.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mint_with_act(
+        &self,
+        aud: &str,
+        sub: &str,
+        roles: &[String],
+        claims: &Map<String, Value>,
+        act: &[String],
+        txn: &str,
+        now: i64,
+        ttl: i64,
+    ) -> Result<String, ContextError> {
+        let mut body = json!({
             "iss": self.id.as_str(), "aud": aud, "sub": sub, "roles": roles, "claims": claims,
             "txn": txn, "iat": now, "exp": now + ttl.clamp(1, MAX_CONTEXT_TTL),
         });
+        if !act.is_empty()
+            && let Some(o) = body.as_object_mut()
+        {
+            o.insert("act".to_owned(), json!(act));
+        }
         let mut out = self.header_b64.clone();
         out.push('.');
         URL_SAFE_NO_PAD.encode_string(body.to_string(), &mut out);
@@ -330,6 +356,15 @@ pub fn verify_context_signed_by(
         None => Map::new(),
         _ => return Err(ContextError::Claim("claims")),
     };
+    let act = match c.get("act") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or(ContextError::Claim("act"))?,
+        None => Vec::new(),
+        _ => return Err(ContextError::Claim("act")),
+    };
     Ok(UserContext {
         sub: s("sub")?.to_owned(),
         txn: s("txn")?.to_owned(),
@@ -338,6 +373,7 @@ pub fn verify_context_signed_by(
         exp,
         signer: signer.id.clone(),
         aud,
+        act,
     })
 }
 

@@ -63,8 +63,25 @@ fn user_from_claims(claims: &Map<String, Value>) -> Option<User> {
         sub: Some(sub),
         roles,
         claims: extra,
-        act: Vec::new(),
+        act: act_chain(claims.get("act"))?,
     })
+}
+
+/// The delegation chain of an exchanged token (RFC 8693 §4.1: the outermost `act` is the
+/// current actor, nested ones came before), first actor first. `None` (→ 401) if malformed.
+fn act_chain(act: Option<&Value>) -> Option<Vec<String>> {
+    let mut chain = Vec::new();
+    let mut cur = act;
+    while let Some(a) = cur {
+        let sub = a.get("sub")?.as_str()?;
+        chain.push(sub.to_owned());
+        if chain.len() > 8 {
+            return None;
+        }
+        cur = a.get("act");
+    }
+    chain.reverse();
+    Some(chain)
 }
 
 /// Whether a route `prefix` serves `path` (both normalized): the prefix itself, or anything
@@ -219,6 +236,8 @@ async fn handle_inner(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let roles = user.roles.clone();
+    let act = user.act.clone();
+    p.act.clone_from(&act);
     let d = decide(inner, Some(&me), Some(user), service, &parts);
     let denied = (!d.is_allowed()).then(|| denial(&d, &did));
     p.decision = Some(d);
@@ -244,11 +263,12 @@ async fn handle_inner(
     else {
         return problem(StatusCode::INTERNAL_SERVER_ERROR, "internal error", &did);
     };
-    let token = match inner.identity.signer().mint(
+    let token = match inner.identity.signer().mint_with_act(
         aud.as_str(),
         &sub,
         &roles,
         &claims,
+        &act,
         &did,
         unix_now(),
         CONTEXT_TTL,

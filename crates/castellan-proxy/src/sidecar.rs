@@ -101,6 +101,8 @@ pub(crate) struct Pending {
     pub(crate) rate_limited: Option<String>,
     /// Set when the request did not fit the service's OpenAPI document.
     pub(crate) invalid: bool,
+    /// Who acted on the user's behalf (the delegation chain policy saw).
+    pub(crate) act: Vec<String>,
 }
 
 /// A request hyper refused before it reached us (unparsable framing, head too large): hyper
@@ -151,6 +153,7 @@ impl Pending {
             decision: None,
             rate_limited: None,
             invalid: false,
+            act: Vec::new(),
         }
     }
 
@@ -202,6 +205,7 @@ impl Pending {
             mode,
             status: status.as_u16(),
             latency_us: u64::try_from(self.t0.elapsed().as_micros()).unwrap_or(u64::MAX),
+            act: self.act,
         };
         crate::audit::write(inner, entry);
         resp
@@ -349,8 +353,9 @@ async fn inbound_inner(
         &inner.cfg.proxy_service(),
         &parts,
     );
-    if let Some((ctx, _, _)) = &context {
+    if let Some((ctx, act, _)) = &context {
         p.user = ctx.sub.clone();
+        p.act.clone_from(act);
     }
     let allowed = d.is_allowed();
     let denied = (!allowed).then(|| denial(&d, &did));

@@ -38,6 +38,7 @@ fn entry(i: u64) -> Entry {
         mode: "enforce".to_owned(),
         status: 200,
         latency_us: 150,
+        act: Vec::new(),
     }
 }
 

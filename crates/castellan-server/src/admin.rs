@@ -392,6 +392,7 @@ async fn rotate_ca(c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value
 
 fn client_json(r: &ClientRow) -> Value {
     json!({"client_id": r.client_id, "scopes": r.scopes.split_whitespace().collect::<Vec<_>>(),
+           "audiences": r.audiences.split_whitespace().collect::<Vec<_>>(),
            "tls_san_uri": r.tls_san_uri, "disabled_at": r.disabled_at})
 }
 
@@ -409,6 +410,9 @@ struct NewClient {
     scopes: Vec<String>,
     #[serde(default)]
     tls_san_uri: Option<String>,
+    /// Audiences it may request tokens for (besides the server's default audience).
+    #[serde(default)]
+    audiences: Vec<String>,
 }
 
 /// RFC 6749 §3.3 scope-token.
@@ -439,6 +443,9 @@ async fn add_client(
     if let Some(bad) = b.scopes.iter().find(|x| !is_scope_token(x)) {
         return Err(Problem::bad_request(format!("invalid scope {bad:?}")));
     }
+    if let Some(bad) = b.audiences.iter().find(|a| !crate::oauth::is_audience(a)) {
+        return Err(Problem::bad_request(format!("invalid audience {bad:?}")));
+    }
     if let Some(uri) = &b.tls_san_uri {
         let id =
             SpiffeId::parse(uri).map_err(|e| Problem::bad_request(format!("tls_san_uri: {e}")))?;
@@ -459,6 +466,7 @@ async fn add_client(
         scopes: b.scopes.join(" "),
         tls_san_uri: b.tls_san_uri,
         disabled_at: None,
+        audiences: b.audiences.join(" "),
     };
     s.store.create_client(&row, unix_now()).await?;
     tracing::info!(admin = %c.name, client = %row.client_id, "OAuth2 client added");

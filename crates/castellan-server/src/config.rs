@@ -86,6 +86,16 @@ impl AlertRule {
     }
 }
 
+/// Clients allowed to exchange subject tokens issued for `audience`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MayAct {
+    /// The subject tokens' `aud`.
+    pub audience: String,
+    /// Client ids.
+    pub clients: Vec<String>,
+}
+
 /// Everything `castellan server run` needs.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -118,6 +128,10 @@ pub struct ServerConfig {
     pub external_issuers: Vec<ExternalIssuer>,
     /// Deny-rate alerts.
     pub alerts: Vec<AlertRule>,
+    /// Token exchange: besides the client a subject token was issued for (its `aud`), the
+    /// clients that may exchange tokens of each audience (e.g. an external IdP's tokens issued
+    /// for the control plane).
+    pub may_act: Vec<MayAct>,
     /// Most proxy ids one workload identity may have in the registry at once (a stolen key
     /// cannot flood `proxy list`); reports beyond it are refused, logged and counted.
     pub max_proxies_per_identity: i64,
@@ -153,6 +167,7 @@ impl Default for ServerConfig {
             default_audience: None,
             external_issuers: Vec::new(),
             alerts: Vec::new(),
+            may_act: Vec::new(),
             max_proxies_per_identity: 256,
             proxy_expiry_secs: 3600,
             handshake_timeout_secs: 10,

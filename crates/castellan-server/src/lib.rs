@@ -14,7 +14,7 @@ mod oauth;
 mod problem;
 mod tls;
 
-pub use config::{AlertRule, ConfigError, ExternalIssuer, ServerConfig};
+pub use config::{AlertRule, ConfigError, ExternalIssuer, MayAct, ServerConfig};
 
 use arc_swap::ArcSwap;
 use castellan_identity::{

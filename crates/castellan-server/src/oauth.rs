@@ -371,12 +371,30 @@ fn grant_scopes<'a>(
     }
 }
 
-fn audience<'a>(p: &'a Params, default: &'a str) -> Result<&'a str, OAuthError> {
+/// Whether `a` is a well-formed audience: one printable value without spaces.
+pub(crate) fn is_audience(a: &str) -> bool {
+    (1..=256).contains(&a.len()) && !a.chars().any(|c| c.is_control() || c == ' ')
+}
+
+/// The audience requested (or `default`), which the client must be allowed to request: the
+/// server's default audience, or one of the client's registered audiences.
+fn audience<'a>(
+    p: &'a Params,
+    default: &'a str,
+    client: &Client,
+    server_default: &str,
+) -> Result<&'a str, OAuthError> {
     let aud = p.get("audience").or(p.get("resource")).unwrap_or(default);
-    if aud.len() > 256 || aud.chars().any(|c| c.is_control() || c == ' ') {
+    if !is_audience(aud) {
         return Err(OAuthError::bad(
             "invalid_target",
             "audience must be one printable value without spaces",
+        ));
+    }
+    if aud != server_default && !client.row.audiences.split_whitespace().any(|a| a == aud) {
+        return Err(OAuthError::bad(
+            "invalid_target",
+            format!("this client may not request tokens for audience {aud:?}"),
         ));
     }
     Ok(aud)
@@ -441,7 +459,7 @@ fn client_credentials(s: &Server, client: Client, p: &Params) -> Result<Response
     let allowed = scopes_of(&client.row.scopes);
     let scopes = grant_scopes(p.get("scope"), &allowed)?;
     let default_aud = s.cfg.default_audience.as_deref().unwrap_or(&s.trust_domain);
-    let aud = audience(p, default_aud)?;
+    let aud = audience(p, default_aud, &client, default_aud)?;
     let now = unix_now();
     let ttl = s.cfg.token_ttl_secs;
     let token = s.sign(
@@ -503,7 +521,8 @@ async fn token_exchange(s: &Server, client: Client, p: &Params) -> Result<Respon
             "audience is required: exchanged tokens are audience-restricted",
         ));
     };
-    let aud = audience(p, aud)?;
+    let default_aud = s.cfg.default_audience.as_deref().unwrap_or(&s.trust_domain);
+    let aud = audience(p, aud, &client, default_aud)?;
     let now = unix_now();
     let invalid = || OAuthError::bad("invalid_request", "subject_token is invalid");
     let iss = unverified_issuer(subject).ok_or_else(invalid)?;
@@ -521,6 +540,28 @@ async fn token_exchange(s: &Server, client: Client, p: &Params) -> Result<Respon
         .get("sub")
         .and_then(Value::as_str)
         .ok_or_else(invalid)?;
+    // Only the client the subject token was issued for (or one configured to act for that
+    // audience) may exchange it: a token a client merely saw is not its to trade.
+    let subject_aud: Vec<&str> = match claims.get("aud") {
+        Some(Value::String(a)) => vec![a.as_str()],
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    let me = client.row.client_id.as_str();
+    let may_act = subject_aud.iter().any(|a| {
+        *a == me
+            || s.cfg
+                .may_act
+                .iter()
+                .any(|m| m.audience == *a && m.clients.iter().any(|c| c == me))
+    });
+    if !may_act {
+        tracing::info!(client = %me, audience = ?subject_aud, "token exchange refused: subject token not issued for this client");
+        return Err(OAuthError::bad(
+            "invalid_request",
+            "subject_token was not issued for this client",
+        ));
+    }
     // A certificate-bound subject token can only be exchanged by the holder of that certificate.
     if let Some(bound) = claims
         .get("cnf")
@@ -544,7 +585,8 @@ async fn token_exchange(s: &Server, client: Client, p: &Params) -> Result<Respon
                 .filter(|c| ss.contains(c))
                 .collect()
         }
-        None => client_scopes,
+        // A subject without scopes grants none: never the exchanging client's own.
+        None => Vec::new(),
     };
     let scopes = grant_scopes(p.get("scope"), &allowed)?;
     // Never outlive the subject token.

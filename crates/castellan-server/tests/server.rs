@@ -143,12 +143,22 @@ impl Harness {
         scopes: &[&str],
         tls_san_uri: Option<&str>,
     ) -> Option<String> {
+        self.add_client_for(name, scopes, tls_san_uri, &[]).await
+    }
+
+    async fn add_client_for(
+        &self,
+        name: &str,
+        scopes: &[&str],
+        tls_san_uri: Option<&str>,
+        audiences: &[&str],
+    ) -> Option<String> {
         let (st, v) = self
             .admin(
                 reqwest::Method::POST,
                 "/v1/clients",
                 Some(&self.admin),
-                Some(json!({"name": name, "scopes": scopes, "tls_san_uri": tls_san_uri})),
+                Some(json!({"name": name, "scopes": scopes, "tls_san_uri": tls_san_uri, "audiences": audiences})),
             )
             .await;
         assert_eq!(st, StatusCode::CREATED, "{v}");
@@ -449,7 +459,12 @@ async fn suite(h: Harness) {
 
     // ---- OAuth2: client_credentials, each client authentication method --------------------
     let secret = h
-        .add_client("billing", &["orders.read", "orders.write"], None)
+        .add_client_for(
+            "billing",
+            &["orders.read", "orders.write"],
+            None,
+            &["inventory"],
+        )
         .await
         .unwrap();
     let (st, v, hd) = h
@@ -636,30 +651,142 @@ async fn suite(h: Harness) {
         "wrong SVID for tls_client_auth"
     );
 
+    fn form(v: &[(String, String)]) -> Vec<(&str, &str)> {
+        v.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    }
     // ---- token exchange: down-scoped, audience-restricted, never longer-lived -----------
-    let exch = [
-        (
-            "grant_type",
-            "urn:ietf:params:oauth:grant-type:token-exchange",
-        ),
-        ("subject_token", tok.as_str()),
-        (
-            "subject_token_type",
-            "urn:ietf:params:oauth:token-type:access_token",
-        ),
-        ("audience", "inventory"),
-    ];
+    // A client may request only the default audience and its registered ones.
+    let (_, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("billing", &secret)),
+            &[
+                ("grant_type", "client_credentials"),
+                ("audience", "payments"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        v["error"], "invalid_target",
+        "an audience billing may not request"
+    );
+    // The subject token: issued to the frontend for billing (its audience).
+    let front = h
+        .add_client_for("frontend", &["orders.read"], None, &["billing"])
+        .await
+        .unwrap();
+    let (_, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("frontend", &front)),
+            &[
+                ("grant_type", "client_credentials"),
+                ("audience", "billing"),
+            ],
+        )
+        .await;
+    let for_billing = v["access_token"].as_str().unwrap().to_owned();
+    let c = claims(&for_billing);
+    let exchange = |subject: &str, aud: &str| {
+        vec![
+            (
+                "grant_type".to_owned(),
+                "urn:ietf:params:oauth:grant-type:token-exchange".to_owned(),
+            ),
+            ("subject_token".to_owned(), subject.to_owned()),
+            (
+                "subject_token_type".to_owned(),
+                "urn:ietf:params:oauth:token-type:access_token".to_owned(),
+            ),
+            ("audience".to_owned(), aud.to_owned()),
+        ]
+    };
+
+    let ok = exchange(&for_billing, "inventory");
     let (st, v, _) = h
-        .post_form(&h.http, "/oauth2/token", Some(("billing", &secret)), &exch)
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("billing", &secret)),
+            &form(&ok),
+        )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let ex = claims(v["access_token"].as_str().unwrap());
     assert_eq!(
         (ex["aud"].as_str(), ex["scope"].as_str(), ex["sub"].as_str()),
-        (Some("inventory"), Some("orders.read"), Some("billing"))
+        (Some("inventory"), Some("orders.read"), Some("frontend"))
     );
     assert_eq!(ex["act"]["sub"], "billing");
     assert!(ex["exp"].as_i64() <= c["exp"].as_i64());
+    // Refused: a token not issued for the exchanging client (billing's own, aud = TD; the
+    // frontend's for billing, traded by the frontend); an audience the client may not ask for.
+    for (who, client, subject, aud) in [
+        (
+            "a token issued for someone else",
+            ("billing", secret.as_str()),
+            tok.as_str(),
+            "inventory",
+        ),
+        (
+            "a token the client merely holds",
+            ("frontend", front.as_str()),
+            for_billing.as_str(),
+            "billing",
+        ),
+        (
+            "an audience outside the client's list",
+            ("billing", secret.as_str()),
+            for_billing.as_str(),
+            "payments",
+        ),
+    ] {
+        let (st, v, _) = h
+            .post_form(
+                &h.http,
+                "/oauth2/token",
+                Some(client),
+                &form(&exchange(subject, aud)),
+            )
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{who}: {v}");
+    }
+    // A subject token without scopes grants none (never the exchanging client's own).
+    let bare_front = h
+        .add_client_for("bare", &[], None, &["billing"])
+        .await
+        .unwrap();
+    let (_, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("bare", &bare_front)),
+            &[
+                ("grant_type", "client_credentials"),
+                ("audience", "billing"),
+            ],
+        )
+        .await;
+    let unscoped = v["access_token"].as_str().unwrap().to_owned();
+    assert!(claims(&unscoped).get("scope").is_none());
+    let (st, v, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/token",
+            Some(("billing", &secret)),
+            &form(&exchange(&unscoped, "inventory")),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(
+        claims(v["access_token"].as_str().unwrap())
+            .get("scope")
+            .is_none(),
+        "{v}"
+    );
+    let exch: Vec<(&str, &str)> = form(&ok);
     let mut up = exch.to_vec();
     up.push(("scope", "orders.write"));
     let (_, v, _) = h
@@ -782,6 +909,15 @@ async fn suite(h: Harness) {
         )
         .await;
     assert_eq!(v, json!({"active": false}), "revoked token is inactive");
+    let (st, _, _) = h
+        .post_form(
+            &h.http,
+            "/oauth2/revoke",
+            Some(("frontend", &front)),
+            &[("token", &for_billing)],
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
     let (_, v, _) = h
         .post_form(&h.http, "/oauth2/token", Some(("billing", &secret)), &exch)
         .await;
@@ -1251,6 +1387,11 @@ async fn token_exchange_accepts_a_configured_external_issuer_only() {
             audience: "castellan".to_owned(),
             jwks_file,
         }],
+        // The IdP's tokens are issued for the control plane; the gateway may trade them.
+        may_act: vec![castellan_server::MayAct {
+            audience: "castellan".to_owned(),
+            clients: vec!["gateway".to_owned()],
+        }],
         ..ServerConfig::default()
     };
     let init = castellan_server::init(&cfg, TD, None).await.unwrap();
@@ -1266,7 +1407,12 @@ async fn token_exchange_accepts_a_configured_external_issuer_only() {
         ..h
     };
     let secret = h
-        .add_client("gateway", &["orders.read", "orders.write"], None)
+        .add_client_for(
+            "gateway",
+            &["orders.read", "orders.write"],
+            None,
+            &["orders"],
+        )
         .await
         .unwrap();
     let now = castellan_server::unix_now();

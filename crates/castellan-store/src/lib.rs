@@ -40,7 +40,7 @@ type SigningKeyTuple = (String, String, Vec<u8>, i64, Option<i64>);
 /// `(serial, service, issued_at, not_after, revoked_at)`.
 type CertificateTuple = (Vec<u8>, String, i64, i64, Option<i64>);
 /// `(client_id, secret_hash, scopes, tls_san_uri, disabled_at)`.
-type ClientTuple = (String, Vec<u8>, String, Option<String>, Option<i64>);
+type ClientTuple = (String, Vec<u8>, String, Option<String>, Option<i64>, String);
 /// `(id, cert_der, sealed_key, created_at, retired_at)`.
 type CaKeyTuple = (String, Vec<u8>, Vec<u8>, i64, Option<i64>);
 
@@ -117,16 +117,21 @@ pub struct ClientRow {
     pub tls_san_uri: Option<String>,
     /// Disabled time, if disabled.
     pub disabled_at: Option<i64>,
+    /// Space-separated audiences it may request tokens for (besides the default one).
+    pub audiences: String,
 }
 
 impl From<ClientTuple> for ClientRow {
-    fn from((client_id, secret_hash, scopes, tls_san_uri, disabled_at): ClientTuple) -> Self {
+    fn from(
+        (client_id, secret_hash, scopes, tls_san_uri, disabled_at, audiences): ClientTuple,
+    ) -> Self {
         ClientRow {
             client_id,
             secret_hash,
             scopes,
             tls_san_uri,
             disabled_at,
+            audiences,
         }
     }
 }
@@ -583,15 +588,15 @@ impl Store {
 
     /// Registers an OAuth2 client.
     pub async fn create_client(&self, c: &ClientRow, now: i64) -> Result<(), StoreError> {
-        let sql = "INSERT INTO oauth_clients (client_id, secret_hash, scopes, tls_san_uri, created_at) VALUES ($1, $2, $3, $4, $5)";
-        on_pool!(self, p => sqlx::query(sql).bind(&c.client_id).bind(&c.secret_hash).bind(&c.scopes).bind(&c.tls_san_uri).bind(now).execute(p).await.map(|r| r.rows_affected()))
+        let sql = "INSERT INTO oauth_clients (client_id, secret_hash, scopes, tls_san_uri, created_at, audiences) VALUES ($1, $2, $3, $4, $5, $6)";
+        on_pool!(self, p => sqlx::query(sql).bind(&c.client_id).bind(&c.secret_hash).bind(&c.scopes).bind(&c.tls_san_uri).bind(now).bind(&c.audiences).execute(p).await.map(|r| r.rows_affected()))
             .map_err(|e| conflict_or(e, || format!("client {:?}", c.client_id)))?;
         Ok(())
     }
 
     /// One OAuth2 client.
     pub async fn client(&self, client_id: &str) -> Result<ClientRow, StoreError> {
-        let sql = "SELECT client_id, secret_hash, scopes, tls_san_uri, disabled_at FROM oauth_clients WHERE client_id = $1";
+        let sql = "SELECT client_id, secret_hash, scopes, tls_san_uri, disabled_at, audiences FROM oauth_clients WHERE client_id = $1";
         let row: Option<ClientTuple> =
             on_pool!(self, p => sqlx::query_as(sql).bind(client_id).fetch_optional(p).await)?;
         row.map(ClientRow::from)
@@ -600,7 +605,7 @@ impl Store {
 
     /// Every OAuth2 client, by id.
     pub async fn clients(&self) -> Result<Vec<ClientRow>, StoreError> {
-        let sql = "SELECT client_id, secret_hash, scopes, tls_san_uri, disabled_at FROM oauth_clients ORDER BY client_id";
+        let sql = "SELECT client_id, secret_hash, scopes, tls_san_uri, disabled_at, audiences FROM oauth_clients ORDER BY client_id";
         let rows: Vec<ClientTuple> = on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
         Ok(rows.into_iter().map(ClientRow::from).collect())
     }

@@ -220,6 +220,7 @@ async fn suite(store: Store) {
         scopes: "orders.read orders.write".to_owned(),
         tls_san_uri: Some("spiffe://example.org/svc/billing".to_owned()),
         disabled_at: None,
+        audiences: "inventory payments".to_owned(),
     };
     store.create_client(&billing, NOW).await.unwrap();
     assert_eq!(store.client("billing").await.unwrap(), billing);

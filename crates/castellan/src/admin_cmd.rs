@@ -92,6 +92,9 @@ pub enum ClientCommand {
         /// Authenticate with this SPIFFE ID over mTLS (tls_client_auth) instead of a secret.
         #[arg(long)]
         tls_san_uri: Option<String>,
+        /// Audiences it may request tokens for, besides the default (comma separated).
+        #[arg(long, value_delimiter = ',')]
+        audiences: Vec<String>,
     },
     /// Disable a client.
     Disable {
@@ -394,13 +397,14 @@ pub fn client(cmd: ClientCommand, conn: &Connection, json_out: bool) -> ExitCode
             name,
             scopes,
             tls_san_uri,
+            audiences,
         } => {
             let scopes: Vec<String> = scopes
                 .iter()
                 .flat_map(|s| s.split_whitespace())
                 .map(str::to_owned)
                 .collect();
-            let body = json!({"name": name, "scopes": scopes, "tls_san_uri": tls_san_uri});
+            let body = json!({"name": name, "scopes": scopes, "tls_san_uri": tls_san_uri, "audiences": audiences});
             finish(
                 conn,
                 call(Method::POST, "/v1/clients", Some(body)),

@@ -29,7 +29,15 @@ spec:
       from:
         services: [gateway]
         users:
-          subjects: [billing, worker]
+          subjects: [billing, worker, frontend]
+    - name: delegated-calls-skip-order-43
+      effect: deny
+      from:
+        users:
+          delegated: true
+      to:
+        paths: ["/orders/43"]
+      when: "'billing' in user.act"
 "#;
 
 struct Mesh {
@@ -214,8 +222,12 @@ impl Mesh {
     }
 
     async fn get(&self, client: &reqwest::Client, token: &str) -> u16 {
+        self.get_path(client, token, "/orders/42").await
+    }
+
+    async fn get_path(&self, client: &reqwest::Client, token: &str, path: &str) -> u16 {
         client
-            .get(format!("https://{}/orders/42", self.gateway.inbound))
+            .get(format!("https://{}{path}", self.gateway.inbound))
             .bearer_auth(token)
             .send()
             .await
@@ -367,4 +379,109 @@ async fn certificate_bound_tokens_need_their_certificate() {
     };
     assert_eq!(m.get(&other, &bound).await, 401, "another certificate");
     let _ = tls_roots(&m.bundle);
+}
+
+/// A token exchanged by billing on the frontend's behalf carries `act`: the gateway hands the
+/// chain to policy (`user.act`, `delegated`) and writes it into the audit record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delegation_chain_reaches_policy_and_audit() {
+    let m = mesh().await;
+    let add = |name: &str, audiences: &[&str]| {
+        let body = json!({"name": name, "scopes": ["orders.read"], "audiences": audiences});
+        let (http, url, tok) = (m.http.clone(), m.url("/v1/clients"), m.admin_token.clone());
+        async move {
+            post(&http, &url, &tok, body).await["client_secret"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let front = add("frontend", &["billing"]).await;
+    let billing = add("billing", &[]).await;
+    let direct = m
+        .token(
+            &[("grant_type", "client_credentials")],
+            Some(("frontend", &front)),
+        )
+        .await;
+    let for_billing = m
+        .token(
+            &[
+                ("grant_type", "client_credentials"),
+                ("audience", "billing"),
+            ],
+            Some(("frontend", &front)),
+        )
+        .await;
+    let exchanged = m
+        .token(
+            &[
+                (
+                    "grant_type",
+                    "urn:ietf:params:oauth:grant-type:token-exchange",
+                ),
+                ("subject_token", &for_billing),
+                (
+                    "subject_token_type",
+                    "urn:ietf:params:oauth:token-type:access_token",
+                ),
+                ("audience", "demo.castellan"),
+            ],
+            Some(("billing", &billing)),
+        )
+        .await;
+    let edge = m.edge_client(false);
+    wait_for_castellan_keys(&m, &edge, &direct).await;
+    assert_eq!(
+        m.get_path(&edge, &direct, "/orders/43").await,
+        200,
+        "direct call"
+    );
+    assert_eq!(
+        m.get_path(&edge, &exchanged, "/orders/42").await,
+        200,
+        "delegated call"
+    );
+    assert_eq!(
+        m.get_path(&edge, &exchanged, "/orders/43").await,
+        403,
+        "the rule on delegated calls holds"
+    );
+    // The audit record of the delegated calls names the actor.
+    let t0 = Instant::now();
+    while m.gateway.audit_backlog() > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rows: Value = m
+        .http
+        .get(m.url("/v1/audit?user=frontend"))
+        .bearer_auth(&m.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let gw_rows: Vec<&Value> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["writer"] == "gw")
+        .collect();
+    // Two direct calls (one while waiting for the gateway's keys), two delegated ones.
+    assert_eq!(gw_rows.len(), 4, "{rows}");
+    let delegated = gw_rows
+        .iter()
+        .filter(|r| r["act"] == json!(["billing"]))
+        .count();
+    assert_eq!(delegated, 2, "{rows}");
+    // The context token carried the chain to the sidecar too (the allowed delegated call).
+    let at_sidecar = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["writer"] == "orders-1" && r["act"] == json!(["billing"]))
+        .count();
+    assert_eq!(at_sidecar, 1, "{rows}");
 }
