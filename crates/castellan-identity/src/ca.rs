@@ -6,7 +6,8 @@ use crate::spiffe::SpiffeId;
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData as _, SanType, SerialNumber,
+    SubjectPublicKeyInfo,
 };
 use rustls_pki_types::CertificateDer;
 use std::time::Duration;
@@ -115,6 +116,15 @@ impl CertificateAuthority {
         key_pkcs8: &[u8],
     ) -> Result<CertificateAuthority, CaError> {
         let key = KeyPair::try_from(key_pkcs8).map_err(gen_err)?;
+        // The key must be the certificate's: a stored row pairing a CA certificate with some
+        // other key is refused, not trusted.
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+            .map_err(|e| CaError::Generate(format!("CA certificate: {e}")))?;
+        if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
+            return Err(CaError::Generate(
+                "the key does not belong to the CA certificate".to_owned(),
+            ));
+        }
         Ok(CertificateAuthority {
             trust_domain: trust_domain.to_owned(),
             cert,

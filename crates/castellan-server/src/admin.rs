@@ -1,7 +1,7 @@
 //! The admin REST API (`/v1/…`), authenticated by bearer admin credentials with a role:
 //! `admin` may change things, `viewer` may only read.
 
-use crate::keys::{self, credential_hash, random_id};
+use crate::keys::{self, Kek, credential_hash, random_id};
 use crate::problem::Problem;
 use crate::{Server, ServerError, unix_now};
 use axum::extract::rejection::JsonRejection;
@@ -52,18 +52,76 @@ impl Role {
     }
 }
 
-/// Creates and stores (hashed) a new admin credential; returns it — the only time it is seen.
+/// The seal label of admin credential MACs.
+const ADMIN_TOKEN_MAC: &str = "castellan admin token";
+
+/// What an admin credential's MAC covers: its hash, holder and role.
+fn admin_token_mac_input(hash: &[u8], name: &str, role: &str) -> Vec<u8> {
+    let mut d = Vec::with_capacity(hash.len() + name.len() + role.len() + 2);
+    d.extend_from_slice(hash);
+    d.push(0);
+    d.extend_from_slice(name.as_bytes());
+    d.push(0);
+    d.extend_from_slice(role.as_bytes());
+    d
+}
+
+/// The MAC an admin credential row must carry.
+pub(crate) fn admin_token_mac(kek: &Kek, hash: &[u8], name: &str, role: &str) -> Vec<u8> {
+    kek.mac(ADMIN_TOKEN_MAC, &admin_token_mac_input(hash, name, role))
+}
+
+/// Creates and stores (hashed, with its MAC) a new admin credential; returns it — the only
+/// time it is seen.
 pub async fn new_admin_token(
     store: &Store,
+    kek: &Kek,
     name: &str,
     role: Role,
     now: i64,
 ) -> Result<String, ServerError> {
     let token = format!("{ADMIN_TOKEN_PREFIX}{}", random_id(32)?);
+    let hash = credential_hash(&token);
+    let mac = admin_token_mac(kek, &hash, name, role.as_str());
     store
-        .add_admin_token(&credential_hash(&token), name, role.as_str(), now)
+        .add_admin_token(&hash, name, role.as_str(), now, &mac)
         .await?;
     Ok(token)
+}
+
+/// The setting recording that admin credentials of the release before MACs were adopted.
+const ADOPTED_SETTING: &str = "admin_token_macs";
+
+/// Records that every admin credential row carries a MAC (at init: nothing to adopt).
+pub(crate) async fn mark_admin_tokens_adopted(store: &Store) -> Result<(), ServerError> {
+    match store.init_setting(ADOPTED_SETTING, "1").await {
+        Ok(()) | Err(castellan_store::StoreError::Conflict(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Once, on the first start after the upgrade that introduced MACs: gives the credentials that
+/// existed then their MAC. After that a row without a valid MAC is refused.
+pub(crate) async fn adopt_admin_tokens(store: &Store, kek: &Kek) -> Result<(), ServerError> {
+    if store.setting(ADOPTED_SETTING).await?.is_some() {
+        return Ok(());
+    }
+    let mut n = 0;
+    for row in store.admin_tokens().await? {
+        if row.mac.is_none() {
+            let mac = admin_token_mac(kek, &row.token_hash, &row.name, &row.role);
+            store.set_admin_token_mac(&row.token_hash, &mac).await?;
+            n += 1;
+        }
+    }
+    mark_admin_tokens_adopted(store).await?;
+    if n > 0 {
+        tracing::warn!(
+            credentials = n,
+            "admin credentials of an earlier release adopted (MACs added once)"
+        );
+    }
+    Ok(())
 }
 
 /// An authenticated admin caller.
@@ -98,6 +156,20 @@ impl FromRequestParts<Arc<Server>> for Caller {
             .ok_or_else(|| Problem::unauthorized("expected Authorization: Bearer cadm_…"))?;
         match s.store.admin_token(&credential_hash(token)).await {
             Ok(row) => {
+                // INVARIANT: a row is honoured only with the MAC only KEK holders can make; a
+                // credential inserted straight into the database is refused.
+                let authentic = row.mac.as_deref().is_some_and(|mac| {
+                    s.kek.verify_mac(
+                        ADMIN_TOKEN_MAC,
+                        &admin_token_mac_input(&row.token_hash, &row.name, &row.role),
+                        mac,
+                    )
+                });
+                if !authentic {
+                    metrics::counter!("castellan_server_admin_auth_failures_total").increment(1);
+                    tracing::error!(name = %row.name, "admin credential refused: its row fails the integrity check (written outside the API?)");
+                    return Err(Problem::unauthorized("unknown or revoked admin credential"));
+                }
                 let role = Role::parse(&row.role)
                     .ok_or_else(|| Problem::internal("stored role is unknown"))?;
                 Ok(Caller {
@@ -148,7 +220,11 @@ pub(crate) fn routes() -> Router<Arc<Server>> {
         .route("/v1/clients/{id}/disable", post(disable_client))
         .route("/v1/keys", get(list_keys))
         .route("/v1/keys/rotate", post(rotate_keys))
-        .route("/v1/admin-tokens", post(add_admin_token))
+        .route(
+            "/v1/admin-tokens",
+            get(list_admin_tokens).post(add_admin_token),
+        )
+        .route("/v1/admin-tokens/{id}/revoke", post(revoke_admin_token))
         .route(
             "/v1/policy",
             get(current_policy)
@@ -533,13 +609,54 @@ async fn add_admin_token(
             "name must be 1-128 printable characters",
         ));
     }
-    let token = new_admin_token(&s.store, &b.name, role, unix_now()).await?;
+    let token = new_admin_token(&s.store, &s.kek, &b.name, role, unix_now()).await?;
     tracing::info!(admin = %c.name, name = %b.name, role = role.as_str(), "admin credential created");
     Ok((
         StatusCode::CREATED,
         Json(json!({"name": b.name, "role": role.as_str(), "token": token})),
     )
         .into_response())
+}
+
+/// The id an admin credential is listed and revoked by: the hex of its hash (the hash of 256
+/// random bits; it reveals nothing of the credential).
+fn admin_token_id(hash: &[u8]) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn list_admin_tokens(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+) -> Result<Json<Value>, Problem> {
+    c.require_admin()?;
+    let rows = s.store.admin_tokens().await?;
+    Ok(Json(Value::Array(
+        rows.iter()
+            .map(|r| {
+                json!({"id": admin_token_id(&r.token_hash), "name": r.name, "role": r.role,
+                       "created_at": r.created_at, "revoked_at": r.revoked_at})
+            })
+            .collect(),
+    )))
+}
+
+async fn revoke_admin_token(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    c.require_admin()?;
+    let now = unix_now();
+    let row = s
+        .store
+        .admin_tokens()
+        .await?
+        .into_iter()
+        .find(|r| r.revoked_at.is_none() && admin_token_id(&r.token_hash) == id)
+        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "no such active admin credential"))?;
+    s.store.revoke_admin_token(&row.token_hash, now).await?;
+    tracing::info!(admin = %c.name, name = %row.name, "admin credential revoked");
+    Ok(Json(json!({"id": id, "name": row.name, "revoked_at": now})))
 }
 
 #[derive(Deserialize)]

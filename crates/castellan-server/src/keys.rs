@@ -79,6 +79,20 @@ impl Kek {
         seal(&self.0, label, secret).map_err(|e| ServerError::Internal(e.to_string()))
     }
 
+    /// HMAC-SHA256 of `data` under a key derived from the KEK for `label`: rows carrying it
+    /// were written by a holder of the KEK, not merely by someone who can write the database.
+    pub(crate) fn mac(&self, label: &str, data: &[u8]) -> Vec<u8> {
+        let root = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &self.0);
+        let derived = aws_lc_rs::hmac::sign(&root, label.as_bytes());
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, derived.as_ref());
+        aws_lc_rs::hmac::sign(&key, data).as_ref().to_vec()
+    }
+
+    /// Whether `mac` is [`Kek::mac`] of `data` (constant time).
+    pub(crate) fn verify_mac(&self, label: &str, data: &[u8], mac: &[u8]) -> bool {
+        aws_lc_rs::constant_time::verify_slices_are_equal(&self.mac(label, data), mac).is_ok()
+    }
+
     pub(crate) fn open(&self, label: &str, sealed: &[u8]) -> Result<Vec<u8>, ServerError> {
         open(&self.0, label, sealed).map_err(|_| {
             ServerError::Config(
@@ -199,16 +213,31 @@ pub async fn load(
 ) -> Result<KeySet, ServerError> {
     let mut active_ca = None;
     let mut bundle = Vec::new();
+    let mut refused = 0;
     for row in store.ca_keys().await? {
         let cert = CertificateDer::from(row.public.clone());
         let not_after = cert_not_after(&cert)?;
-        if not_after > now {
-            bundle.push(cert.clone());
+        if not_after <= now {
+            continue;
         }
-        if row.retired_at.is_none() && not_after > now {
-            let key = kek.open(CA_LABEL, &row.sealed_key)?;
-            let ca = CertificateAuthority::from_parts(trust_domain, cert, &key)
-                .map_err(|e| ServerError::Internal(e.to_string()))?;
+        // INVARIANT: a CA enters the bundle only if its sealed key opens with the KEK and
+        // belongs to its certificate. A row written straight into the database (a CA of the
+        // writer's own) cannot be sealed without the KEK, so it never becomes trusted.
+        let opened = kek.open(CA_LABEL, &row.sealed_key).and_then(|key| {
+            CertificateAuthority::from_parts(trust_domain, cert.clone(), &key)
+                .map_err(|e| ServerError::Internal(e.to_string()))
+        });
+        let ca = match opened {
+            Ok(ca) => ca,
+            Err(e) => {
+                refused += 1;
+                metrics::counter!("castellan_server_ca_rows_refused_total").increment(1);
+                tracing::error!(ca = %row.id, error = %e, "CA row refused: its key does not open with the KEK or does not match its certificate");
+                continue;
+            }
+        };
+        bundle.push(cert);
+        if row.retired_at.is_none() {
             // Rows come oldest first: the last unretired one is the newest.
             active_ca = Some(Arc::new(LoadedCa {
                 id: row.id,
@@ -217,8 +246,15 @@ pub async fn load(
             }));
         }
     }
-    let active_ca = active_ca
-        .ok_or_else(|| ServerError::Config("no usable CA: run `castellan ca rotate`".to_owned()))?;
+    let active_ca = active_ca.ok_or_else(|| {
+        if refused > 0 {
+            ServerError::Config(
+                "no usable CA: wrong key-encryption key (the stored CA keys do not open with CASTELLAN_KEK or DATA/kek, or do not match their certificates)".to_owned(),
+            )
+        } else {
+            ServerError::Config("no usable CA: run `castellan ca rotate`".to_owned())
+        }
+    })?;
 
     let mut signing = None;
     let mut published: Vec<Jwk> = Vec::new();

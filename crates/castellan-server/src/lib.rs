@@ -119,7 +119,8 @@ pub async fn init(
     .await?;
     keys::add_signing_key(&store, &kek, now).await?;
     let admin_token =
-        admin::new_admin_token(&store, "initial admin", admin::Role::Admin, now).await?;
+        admin::new_admin_token(&store, &kek, "initial admin", admin::Role::Admin, now).await?;
+    admin::mark_admin_tokens_adopted(&store).await?;
     let issuer = cfg
         .issuer
         .clone()
@@ -235,6 +236,7 @@ impl Server {
         let url = format!("https://{addr}");
         let issuer = cfg.issuer.clone().unwrap_or_else(|| url.clone());
         let now = unix_now();
+        admin::adopt_admin_tokens(&store, &kek).await?;
         let ks = keys::load(
             &store,
             &kek,

@@ -2297,3 +2297,179 @@ async fn idle_connections_are_closed_and_connection_caps_hold() {
         "{m}"
     );
 }
+
+/// Whoever can write the database but does not hold the key-encryption key cannot mint an
+/// admin credential or plant a CA: rows written past the API are refused. Admin credentials
+/// are listed (never shown) and revoked through the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_written_past_the_api_are_refused_and_admin_tokens_revocable() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ServerConfig {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..ServerConfig::default()
+    };
+    let init = castellan_server::init(&cfg, TD, None).await.unwrap();
+    let running = Server::start(cfg.clone(), None).await.unwrap();
+    let h = Harness {
+        _dir: dir,
+        http: tls_client(&running.server.bundle(), None),
+        running,
+        admin: init.admin_token,
+    };
+    let db = format!("sqlite://{}", cfg.data_dir.join("castellan.db").display());
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db)
+        .await
+        .unwrap();
+
+    // An admin credential inserted directly: no MAC, or a made-up one.
+    let sha = |s: &str| {
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes())
+            .as_ref()
+            .to_vec()
+    };
+    for (token, mac) in [
+        ("cadm_insider-without-mac", None),
+        ("cadm_insider-with-a-guess", Some(vec![7u8; 32])),
+    ] {
+        sqlx::query("INSERT INTO admin_tokens (token_hash, name, role, created_at, mac) VALUES ($1, 'insider', 'admin', 0, $2)")
+            .bind(sha(token))
+            .bind(mac)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let (st, _) = h
+            .admin(reqwest::Method::GET, "/v1/services", Some(token), None)
+            .await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{token}");
+    }
+    // Copying the MAC of the real admin's row onto another hash does not help either.
+    let (real_mac,): (Vec<u8>,) =
+        sqlx::query_as("SELECT mac FROM admin_tokens WHERE name = 'initial admin'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    sqlx::query("INSERT INTO admin_tokens (token_hash, name, role, created_at, mac) VALUES ($1, 'initial admin', 'admin', 0, $2)")
+        .bind(sha("cadm_insider-copied-mac"))
+        .bind(real_mac)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (st, _) = h
+        .admin(
+            reqwest::Method::GET,
+            "/v1/services",
+            Some("cadm_insider-copied-mac"),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+
+    // A CA of the insider's own, inserted as the newest active CA: never trusted.
+    let rogue = castellan_identity::CertificateAuthority::generate(
+        TD,
+        castellan_server::unix_now(),
+        std::time::Duration::from_secs(86400),
+    )
+    .unwrap();
+    let (legit_sealed,): (Vec<u8>,) =
+        sqlx::query_as("SELECT sealed_key FROM ca_keys ORDER BY created_at LIMIT 1")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    for (id, sealed) in [("rogue-1", vec![1u8; 64]), ("rogue-2", legit_sealed)] {
+        sqlx::query(
+            "INSERT INTO ca_keys (id, cert_der, sealed_key, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(rogue.cert().to_vec())
+        .bind(sealed)
+        .bind(castellan_server::unix_now() + 1)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    // Restarted on the same database: the rogue rows are refused, the real CA serves.
+    let port = h.running.addr.port();
+    let Harness {
+        _dir,
+        running,
+        admin,
+        ..
+    } = h;
+    running.shutdown().await;
+    let mut cfg2 = cfg.clone();
+    cfg2.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    let running = Server::start(cfg2, None).await.unwrap();
+    let bundle = running.server.bundle();
+    assert_eq!(bundle.len(), 1, "only the real CA is in the bundle");
+    assert!(!bundle.contains(rogue.cert()));
+    let h = Harness {
+        _dir,
+        http: tls_client(&bundle, None),
+        running,
+        admin,
+    };
+    let (st, _) = h
+        .admin(reqwest::Method::GET, "/v1/services", Some(&h.admin), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "the real admin credential still works");
+
+    // Admin credentials: listed without secrets, revocable.
+    let (st, v) = h
+        .admin(
+            reqwest::Method::POST,
+            "/v1/admin-tokens",
+            Some(&h.admin),
+            Some(json!({"name": "auditor", "role": "viewer"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let viewer = v["token"].as_str().unwrap().to_owned();
+    let (st, list) = h
+        .admin(
+            reqwest::Method::GET,
+            "/v1/admin-tokens",
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(!list.to_string().contains("cadm_"), "{list}");
+    let id = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "auditor")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (st, _) = h
+        .admin(reqwest::Method::GET, "/v1/services", Some(&viewer), None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _) = h
+        .admin(
+            reqwest::Method::POST,
+            &format!("/v1/admin-tokens/{id}/revoke"),
+            Some(&viewer),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "a viewer cannot revoke");
+    let (st, _) = h
+        .admin(
+            reqwest::Method::POST,
+            &format!("/v1/admin-tokens/{id}/revoke"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _) = h
+        .admin(reqwest::Method::GET, "/v1/services", Some(&viewer), None)
+        .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "revoked");
+}

@@ -256,7 +256,7 @@ async fn suite(store: Store) {
     );
     store.ping().await.unwrap();
     store
-        .add_admin_token(b"admin-hash", "first admin", "admin", NOW)
+        .add_admin_token(b"admin-hash", "first admin", "admin", NOW, b"mac")
         .await
         .unwrap();
     assert_eq!(

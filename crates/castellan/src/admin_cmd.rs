@@ -125,6 +125,13 @@ pub enum OperatorCommand {
         #[arg(long, default_value = "viewer")]
         role: String,
     },
+    /// List admin credentials (ids, holders, roles; never the credentials).
+    List,
+    /// Revoke an admin credential by its id (from `operator list`).
+    Revoke {
+        /// Its id.
+        id: String,
+    },
 }
 
 /// One admin API call.
@@ -477,6 +484,18 @@ pub fn operator(cmd: OperatorCommand, conn: &Connection, json_out: bool) -> Exit
                     s(v, "token")
                 )
             },
+        ),
+        OperatorCommand::List => finish(
+            conn,
+            call(Method::GET, "/v1/admin-tokens", None),
+            json_out,
+            |v| table(v, &["id", "name", "role", "created_at", "revoked_at"]),
+        ),
+        OperatorCommand::Revoke { id } => finish(
+            conn,
+            call(Method::POST, format!("/v1/admin-tokens/{id}/revoke"), None),
+            json_out,
+            |v| format!("admin credential of {} revoked", s(v, "name")),
         ),
     }
 }
