@@ -204,6 +204,7 @@ impl<T: DeserializeOwned> FromRequest<Arc<Server>> for Body<T> {
 pub(crate) fn routes() -> Router<Arc<Server>> {
     Router::new()
         .route("/v1/services", get(list_services).post(add_service))
+        .route("/v1/services/{name}", axum::routing::put(update_service))
         .route("/v1/services/{name}/join-token", post(new_join_token))
         .route("/v1/services/{name}/disable", post(disable_service))
         .route(
@@ -277,6 +278,9 @@ async fn list_services(_c: Caller, State(s): State<Arc<Server>>) -> Result<Json<
                 "created_at": r.created_at,
                 "disabled_at": r.disabled_at,
                 "dns_names": r.dns_names.split_whitespace().collect::<Vec<_>>(),
+                "kind": r.kind,
+                "routes": r.routes.split_whitespace().collect::<Vec<_>>(),
+                "upstreams": r.upstreams.split_whitespace().collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -290,6 +294,81 @@ struct NewService {
     /// DNS names / IP addresses its SVIDs also carry (for an edge listener such as the gateway's).
     #[serde(default)]
     dns_names: Vec<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    routes: Vec<String>,
+    #[serde(default)]
+    upstreams: Vec<String>,
+}
+
+/// What a service's proxies are: the control plane sends each only what that needs.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServiceRole {
+    /// `sidecar` (default), `gateway` or `decision`.
+    #[serde(default)]
+    kind: Option<String>,
+    /// Gateways and decision points: `prefix=service` routes.
+    #[serde(default)]
+    routes: Vec<String>,
+    /// Sidecars: the services it calls.
+    #[serde(default)]
+    upstreams: Vec<String>,
+}
+
+impl ServiceRole {
+    /// Checked (kind, routes, upstreams), space-joined as stored.
+    fn checked(&self) -> Result<(String, String, String), Problem> {
+        let kind = self.kind.as_deref().unwrap_or("sidecar");
+        if !matches!(kind, "sidecar" | "gateway" | "decision") {
+            return Err(Problem::bad_request(
+                "kind must be sidecar, gateway or decision",
+            ));
+        }
+        for r in &self.routes {
+            let ok = r.split_once('=').is_some_and(|(prefix, svc)| {
+                prefix.starts_with('/') && !prefix.contains(char::is_whitespace) && is_name(svc)
+            });
+            if !ok {
+                return Err(Problem::bad_request(format!(
+                    "route {r:?} must be PREFIX=SERVICE, e.g. /orders=orders"
+                )));
+            }
+        }
+        if let Some(bad) = self.upstreams.iter().find(|u| !is_name(u)) {
+            return Err(Problem::bad_request(format!(
+                "upstream {bad:?} is not a service name"
+            )));
+        }
+        if kind == "sidecar" && !self.routes.is_empty() {
+            return Err(Problem::bad_request("a sidecar has no routes"));
+        }
+        Ok((
+            kind.to_owned(),
+            self.routes.join(" "),
+            self.upstreams.join(" "),
+        ))
+    }
+}
+
+async fn update_service(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    Path(name): Path<String>,
+    Body(role): Body<ServiceRole>,
+) -> Result<Json<Value>, Problem> {
+    c.require_admin()?;
+    service_id(&s, &name)?;
+    let (kind, routes, upstreams) = role.checked()?;
+    s.store
+        .update_service(&name, &kind, &routes, &upstreams)
+        .await?;
+    s.changed().await;
+    tracing::info!(admin = %c.name, service = %name, %kind, "service registration changed");
+    Ok(Json(json!({"name": name, "kind": kind,
+        "routes": routes.split_whitespace().collect::<Vec<_>>(),
+        "upstreams": upstreams.split_whitespace().collect::<Vec<_>>()})))
 }
 
 fn is_dns_name_or_ip(n: &str) -> bool {
@@ -328,10 +407,24 @@ async fn add_service(
             "{own:?} is a name the control plane serves under; a workload's certificate may not carry it"
         )));
     }
+    let (kind, routes, upstreams) = ServiceRole {
+        kind: b.kind.clone(),
+        routes: b.routes.clone(),
+        upstreams: b.upstreams.clone(),
+    }
+    .checked()?;
     let now = unix_now();
     s.store
-        .create_service_with_names(&b.name, &b.dns_names.join(" "), now)
+        .create_service_full(
+            &b.name,
+            &b.dns_names.join(" "),
+            &kind,
+            &routes,
+            &upstreams,
+            now,
+        )
         .await?;
+    s.changed().await;
     let (token, expires_at) = issue_join_token(&s, &b.name, now).await?;
     tracing::info!(admin = %c.name, service = %b.name, "service added; join token issued");
     Ok((

@@ -38,6 +38,19 @@ pub(crate) struct Snapshot {
     pub(crate) revoked_tokens: Vec<String>,
     /// Disabled OAuth2 clients.
     pub(crate) disabled_clients: Vec<String>,
+    /// Every service's registration: what its proxies are sent is decided from it.
+    pub(crate) services: Vec<castellan_store::ServiceRow>,
+    /// The policy revision's files split into documents with their kind and service, parsed
+    /// once here rather than per watcher.
+    pub(crate) policy_docs: Vec<(String, Vec<PolicyDoc>)>,
+}
+
+/// One YAML document of a policy file: its text, `kind` and `spec.service`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PolicyDoc {
+    text: String,
+    kind: Option<String>,
+    service: Option<String>,
 }
 
 /// Fans changes out to watchers.
@@ -76,8 +89,8 @@ async fn load(s: &Server) -> Result<Snapshot, StoreError> {
         .collect();
     endpoints.sort();
     endpoints.dedup();
+    let policy = s.store.latest_policy_revision().await?.map(Arc::new);
     Ok(Snapshot {
-        policy: s.store.latest_policy_revision().await?.map(Arc::new),
         revocations: s.store.revocations_since(0).await?,
         api_keys: s.store.active_api_keys().await?,
         endpoints,
@@ -85,6 +98,9 @@ async fn load(s: &Server) -> Result<Snapshot, StoreError> {
         specs: s.store.service_specs().await?,
         revoked_tokens: s.store.revoked_token_ids(now).await?,
         disabled_clients: s.store.disabled_client_ids().await?,
+        services: s.store.services().await?,
+        policy_docs: policy_docs_of(policy.as_deref()),
+        policy,
     })
 }
 
@@ -167,15 +183,6 @@ impl Server {
     }
 }
 
-fn policy_update(p: &PolicyRevision) -> PolicyUpdate {
-    let files: HashMap<String, String> = serde_json::from_str(&p.files).unwrap_or_default();
-    PolicyUpdate {
-        revision: p.rev,
-        content_hash: p.content_hash.clone(),
-        files,
-    }
-}
-
 fn api_keys(keys: &[ApiKeyRow]) -> ApiKeys {
     ApiKeys {
         keys: keys
@@ -194,15 +201,146 @@ fn api_keys(keys: &[ApiKeyRow]) -> ApiKeys {
     }
 }
 
+/// A policy file's YAML documents, split at `---` lines (at column 0, where YAML puts document
+/// markers), each with its `kind` and `spec.service`.
+fn policy_documents(text: &str) -> Vec<PolicyDoc> {
+    let mut docs: Vec<String> = vec![String::new()];
+    for line in text.split_inclusive('\n') {
+        let is_marker =
+            line.starts_with("---") && line[3..].chars().next().is_none_or(char::is_whitespace);
+        if is_marker && docs.last().is_some_and(|d| !d.trim().is_empty()) {
+            // The marker is dropped (documents are re-joined with one); what follows it on
+            // its line belongs to the new document.
+            docs.push(line.get(3..).unwrap_or_default().to_owned());
+            continue;
+        }
+        if let Some(d) = docs.last_mut() {
+            d.push_str(line);
+        }
+    }
+    docs.into_iter()
+        .filter(|d| !d.trim().is_empty() && d.trim() != "---")
+        .map(|d| {
+            let parsed = yaml_rust2::YamlLoader::load_from_str(&d).ok();
+            let doc = parsed.as_ref().and_then(|v| v.first());
+            let kind = doc.and_then(|y| y["kind"].as_str()).map(str::to_owned);
+            let service = doc
+                .and_then(|y| y["spec"]["service"].as_str())
+                .map(str::to_owned);
+            PolicyDoc {
+                text: d,
+                kind,
+                service,
+            }
+        })
+        .collect()
+}
+
+fn policy_docs_of(p: Option<&PolicyRevision>) -> Vec<(String, Vec<PolicyDoc>)> {
+    let Some(p) = p else { return Vec::new() };
+    let files: BTreeMap<String, String> = serde_json::from_str(&p.files).unwrap_or_default();
+    files
+        .into_iter()
+        .map(|(name, text)| {
+            let docs = policy_documents(&text);
+            (name, docs)
+        })
+        .collect()
+}
+
+/// The policy files a proxy of `me` enforces with: the mesh config, and the documents of the
+/// services it decides for. Other services' rules never leave the control plane.
+fn policy_view(
+    p: &PolicyRevision,
+    docs: &[(String, Vec<PolicyDoc>)],
+    decides_for: &dyn Fn(&str) -> bool,
+) -> PolicyUpdate {
+    let mut out = HashMap::new();
+    for (name, file_docs) in docs {
+        let kept: Vec<&str> = file_docs
+            .iter()
+            .filter(|d| match d.kind.as_deref() {
+                Some("MeshConfig") => true,
+                _ => d.service.as_deref().is_some_and(decides_for),
+            })
+            .map(|d| d.text.as_str())
+            .collect();
+        if !kept.is_empty() {
+            out.insert(name.clone(), kept.join("\n---\n"));
+        }
+    }
+    PolicyUpdate {
+        revision: p.rev,
+        content_hash: p.content_hash.clone(),
+        files: out,
+    }
+}
+
+/// What the proxies of service `me` are sent, decided from its registration (never from what
+/// a proxy says about itself): a sidecar gets its own service's policy and spec, the endpoints
+/// of its upstreams, and no credentials; a gateway or decision point gets the policies, specs
+/// and endpoints of the services it routes to, API-key hashes and token revocations.
+fn view_for(s: &Snapshot, me: &str) -> View {
+    let reg = s.services.iter().find(|r| r.name == me);
+    let edge = reg.is_some_and(|r| matches!(r.kind.as_str(), "gateway" | "decision"));
+    let reaches: Vec<String> = reg
+        .map(|r| r.reaches().into_iter().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let decides_for = |svc: &str| svc == me || (edge && reaches.iter().any(|r| r == svc));
+    View {
+        policy: s
+            .policy
+            .as_ref()
+            .map(|p| policy_view(p, &s.policy_docs, &decides_for)),
+        revocations: s.revocations.clone(),
+        api_keys: if edge { s.api_keys.clone() } else { Vec::new() },
+        endpoints: s
+            .endpoints
+            .iter()
+            .filter(|(svc, _)| reaches.iter().any(|r| r == svc))
+            .cloned()
+            .collect(),
+        bundle: s.bundle.clone(),
+        specs: s
+            .specs
+            .iter()
+            .filter(|(svc, _)| decides_for(svc))
+            .cloned()
+            .collect(),
+        revoked_tokens: if edge {
+            s.revoked_tokens.clone()
+        } else {
+            Vec::new()
+        },
+        disabled_clients: if edge {
+            s.disabled_clients.clone()
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// One proxy's share of a [`Snapshot`].
+#[derive(Debug, Default, PartialEq)]
+struct View {
+    policy: Option<PolicyUpdate>,
+    revocations: Vec<RevocationEvent>,
+    api_keys: Vec<ApiKeyRow>,
+    endpoints: Vec<(String, String)>,
+    bundle: Vec<CertificateDer<'static>>,
+    specs: Vec<(String, String)>,
+    revoked_tokens: Vec<String>,
+    disabled_clients: Vec<String>,
+}
+
 /// What `now` adds to what `before` had (everything, for the first update).
-fn diff(before: Option<&Snapshot>, now: &Snapshot) -> Option<WatchUpdate> {
+fn diff(before: Option<&View>, now: &View) -> Option<WatchUpdate> {
     let mut u = WatchUpdate::default();
     let mut any = before.is_none();
-    let rev = |s: &Snapshot| s.policy.as_ref().map(|p| p.rev);
-    if before.is_none_or(|b| rev(b) != rev(now))
+    if before.is_none_or(|b| b.policy != now.policy)
         && let Some(p) = &now.policy
     {
-        u.policy = Some(policy_update(p));
+        u.policy = Some(p.clone());
         any = true;
     }
     let last_seq = before
@@ -292,18 +430,19 @@ impl Distribution for DistributionService {
         metrics::gauge!("castellan_server_watchers").increment(1.0);
         tracing::info!(%service, %proxy_id, "proxy watching");
         tokio::spawn(async move {
-            let mut last: Option<Arc<Snapshot>> = None;
+            let mut last: Option<View> = None;
             let mut sequence = 0u64;
             loop {
                 let snap = rx.borrow_and_update().clone();
-                if let Some(mut u) = diff(last.as_deref(), &snap) {
+                let view = view_for(&snap, &service);
+                if let Some(mut u) = diff(last.as_ref(), &view) {
                     sequence += 1;
                     u.sequence = sequence;
                     if tx.send(Ok(u)).await.is_err() {
                         break;
                     }
                 }
-                last = Some(snap);
+                last = Some(view);
                 tokio::select! {
                     r = rx.changed() => if r.is_err() { break },
                     _ = tx.closed() => break,
@@ -392,4 +531,29 @@ pub(crate) fn content_hash(files: &BTreeMap<String, String>) -> Result<String, S
             .map(|b| format!("{b:02x}"))
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_files_split_into_documents_by_service() {
+        let text = "# orders and payments\napiVersion: castellan/v1\nkind: AccessPolicy\nmetadata: {name: a}\nspec:\n  service: orders\n  rules: []\n---\napiVersion: castellan/v1\nkind: AccessPolicy\nmetadata: {name: b}\nspec: {service: payments, rules: []}\n--- \nkind: MeshConfig\nspec: {trustDomain: x}\n";
+        let docs = policy_documents(text);
+        let summary: Vec<(Option<&str>, Option<&str>)> = docs
+            .iter()
+            .map(|d| (d.kind.as_deref(), d.service.as_deref()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (Some("AccessPolicy"), Some("orders")),
+                (Some("AccessPolicy"), Some("payments")),
+                (Some("MeshConfig"), None)
+            ]
+        );
+        assert!(docs.iter().all(|d| !d.text.trim_start().starts_with("---")));
+        assert!(!docs[0].text.contains("service: payments"));
+    }
 }

@@ -1634,8 +1634,58 @@ async fn distribution_suite(h: &Harness, watch_url: &str) {
     let snap = next(&mut stream).await;
     assert_eq!(snap.sequence, 1);
     let p = snap.policy.unwrap();
-    assert_eq!((p.revision, p.files.len()), (r1, files.len()));
-    assert!(snap.api_keys.is_some() && snap.endpoints.is_some() && !snap.trust_bundle.is_empty());
+    assert_eq!(p.revision, r1);
+    // Least privilege: a sidecar of orders gets the mesh config and orders' documents only,
+    // and no credentials at all.
+    let mut names: Vec<&str> = p.files.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["mesh.yaml", "orders.yaml", "ratelimits.yaml"]);
+    assert!(
+        p.files.values().all(|t| !t.contains("service: payments")),
+        "another service's policy reached the orders sidecar"
+    );
+    assert!(snap.api_keys.is_some_and(|k| k.keys.is_empty()));
+    assert!(snap.endpoints.is_some() && !snap.trust_bundle.is_empty());
+
+    // A gateway routing to orders (kind and routes registered here, not claimed by the proxy).
+    let (st, v) = h
+        .admin(
+            Method::POST,
+            "/v1/services",
+            Some(&h.admin),
+            Some(json!({"name": "edge", "kind": "gateway", "routes": ["/orders=orders"]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let (gkey, gder) = csr(None);
+    let gsvid = h
+        .grpc(None)
+        .await
+        .certify(CertifyRequest {
+            join_token: v["join_token"].as_str().unwrap().to_owned(),
+            csr_der: gder,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let gchain: Vec<CertificateDer<'static>> = gsvid
+        .cert_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let mut gw_client =
+        DistributionClient::new(channel_to(watch_url, &bundle, &gchain, &gkey).await);
+    let mut gw_stream = gw_client
+        .watch(WatchRequest {
+            proxy_id: "edge-1".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let gsnap = next(&mut gw_stream).await;
+    let mut gnames: Vec<String> = gsnap.policy.unwrap().files.into_keys().collect();
+    gnames.sort_unstable();
+    assert_eq!(gnames, ["mesh.yaml", "orders.yaml", "ratelimits.yaml"]);
 
     // A policy change arrives as the next update.
     let mut changed = files.clone();
@@ -1665,6 +1715,8 @@ async fn distribution_suite(h: &Harness, watch_url: &str) {
         u.api_keys.is_none() && u.revocations.is_empty(),
         "only what changed"
     );
+    let gu = next(&mut gw_stream).await;
+    assert_eq!(gu.policy.map(|p| p.revision), Some(r2), "the gateway too");
 
     // API keys travel as hashes.
     let (st, v) = h
@@ -1678,8 +1730,15 @@ async fn distribution_suite(h: &Harness, watch_url: &str) {
     assert_eq!(st, StatusCode::CREATED, "{v}");
     let api_key = v["api_key"].as_str().unwrap().to_owned();
     assert!(api_key.starts_with("cak_"));
-    let u = next(&mut stream).await;
-    let keys = u.api_keys.unwrap().keys;
+    // ...to gateways only: the sidecar's stream stays silent.
+    let u = next(&mut gw_stream).await;
+    let keys = u.api_keys.clone().unwrap_or_else(|| panic!("{u:?}")).keys;
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), stream.message())
+            .await
+            .is_err(),
+        "a sidecar was sent API-key hashes"
+    );
     assert_eq!(keys.len(), 1);
     assert_eq!(
         keys[0].key_hash,
@@ -1731,8 +1790,15 @@ async fn distribution_suite(h: &Harness, watch_url: &str) {
         })
         .await
         .unwrap();
-    let u = next(&mut stream).await;
-    let eps = u.endpoints.unwrap().endpoints;
+    // Orders' endpoint goes to whoever routes to orders (the gateway), not to orders itself.
+    let eps = loop {
+        let u = next(&mut gw_stream).await;
+        if let Some(e) = u.endpoints
+            && !e.endpoints.is_empty()
+        {
+            break e.endpoints;
+        }
+    };
     assert_eq!(
         eps.iter()
             .map(|e| (e.service.as_str(), e.address.as_str()))
@@ -2273,7 +2339,9 @@ async fn idle_connections_are_closed_and_connection_caps_hold() {
         matches!(r, Ok(Ok(0)) | Ok(Err(_))),
         "a connection without a handshake is still open"
     );
-    // And the API still answers afterwards.
+    // And the API still answers afterwards (a new client: the old one's pooled connection was
+    // idle and is closed too).
+    let http = tls_client(&bundle, None);
     let r = http
         .get(format!("{}/healthz", running.url))
         .send()

@@ -32,6 +32,16 @@ pub enum ServiceCommand {
         /// A DNS name or IP address its SVIDs also carry (repeatable; for an edge listener).
         #[arg(long = "dns")]
         dns_names: Vec<String>,
+        #[command(flatten)]
+        role: ServiceRoleArgs,
+    },
+    /// Change what a service's proxies are (kind, routes, upstreams); they are sent what that
+    /// needs with the next push.
+    Update {
+        /// Service name.
+        name: String,
+        #[command(flatten)]
+        role: ServiceRoleArgs,
     },
     /// Print a new join token for a registered service.
     JoinToken {
@@ -132,6 +142,26 @@ pub enum OperatorCommand {
         /// Its id.
         id: String,
     },
+}
+
+/// What a service's proxies are: the control plane sends each only what that needs.
+#[derive(Debug, Args)]
+pub struct ServiceRoleArgs {
+    /// sidecar (default), gateway or decision.
+    #[arg(long)]
+    kind: Option<String>,
+    /// Gateways and decision points: PREFIX=SERVICE (repeatable), e.g. /orders=orders.
+    #[arg(long = "route")]
+    routes: Vec<String>,
+    /// Sidecars: a service it calls (repeatable).
+    #[arg(long = "upstream")]
+    upstreams: Vec<String>,
+}
+
+impl ServiceRoleArgs {
+    fn json(&self) -> Value {
+        json!({"kind": self.kind, "routes": self.routes, "upstreams": self.upstreams})
+    }
 }
 
 /// One admin API call.
@@ -281,13 +311,28 @@ use reqwest::Method;
 /// Runs `service …`.
 pub fn service(cmd: ServiceCommand, conn: &Connection, json_out: bool) -> ExitCode {
     match cmd {
-        ServiceCommand::Add { name, dns_names } => finish(
+        ServiceCommand::Update { name, role } => finish(
             conn,
             call(
-                Method::POST,
-                "/v1/services",
-                Some(json!({"name": name, "dns_names": dns_names})),
+                Method::PUT,
+                format!("/v1/services/{name}"),
+                Some(role.json()),
             ),
+            json_out,
+            |v| format!("service {} is a {}", s(v, "name"), s(v, "kind")),
+        ),
+        ServiceCommand::Add {
+            name,
+            dns_names,
+            role,
+        } => finish(
+            conn,
+            call(Method::POST, "/v1/services", {
+                let mut body = role.json();
+                body["name"] = json!(name);
+                body["dns_names"] = json!(dns_names);
+                Some(body)
+            }),
             json_out,
             |v| {
                 format!(

@@ -173,22 +173,24 @@ pub async fn start_mesh() -> DemoResult<Mesh> {
     let url = server.url.clone();
     let tok = init.admin_token.clone();
     let mut joins = std::collections::HashMap::new();
-    for (svc, names) in [
-        ("orders", json!([])),
-        ("inventory", json!([])),
-        ("payments", json!([])),
+    // What each service's proxies are is registered here; the control plane sends each only
+    // what it enforces (a sidecar: its own policy and its upstreams' endpoints).
+    for (svc, registration) in [
+        ("orders", json!({"upstreams": ["inventory", "payments"]})),
+        // Inventory may reach payments' sidecar (and is refused there: the demo shows it).
+        ("inventory", json!({"upstreams": ["payments"]})),
+        ("payments", json!({})),
         // The gateway's SVID names its own loopback address: names the control plane serves
         // under (localhost, 127.0.0.1) are refused for workloads.
-        ("gateway", json!([GATEWAY_IP])),
+        (
+            "gateway",
+            json!({"kind": "gateway", "dns_names": [GATEWAY_IP],
+                   "routes": ["/orders=orders", "/admin=orders"]}),
+        ),
     ] {
-        let v = admin(
-            &http,
-            &url,
-            &tok,
-            "/v1/services",
-            json!({"name": svc, "dns_names": names}),
-        )
-        .await?;
+        let mut body = registration;
+        body["name"] = json!(svc);
+        let v = admin(&http, &url, &tok, "/v1/services", body).await?;
         joins.insert(
             svc,
             v.at("join_token").as_str().unwrap_or_default().to_owned(),
@@ -296,12 +298,30 @@ pub async fn start_mesh() -> DemoResult<Mesh> {
             .map_err(|e| e.to_string())?;
     }
     let t0 = std::time::Instant::now();
-    while ["orders", "inventory", "payments"].iter().any(|s| {
-        gateway.state.endpoints(s).is_empty()
-            || sidecars
-                .first()
-                .is_none_or(|(_, p)| p.state.endpoints(s).is_empty())
-    }) {
+    // Each proxy is sent the endpoints of the services it reaches, and only those.
+    let reaches: [(&RunningProxy, &[&str]); 3] = [
+        (&gateway, &["orders"]),
+        (
+            sidecars
+                .iter()
+                .find(|(n, _)| *n == "orders")
+                .map(|(_, p)| p)
+                .ok_or("no orders sidecar")?,
+            &["inventory", "payments"],
+        ),
+        (
+            sidecars
+                .iter()
+                .find(|(n, _)| *n == "inventory")
+                .map(|(_, p)| p)
+                .ok_or("no inventory sidecar")?,
+            &["payments"],
+        ),
+    ];
+    while reaches
+        .iter()
+        .any(|(p, services)| services.iter().any(|s| p.state.endpoints(s).is_empty()))
+    {
         if t0.elapsed() > Duration::from_secs(20) {
             return Err("endpoints were not pushed to the proxies".to_owned());
         }

@@ -333,7 +333,7 @@ async fn sigkill_of_the_control_plane_loses_no_audit_record() {
     let j_orders = post("/v1/services", json!({"name": "orders"})).await;
     let j_gw = post(
         "/v1/services",
-        json!({"name": "gateway", "dns_names": [castellan::demo::GATEWAY_IP]}),
+        json!({"name": "gateway", "kind": "gateway", "routes": ["/orders=orders"], "dns_names": [castellan::demo::GATEWAY_IP]}),
     )
     .await;
     let policy_dir =
@@ -389,6 +389,15 @@ async fn sigkill_of_the_control_plane_loses_no_audit_record() {
     let t0 = Instant::now();
     while gw.state.endpoints("orders").is_empty() {
         assert!(t0.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The API key reaches the gateway by push too: wait for it, not for a fixed time.
+    let key_hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.as_bytes());
+    while gw.state.api_key(key_hash.as_ref()).is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the API key never reached the gateway"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 

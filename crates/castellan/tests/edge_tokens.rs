@@ -87,7 +87,7 @@ async fn mesh() -> Mesh {
         &http,
         &url("/v1/services"),
         &tok,
-        json!({"name": "gateway", "dns_names": [GATEWAY_IP]}),
+        json!({"name": "gateway", "kind": "gateway", "routes": ["/orders=orders"], "dns_names": [GATEWAY_IP]}),
     )
     .await;
     let j_worker = post(&http, &url("/v1/services"), &tok, json!({"name": "worker"})).await;

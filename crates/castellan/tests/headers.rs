@@ -124,7 +124,7 @@ async fn setup() -> Option<Setup> {
     let j_orders = post("/v1/services", json!({"name": "orders"})).await;
     let j_gw = post(
         "/v1/services",
-        json!({"name": "gateway", "dns_names": [GATEWAY_IP]}),
+        json!({"name": "gateway", "kind": "gateway", "routes": ["/=orders"], "dns_names": [GATEWAY_IP]}),
     )
     .await;
     let mesh = std::fs::read_to_string(
