@@ -329,8 +329,10 @@ pub fn service(cmd: ServiceCommand, conn: &Connection, json_out: bool) -> ExitCo
             conn,
             call(Method::POST, "/v1/services", {
                 let mut body = role.json();
-                body["name"] = json!(name);
-                body["dns_names"] = json!(dns_names);
+                if let Some(o) = body.as_object_mut() {
+                    o.insert("name".to_owned(), json!(name));
+                    o.insert("dns_names".to_owned(), json!(dns_names));
+                }
                 Some(body)
             }),
             json_out,

@@ -189,7 +189,9 @@ pub async fn start_mesh() -> DemoResult<Mesh> {
         ),
     ] {
         let mut body = registration;
-        body["name"] = json!(svc);
+        if let Some(o) = body.as_object_mut() {
+            o.insert("name".to_owned(), json!(svc));
+        }
         let v = admin(&http, &url, &tok, "/v1/services", body).await?;
         joins.insert(
             svc,
