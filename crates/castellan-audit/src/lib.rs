@@ -3,7 +3,10 @@
 //! response completes, and verifiable by anyone holding the records: an altered, deleted or
 //! reordered record breaks the chain at a place [`verify_chain`] names.
 
+pub mod checkpoint;
 pub mod spool;
+
+pub use checkpoint::Checkpoint;
 
 use serde::{Deserialize, Serialize};
 

@@ -253,6 +253,14 @@ impl Spool {
         &self.dir
     }
 
+    /// The chain's head: the last record written.
+    pub fn head(&self) -> Head {
+        self.inner
+            .lock()
+            .map(|i| i.head.clone())
+            .unwrap_or_default()
+    }
+
     /// Whether every record written has been acknowledged.
     pub fn drained(&self) -> bool {
         self.inner

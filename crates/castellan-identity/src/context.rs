@@ -169,6 +169,15 @@ impl ContextSigner {
         self.mint_with_act(aud, sub, roles, claims, &[], txn, now, ttl)
     }
 
+    /// An ECDSA P-256 / SHA-256 signature (r‖s) over `data` with the SVID key — for
+    /// statements other than context tokens (signed audit checkpoints).
+    pub fn sign_detached(&self, data: &[u8]) -> Result<Vec<u8>, ContextError> {
+        self.key
+            .sign(&SystemRandom::new(), data)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| ContextError::Sign("ECDSA signing failed".to_owned()))
+    }
+
     /// As [`mint`](Self::mint), for a user on whose behalf `act` (nearest last) already acted.
     #[allow(clippy::too_many_arguments)]
     pub fn mint_with_act(

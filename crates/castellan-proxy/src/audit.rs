@@ -6,8 +6,8 @@
 use crate::{Inner, ProxyConfig, ProxyError, identity};
 use castellan_audit::Entry;
 use castellan_audit::spool::Spool;
-use castellan_proto::v1::AuditBatch;
 use castellan_proto::v1::audit_client::AuditClient;
+use castellan_proto::v1::{AuditBatch, AuditCheckpoint};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -83,21 +83,85 @@ enum ShipError {
     Other(String),
 }
 
-/// Ships one batch of `spool` (resynchronising with the stored head when refused). Returns how
-/// many records went out.
+/// Where signed checkpoints of this start's chain stand.
+struct Checkpoints {
+    /// The last record covered by a checkpoint the control plane accepted.
+    covered: u64,
+    /// When that was.
+    at: std::time::Instant,
+}
+
+/// A signed checkpoint of `spool`'s record `seq` (whose hash is `hash`), with the SVID in force.
+fn sign_checkpoint(
+    inner: &Inner,
+    spool: &Spool,
+    seq: u64,
+    hash: &str,
+) -> Result<AuditCheckpoint, ShipError> {
+    let ident = inner.identity.current();
+    let statement = castellan_audit::Checkpoint {
+        writer: spool.writer().to_owned(),
+        epoch: spool.epoch().to_owned(),
+        seq,
+        hash: hash.to_owned(),
+        time_ms: crate::unix_now_ms(),
+    };
+    let signature = inner
+        .identity
+        .signer()
+        .sign_detached(&statement.signed_bytes(ident.id.as_str()))
+        .map_err(|e| ShipError::Other(e.to_string()))?;
+    Ok(AuditCheckpoint {
+        seq,
+        hash: statement.hash,
+        time_ms: statement.time_ms,
+        signature,
+        cert_chain: ident.chain.iter().map(|c| c.to_vec()).collect(),
+    })
+}
+
+/// Ships one batch of `spool` (resynchronising with the stored head when refused), with a
+/// signed checkpoint of its last record when one is due (`cps`: this start's chain; `None`:
+/// an earlier start's, always checkpointed). Returns how many records went out.
 async fn ship_round(
     inner: &Inner,
     spool: &Spool,
     client: &mut Option<AuditClient<tonic::transport::Channel>>,
     rewind: bool,
+    cps: Option<&mut Checkpoints>,
 ) -> Result<usize, ShipError> {
     let batch = spool
         .next_batch(BATCH, rewind)
         .map_err(|e| ShipError::Other(format!("audit spool unreadable: {e}")))?;
-    if batch.is_empty() {
+    let n = batch.len();
+    // What the checkpoint (if any) covers: the batch's last record, or — idle, everything
+    // stored — the head, once the interval has passed.
+    let last = match batch.last() {
+        Some(line) => serde_json::from_str::<castellan_audit::AuditRecord>(line)
+            .ok()
+            .map(|r| (r.seq, r.hash)),
+        None => {
+            let head = spool.head();
+            let (_, acked) = spool.positions();
+            (head.seq > 0 && acked == head.seq).then_some((head.seq, head.hash))
+        }
+    };
+    let due = match (&cps, &last) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(c), Some((seq, _))) => {
+            *seq > c.covered
+                && (n > 0 && seq - c.covered >= inner.cfg.checkpoint_records
+                    || c.at.elapsed() >= inner.cfg.checkpoint_interval)
+        }
+    };
+    if n == 0 && !due {
         return Ok(0);
     }
-    let n = batch.len();
+    let checkpoint = match (&last, due) {
+        (Some((seq, hash)), true) => Some(sign_checkpoint(inner, spool, *seq, hash)?),
+        _ => None,
+    };
     if client.is_none() {
         let ch = identity::control_channel(
             &inner.cfg,
@@ -111,23 +175,29 @@ async fn ship_round(
     let c = client
         .as_mut()
         .ok_or_else(|| ShipError::Other("no client".to_owned()))?;
-    let ship = |records: Vec<String>| AuditBatch {
+    let ship = |records: Vec<String>, checkpoints: Vec<AuditCheckpoint>| AuditBatch {
         writer: spool.writer().to_owned(),
         epoch: spool.epoch().to_owned(),
         records,
+        checkpoints,
     };
-    match c.ship(ship(batch)).await {
+    let covered = checkpoint.as_ref().map(|c| c.seq);
+    match c.ship(ship(batch, checkpoint.into_iter().collect())).await {
         Ok(ack) => {
             spool
                 .ack(ack.into_inner().stored_through)
                 .map_err(|e| ShipError::Other(e.to_string()))?;
+            if let (Some(seq), Some(c)) = (covered, cps) {
+                c.covered = seq;
+                c.at = std::time::Instant::now();
+            }
             Ok(n)
         }
         Err(st) if st.code() == tonic::Code::FailedPrecondition => {
             // Our batch does not continue the stored head (an earlier batch was stored but its
             // ack was lost): learn the head and go on from there.
             let head = c
-                .ship(ship(Vec::new()))
+                .ship(ship(Vec::new(), Vec::new()))
                 .await
                 .map_err(|e| ShipError::Other(e.message().to_owned()))?
                 .into_inner()
@@ -156,6 +226,10 @@ pub(crate) async fn ship_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>
     let mut rewind = true;
     let mut backoff = Duration::from_millis(100);
     let proxy = inner.cfg.proxy_id.clone();
+    let mut cps = Checkpoints {
+        covered: 0,
+        at: std::time::Instant::now(),
+    };
     loop {
         if let Err(e) = inner.audit.sync() {
             tracing::error!(error = %e, "audit spool sync failed");
@@ -167,8 +241,10 @@ pub(crate) async fn ship_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>
             .lock()
             .ok()
             .and_then(|mut l| (!l.is_empty()).then(|| l.remove(0)));
-        let spool = leftover.as_ref().unwrap_or(&inner.audit);
-        let result = ship_round(&inner, spool, &mut client, rewind).await;
+        let result = match leftover.as_ref() {
+            Some(old) => ship_round(&inner, old, &mut client, rewind, None).await,
+            None => ship_round(&inner, &inner.audit, &mut client, rewind, Some(&mut cps)).await,
+        };
         rewind = false;
         if let Some(old) = leftover {
             if old.drained() {

@@ -127,6 +127,11 @@ pub struct ProxyConfig {
     /// `redis://…`: rate limits shared by every proxy using the same Redis (local limits when
     /// it is unreachable).
     pub redis_url: Option<String>,
+    /// A signed audit checkpoint goes out with the batch that reaches this many records since
+    /// the last one…
+    pub checkpoint_records: u64,
+    /// …or, with any record since the last one, after this long.
+    pub checkpoint_interval: Duration,
 }
 
 impl ProxyConfig {
@@ -155,6 +160,8 @@ impl ProxyConfig {
             max_body_bytes: 1024 * 1024,
             service_name: None,
             audit_spool_bytes: 256 * 1024 * 1024,
+            checkpoint_records: 1000,
+            checkpoint_interval: Duration::from_secs(10),
             max_staleness_secs: 24 * 3600,
             upstream_timeout: Duration::from_secs(15),
             redis_url: None,

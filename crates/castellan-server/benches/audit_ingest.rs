@@ -126,6 +126,7 @@ async fn run(label: &str, database_url: Option<String>, per_writer: u64, writers
                     writer: writer.clone(),
                     epoch: "e1".to_owned(),
                     records: c.to_vec(),
+                    checkpoints: Vec::new(),
                 })
                 .collect()
         })

@@ -50,6 +50,107 @@ fn refuse(key: &str, reason: &'static str, detail: String) -> Status {
     Status::failed_precondition(format!("audit chain {key}: {detail}"))
 }
 
+impl AuditService {
+    /// The batch's checkpoints, each checked before anything is stored: it covers a record of
+    /// this chain stored by now (in this batch or before) with exactly that record's hash, and
+    /// its signature verifies with an SVID of the caller's own identity.
+    async fn checked_checkpoints(
+        &self,
+        key: &str,
+        id: &SpiffeId,
+        batch: &AuditBatch,
+        rows: &[AuditRow],
+        head: &Head,
+    ) -> Result<Vec<castellan_store::CheckpointRow>, Status> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut out = Vec::with_capacity(batch.checkpoints.len());
+        if batch.checkpoints.is_empty() {
+            return Ok(out);
+        }
+        let validator = self.s.svid_validator().await.map_err(internal)?;
+        for cp in batch.checkpoints.iter().take(16) {
+            let bad =
+                |what: String| refuse(key, "checkpoint", format!("checkpoint {}: {what}", cp.seq));
+            if cp.seq == 0 || cp.seq > head.seq {
+                return Err(bad(format!(
+                    "covers no stored record (head is {})",
+                    head.seq
+                )));
+            }
+            let seq = i64::try_from(cp.seq).map_err(|_| bad("seq out of range".to_owned()))?;
+            let stored = match rows.iter().find(|r| r.seq == seq) {
+                Some(r) => Some(r.record.clone()),
+                None => self
+                    .s
+                    .store
+                    .audit_chain(key, seq, 1)
+                    .await
+                    .map_err(internal)?
+                    .into_iter()
+                    .find(|r| r.seq == seq)
+                    .map(|r| r.record),
+            };
+            let stored_hash = stored
+                .and_then(|r| serde_json::from_str::<AuditRecord>(&r).ok())
+                .map(|r| r.hash);
+            if stored_hash.as_deref() != Some(cp.hash.as_str()) {
+                return Err(bad("hash differs from the record it covers".to_owned()));
+            }
+            let chain: Vec<rustls_pki_types::CertificateDer<'static>> = cp
+                .cert_chain
+                .iter()
+                .take(4)
+                .map(|c| rustls_pki_types::CertificateDer::from(c.clone()))
+                .collect();
+            let signer = validator
+                .validate(
+                    &chain,
+                    rustls_pki_types::UnixTime::now(),
+                    castellan_identity::SvidUsage::Client,
+                )
+                .map_err(|e| bad(format!("signing certificate: {e}")))?;
+            if signer != *id {
+                return Err(bad(format!("signed by {signer}, not by {id}")));
+            }
+            let statement = castellan_audit::Checkpoint {
+                writer: batch.writer.clone(),
+                epoch: batch.epoch.clone(),
+                seq: cp.seq,
+                hash: cp.hash.clone(),
+                time_ms: cp.time_ms,
+            };
+            let leaf = chain
+                .first()
+                .ok_or_else(|| bad("no certificate".to_owned()))?;
+            let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+                .map_err(|_| bad("unparsable certificate".to_owned()))?;
+            if !statement.verify(
+                id.as_str(),
+                &cert.public_key().subject_public_key.data,
+                &cp.signature,
+            ) {
+                return Err(bad("signature does not verify".to_owned()));
+            }
+            out.push(castellan_store::CheckpointRow {
+                writer: key.to_owned(),
+                seq,
+                hash: cp.hash.clone(),
+                time_ms: cp.time_ms,
+                signature: b64.encode(&cp.signature),
+                cert_chain: serde_json::to_string(
+                    &chain
+                        .iter()
+                        .map(|c| b64.encode(c.as_ref()))
+                        .collect::<Vec<_>>(),
+                )
+                .map_err(internal)?,
+            });
+        }
+        Ok(out)
+    }
+}
+
 #[tonic::async_trait]
 impl Audit for AuditService {
     async fn ship(&self, req: Request<AuditBatch>) -> Result<GrpcResponse<AuditAck>, Status> {
@@ -112,6 +213,9 @@ impl Audit for AuditService {
                 rule: r.rule,
             });
         }
+        let checkpoints = self
+            .checked_checkpoints(&key, &id, &batch, &rows, &head)
+            .await?;
         let new = if rows.is_empty() {
             0
         } else {
@@ -120,6 +224,15 @@ impl Audit for AuditService {
                 Status::aborted(format!("audit chain {key}: not stored; retry"))
             })?
         };
+        if !checkpoints.is_empty() {
+            self.s
+                .store
+                .add_audit_checkpoints(&checkpoints)
+                .await
+                .map_err(internal)?;
+            metrics::counter!("castellan_server_audit_checkpoints_stored_total")
+                .increment(checkpoints.len() as u64);
+        }
         metrics::counter!("castellan_server_audit_records_stored_total").increment(new);
         tracing::debug!(writer = %key, new, head = head.seq, "audit batch stored");
         Ok(GrpcResponse::new(AuditAck {
@@ -184,10 +297,22 @@ pub(crate) async fn verify(
         let mut from = 1;
         let mut error = None;
         let mut stored = 0;
+        let mut head = 0;
+        // Signed checkpoints, with the hash of the record each covers as stored now: the CLI
+        // checks the signatures against the operator's bundle and compares.
+        let checkpoints = s.store.audit_checkpoints(&w).await?;
+        let mut stored_hashes: std::collections::HashMap<i64, String> =
+            std::collections::HashMap::new();
         loop {
             let rows = s.store.audit_chain(&w, from, PAGE).await?;
             for row in &rows {
                 stored += 1;
+                head = row.seq;
+                if checkpoints.iter().any(|c| c.seq == row.seq)
+                    && let Ok(r) = serde_json::from_str::<AuditRecord>(&row.record)
+                {
+                    stored_hashes.insert(row.seq, r.hash);
+                }
                 if error.is_some() {
                     continue; // still counted, no longer verified
                 }
@@ -215,9 +340,18 @@ pub(crate) async fn verify(
         // proxy id alone.
         let mut parts = w.splitn(3, ' ');
         let (proxy_id, identity, epoch) = (parts.next(), parts.next(), parts.next());
+        let checkpoints: Vec<Value> = checkpoints
+            .iter()
+            .map(|c| {
+                json!({"seq": c.seq, "hash": c.hash, "time_ms": c.time_ms, "signature": c.signature,
+                       "cert_chain": serde_json::from_str::<Value>(&c.cert_chain).unwrap_or(Value::Null),
+                       "stored_hash": stored_hashes.get(&c.seq)})
+            })
+            .collect();
         writers.push(
             json!({"writer": w, "proxy_id": proxy_id, "identity": identity, "epoch": epoch,
-            "records": stored, "verified": v.count(), "ok": error.is_none(), "first_error": error}),
+            "records": stored, "head": head, "verified": v.count(), "ok": error.is_none(),
+            "first_error": error, "checkpoints": checkpoints}),
         );
     }
     Ok(Json(

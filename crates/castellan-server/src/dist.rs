@@ -28,6 +28,9 @@ const ENDPOINT_STALE_SECS: i64 = 120;
 /// Everything proxies enforce with, as of one read.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Snapshot {
+    /// False only for the placeholder before the first read: never sent to a proxy (it would
+    /// wipe the API keys, endpoints and specs a proxy holds).
+    pub(crate) loaded: bool,
     pub(crate) policy: Option<Arc<PolicyRevision>>,
     pub(crate) revocations: Vec<RevocationEvent>,
     pub(crate) api_keys: Vec<ApiKeyRow>,
@@ -68,12 +71,24 @@ impl Hub {
         }
     }
 
+    /// Makes `snap` current if it differs; watchers are woken.
+    pub(crate) fn publish(&self, snap: Snapshot) {
+        self.tx.send_if_modified(|cur| {
+            if **cur == snap {
+                false
+            } else {
+                *cur = Arc::new(snap);
+                true
+            }
+        });
+    }
+
     pub(crate) fn current(&self) -> Arc<Snapshot> {
         self.tx.borrow().clone()
     }
 }
 
-async fn load(s: &Server) -> Result<Snapshot, StoreError> {
+pub(crate) async fn load(s: &Server) -> Result<Snapshot, StoreError> {
     let now = unix_now();
     let mut endpoints: Vec<(String, String)> = s
         .store
@@ -91,6 +106,7 @@ async fn load(s: &Server) -> Result<Snapshot, StoreError> {
     endpoints.dedup();
     let policy = s.store.latest_policy_revision().await?.map(Arc::new);
     Ok(Snapshot {
+        loaded: true,
         revocations: s.store.revocations_since(0).await?,
         api_keys: s.store.active_api_keys().await?,
         endpoints,
@@ -147,16 +163,7 @@ pub(crate) async fn run_hub(server: Weak<Server>, mut stop: watch::Receiver<bool
     loop {
         let Some(s) = server.upgrade() else { return };
         match load(&s).await {
-            Ok(snap) => {
-                s.hub.tx.send_if_modified(|cur| {
-                    if **cur == snap {
-                        false
-                    } else {
-                        *cur = Arc::new(snap);
-                        true
-                    }
-                });
-            }
+            Ok(snap) => s.hub.publish(snap),
             Err(e) => tracing::error!(error = %e, "reading the distribution snapshot failed"),
         }
         // Holding `s` while waiting is fine: a dropped stop sender ends the loop too.
@@ -432,6 +439,11 @@ impl Distribution for DistributionService {
         tokio::spawn(async move {
             let mut last: Option<View> = None;
             let mut sequence = 0u64;
+            // A watcher that arrives before the first read waits for it.
+            if rx.wait_for(|s| s.loaded).await.is_err() {
+                metrics::gauge!("castellan_server_watchers").decrement(1.0);
+                return;
+            }
             loop {
                 let snap = rx.borrow_and_update().clone();
                 let view = view_for(&snap, &service);

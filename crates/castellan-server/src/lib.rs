@@ -276,6 +276,15 @@ impl Server {
             cfg,
         });
         server.write_bundle()?;
+        // The first distribution snapshot is read before any proxy can connect.
+        match dist::load(&server).await {
+            Ok(snap) => {
+                server.hub.publish(snap);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading the distribution snapshot failed; watchers wait for the next read")
+            }
+        }
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(http::serve(server.clone(), listener, stop_rx.clone()));
         tokio::spawn(reload_loop(Arc::downgrade(&server), stop_rx.clone()));

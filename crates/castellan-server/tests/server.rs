@@ -1994,6 +1994,7 @@ async fn deny_rate_alert_posts_to_the_webhook_once_per_window() {
             writer: "gw-1".to_owned(),
             epoch: "e1".to_owned(),
             records,
+            checkpoints: Vec::new(),
         })
         .await
         .unwrap()
@@ -2063,6 +2064,7 @@ async fn audit_and_reports_are_bound_to_the_callers_identity_and_verified_on_ing
         writer: "orders-1".to_owned(),
         epoch: "ep1".to_owned(),
         records,
+        checkpoints: Vec::new(),
     };
 
     // A stores records 1..3.
@@ -2167,6 +2169,7 @@ async fn audit_and_reports_are_bound_to_the_callers_identity_and_verified_on_ing
             writer: "orders-1".to_owned(),
             epoch: String::new(),
             records: vec![],
+            checkpoints: Vec::new(),
         })
         .await
         .unwrap_err();

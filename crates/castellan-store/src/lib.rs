@@ -316,6 +316,23 @@ pub struct AuditRow {
     pub rule: String,
 }
 
+/// A signed checkpoint of an audit chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointRow {
+    /// The chain key.
+    pub writer: String,
+    /// The record it covers.
+    pub seq: i64,
+    /// That record's hash.
+    pub hash: String,
+    /// When it was signed (Unix ms).
+    pub time_ms: i64,
+    /// base64 signature.
+    pub signature: String,
+    /// JSON array of base64 DER certificates, leaf first.
+    pub cert_chain: String,
+}
+
 /// Filters for [`Store::audit_query`]; empty strings match anything.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
@@ -1010,9 +1027,39 @@ impl Store {
         Ok(row.map(|(r,)| r))
     }
 
-    /// Every writer with records.
+    /// Stores signed checkpoints (already verified); one already stored for the same record
+    /// is kept.
+    pub async fn add_audit_checkpoints(&self, rows: &[CheckpointRow]) -> Result<(), StoreError> {
+        let sql = "INSERT INTO audit_checkpoints (writer, seq, hash, time_ms, signature, cert_chain) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (writer, seq) DO NOTHING";
+        for r in rows {
+            on_pool!(self, p => sqlx::query(sql).bind(&r.writer).bind(r.seq).bind(&r.hash).bind(r.time_ms).bind(&r.signature).bind(&r.cert_chain).execute(p).await.map(|r| r.rows_affected()))?;
+        }
+        Ok(())
+    }
+
+    /// One chain's checkpoints, in sequence order.
+    pub async fn audit_checkpoints(&self, writer: &str) -> Result<Vec<CheckpointRow>, StoreError> {
+        let sql = "SELECT writer, seq, hash, time_ms, signature, cert_chain FROM audit_checkpoints WHERE writer = $1 ORDER BY seq";
+        let rows: Vec<(String, i64, String, i64, String, String)> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(writer).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(writer, seq, hash, time_ms, signature, cert_chain)| CheckpointRow {
+                    writer,
+                    seq,
+                    hash,
+                    time_ms,
+                    signature,
+                    cert_chain,
+                },
+            )
+            .collect())
+    }
+
+    /// Every writer with records or checkpoints.
     pub async fn audit_writers(&self) -> Result<Vec<String>, StoreError> {
-        let sql = "SELECT DISTINCT writer FROM audit_records ORDER BY writer";
+        let sql = "SELECT writer FROM audit_records UNION SELECT writer FROM audit_checkpoints ORDER BY writer";
         let rows: Vec<(String,)> = on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
         Ok(rows.into_iter().map(|(w,)| w).collect())
     }

@@ -308,6 +308,85 @@ fn table(v: &Value, cols: &[&str]) -> String {
 
 use reqwest::Method;
 
+/// Prints `audit verify` (chains checked by the server, checkpoints checked here) and returns
+/// the exit code.
+fn verify_output(
+    v: &mut Value,
+    bundle: &[CertificateDer<'static>],
+    export_heads: Option<&std::path::Path>,
+    json_out: bool,
+) -> ExitCode {
+    let mut ok = v.get("ok") == Some(&Value::Bool(true));
+    let mut heads = String::new();
+    let mut lines = Vec::new();
+    if let Some(writers) = v.get_mut("writers").and_then(Value::as_array_mut) {
+        for w in writers {
+            let report = crate::audit_verify::check_writer(bundle, w);
+            ok &= report.problem.is_none();
+            if let Some(h) = &report.head {
+                heads.push_str(&h.to_string());
+                heads.push('\n');
+            }
+            let signed = if report.good > 0 {
+                format!(", signed through record {}", report.signed_through)
+            } else {
+                String::new()
+            };
+            let line = match (
+                w.get("first_error").and_then(Value::as_str),
+                &report.problem,
+            ) {
+                (Some(e), _) => format!(
+                    "{}: {} records, FIRST BAD RECORD: {}",
+                    s(w, "writer"),
+                    w.get("records").unwrap_or(&Value::Null),
+                    printable(e)
+                ),
+                (None, Some(p)) => format!(
+                    "{}: {} records, BAD CHECKPOINT: {}",
+                    s(w, "writer"),
+                    w.get("records").unwrap_or(&Value::Null),
+                    printable(p)
+                ),
+                (None, None) => format!(
+                    "{}: {} records, chain intact{signed}",
+                    s(w, "writer"),
+                    w.get("records").unwrap_or(&Value::Null)
+                ),
+            };
+            lines.push(line);
+            let summary = crate::audit_verify::summary(w, &report);
+            if let (Some(o), Some(sum)) = (w.as_object_mut(), summary.as_object()) {
+                o.remove("checkpoints");
+                for (k, val) in sum {
+                    o.insert(k.clone(), val.clone());
+                }
+            }
+        }
+    }
+    if let Some(o) = v.as_object_mut() {
+        o.insert("ok".to_owned(), Value::Bool(ok));
+    }
+    if let Some(path) = export_heads
+        && let Err(e) = std::fs::write(path, &heads)
+    {
+        eprintln!("error: {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    if json_out {
+        println!("{v}");
+    } else {
+        for l in lines {
+            println!("{l}");
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 /// Runs `service …`.
 pub fn service(cmd: ServiceCommand, conn: &Connection, json_out: bool) -> ExitCode {
     match cmd {
@@ -743,9 +822,20 @@ pub enum AuditCommand {
         #[arg(long, default_value_t = 100)]
         limit: i64,
     },
-    /// Check every writer's hash chain: altered, deleted, reordered records and gaps; names the
-    /// first bad record per writer. Exit 1 on any problem.
-    Verify,
+    /// Check every chain: altered, deleted, reordered records and gaps (names the first bad
+    /// record), and every signed checkpoint — its signature against --bundle, and the record it
+    /// covers (a chain recomputed after an edit, or a tail cut after a checkpoint). Exit 1 on
+    /// any problem.
+    Verify {
+        /// Trust bundle to check checkpoint signatures with (default: --ca-bundle). Include
+        /// past CAs; never a bundle read from the control plane's database.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Write the last signed checkpoint of every chain here (JSON lines), to anchor
+        /// elsewhere and later prove the database was not rolled back.
+        #[arg(long)]
+        export_heads: Option<PathBuf>,
+    },
     /// Every record as JSON lines (for a SIEM).
     Export {
         /// Output format (jsonl).
@@ -866,44 +956,32 @@ pub fn audit(cmd: AuditCommand, conn: &Connection, json_out: bool) -> ExitCode {
                 },
             )
         }
-        AuditCommand::Verify => match send(conn, call(Method::GET, "/v1/audit/verify", None)) {
-            Ok(v) => {
-                let ok = v.get("ok") == Some(&Value::Bool(true));
-                if json_out {
-                    println!("{v}");
-                } else {
-                    for w in v
-                        .get("writers")
-                        .and_then(Value::as_array)
-                        .map(Vec::as_slice)
-                        .unwrap_or_default()
-                    {
-                        match w.get("first_error").and_then(Value::as_str) {
-                            None => println!(
-                                "{}: {} records, chain intact",
-                                s(w, "writer"),
-                                w.get("records").unwrap_or(&Value::Null)
-                            ),
-                            Some(e) => println!(
-                                "{}: {} records, FIRST BAD RECORD: {}",
-                                s(w, "writer"),
-                                w.get("records").unwrap_or(&Value::Null),
-                                printable(e)
-                            ),
-                        }
+        AuditCommand::Verify {
+            bundle,
+            export_heads,
+        } => {
+            let Some(bundle_path) = bundle.or_else(|| conn.ca_bundle.clone()) else {
+                eprintln!("error: --bundle or --ca-bundle is required to check checkpoints");
+                return ExitCode::from(2);
+            };
+            let certs: Vec<CertificateDer<'static>> =
+                match CertificateDer::pem_file_iter(&bundle_path)
+                    .map(|i| i.collect::<Result<Vec<_>, _>>())
+                {
+                    Ok(Ok(c)) if !c.is_empty() => c,
+                    _ => {
+                        eprintln!("error: {}: no certificates", bundle_path.display());
+                        return ExitCode::from(2);
                     }
-                }
-                if ok {
-                    ExitCode::SUCCESS
-                } else {
+                };
+            match send(conn, call(Method::GET, "/v1/audit/verify", None)) {
+                Ok(mut v) => verify_output(&mut v, &certs, export_heads.as_deref(), json_out),
+                Err(e) => {
+                    eprintln!("error: {}", printable(&e));
                     ExitCode::FAILURE
                 }
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         AuditCommand::Export { format } => {
             if format != "jsonl" {
                 eprintln!("error: --format must be jsonl");

@@ -249,6 +249,8 @@ pub async fn start_mesh() -> DemoResult<Mesh> {
             dir.path().join("proxies").join(id),
         );
         c.join_token = joins.get(svc).cloned();
+        // The demo is short: sign audit checkpoints every second so its verify shows them.
+        c.checkpoint_interval = Duration::from_secs(1);
         c
     };
     let any: SocketAddr = "127.0.0.1:0".parse().map_err(|_| "addr")?;

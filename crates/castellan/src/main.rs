@@ -1,6 +1,7 @@
 //! The `castellan` binary: parses the command line and hands over to the command modules.
 
 mod admin_cmd;
+mod audit_verify;
 use castellan::demo;
 mod policy_cmd;
 mod proxy_cmd;

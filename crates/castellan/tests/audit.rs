@@ -777,3 +777,193 @@ async fn restarts_and_shared_ids_open_new_epochs_and_lose_nothing() {
     );
     reborn.shutdown();
 }
+
+/// Writers sign checkpoints with their SVID key; `audit verify` checks them against the
+/// operator's bundle. An insider who edits a record and recomputes the rest of the chain, or
+/// deletes the last records, leaves a consistent chain — and a signature it cannot match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_checkpoints_catch_a_recomputed_chain_and_a_cut_tail() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let m = start_mesh().await.unwrap();
+    let tls = Arc::new(tls_roots(&m.bundle).unwrap());
+    let req = format!("GET /orders/42 HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", m.alice_key).into_bytes();
+    for _ in 0..8 {
+        assert_eq!(
+            raw(m.gateway.inbound, Some(tls.clone()), &req)
+                .await
+                .unwrap()
+                .0,
+            200
+        );
+    }
+    drained(&[&m.gateway], Duration::from_secs(10)).await;
+    // Wait for a checkpoint covering the gateway's last record (the demo signs every second).
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(castellan::demo::control_plane_tls(&m.bundle).unwrap())
+        .build()
+        .unwrap();
+    let gateway_chain = || {
+        let (http, url, tok) = (http.clone(), m.server.url.clone(), m.admin_token.clone());
+        async move {
+            let v: Value = http
+                .get(format!("{url}/v1/audit/verify"))
+                .bearer_auth(tok)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["writers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|w| w["proxy_id"] == "gateway")
+                .cloned()
+                .unwrap()
+        }
+    };
+    let t0 = Instant::now();
+    loop {
+        let w = gateway_chain().await;
+        let last = w["checkpoints"].as_array().and_then(|c| c.last().cloned());
+        if last.is_some_and(|c| c["seq"] == w["head"]) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "no checkpoint: {w}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let heads = m.dir.path().join("heads.jsonl");
+    let (url, tok, bundle) = (
+        m.server.url.clone(),
+        m.admin_token.clone(),
+        m.bundle_path.clone(),
+    );
+    let verify = {
+        let heads = heads.clone();
+        move |extra: Vec<String>| {
+            let (url, tok, bundle, heads) =
+                (url.clone(), tok.clone(), bundle.clone(), heads.clone());
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let mut args = vec![
+                        "audit".to_owned(),
+                        "verify".to_owned(),
+                        "--export-heads".to_owned(),
+                        heads.display().to_string(),
+                    ];
+                    args.extend(extra);
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    let out = cli(&url, &tok, &bundle, &args);
+                    (
+                        out.status.code(),
+                        String::from_utf8_lossy(&out.stdout).into_owned(),
+                    )
+                })
+                .await
+                .unwrap()
+            }
+        }
+    };
+    let (code, text) = verify(vec![]).await;
+    assert_eq!(code, Some(0), "{text}");
+    let gw_line = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("gateway "))
+            .unwrap_or_else(|| panic!("{text}"))
+            .to_owned()
+    };
+    assert!(
+        gw_line(&text).ends_with("chain intact, signed through record 8"),
+        "{text}"
+    );
+    let exported = std::fs::read_to_string(&heads).unwrap();
+    assert!(
+        exported
+            .lines()
+            .any(|l| l.contains("\"proxy_id\":\"gateway\"") && l.contains("\"seq\":8")),
+        "{exported}"
+    );
+
+    let db = format!(
+        "sqlite://{}",
+        m.dir.path().join("control-plane/castellan.db").display()
+    );
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db)
+        .await
+        .unwrap();
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT seq, record FROM audit_records WHERE writer LIKE 'gateway %' ORDER BY seq",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 8);
+    let set = |seq: i64, rec: String| {
+        sqlx::query(
+            "UPDATE audit_records SET record = $1 WHERE writer LIKE 'gateway %' AND seq = $2",
+        )
+        .bind(rec)
+        .bind(seq)
+    };
+
+    // 1. Record 3 edited and the chain recomputed from there: the chain is consistent, the
+    //    signed checkpoint is not.
+    let mut prev = String::new();
+    for (seq, text) in &rows {
+        let mut r: castellan_audit::AuditRecord = serde_json::from_str(text).unwrap();
+        if *seq >= 3 {
+            if *seq == 3 {
+                r.status = 204;
+            }
+            r.prev_hash = prev.clone();
+            r.hash = r.compute_hash();
+            set(*seq, serde_json::to_string(&r).unwrap())
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        prev = r.hash;
+    }
+    let (code, text) = verify(vec![]).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        gw_line(&text).contains("BAD CHECKPOINT")
+            && gw_line(&text).contains("does not match its signed checkpoint"),
+        "{text}"
+    );
+    for (seq, text) in &rows {
+        set(*seq, text.clone()).execute(&mut conn).await.unwrap();
+    }
+    assert_eq!(verify(vec![]).await.0, Some(0), "restored");
+
+    // 2. The last two records deleted: a shorter, consistent chain — cut after a checkpoint.
+    sqlx::query("DELETE FROM audit_records WHERE writer LIKE 'gateway %' AND seq >= 7")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (code, text) = verify(vec![]).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        gw_line(&text)
+            .contains("tail truncated after checkpoint 8: the stored chain ends at record 6"),
+        "{text}"
+    );
+
+    // 3. Checked against a bundle that does not hold the mesh's CA: nothing signed is trusted.
+    let other = castellan_identity::CertificateAuthority::generate(
+        "demo.castellan",
+        0,
+        Duration::from_secs(3600 * 24 * 3650),
+    )
+    .unwrap();
+    let other_pem = m.dir.path().join("other-ca.pem");
+    std::fs::write(
+        &other_pem,
+        castellan_server::keys::pem_bundle(&[other.cert().clone()]),
+    )
+    .unwrap();
+    let (code, text) = verify(vec!["--bundle".to_owned(), other_pem.display().to_string()]).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("not trusted by the bundle given"), "{text}");
+}
