@@ -46,7 +46,7 @@ struct Mesh {
     admin_token: String,
     http: reqwest::Client,
     gateway: RunningProxy,
-    _orders: RunningProxy,
+    orders: RunningProxy,
     worker_cert: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
     bundle: Vec<CertificateDer<'static>>,
 }
@@ -158,7 +158,7 @@ async fn mesh() -> Mesh {
         admin_token: init.admin_token,
         http,
         gateway,
-        _orders: orders,
+        orders,
         worker_cert,
         bundle,
     }
@@ -449,7 +449,7 @@ async fn the_delegation_chain_reaches_policy_and_audit() {
     );
     // The audit record of the delegated calls names the actor.
     let t0 = Instant::now();
-    while m.gateway.audit_backlog() > 0 {
+    while m.gateway.audit_backlog() > 0 || m.orders.audit_backlog() > 0 {
         assert!(t0.elapsed() < Duration::from_secs(10));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
