@@ -99,7 +99,7 @@ fn authenticate(
     headers: &hyper::HeaderMap,
     client_cert: Option<&str>,
     did: &str,
-) -> Result<(User, String), Box<Response<Body>>> {
+) -> Result<(User, Option<Arc<crate::state::ApiKeyUser>>), Box<Response<Body>>> {
     let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
     let bearer = headers
         .get(AUTHORIZATION)
@@ -126,7 +126,7 @@ fn authenticate(
                     claims: u.claims.clone().into_iter().collect(),
                     act: Vec::new(),
                 },
-                u.key_id.clone(),
+                Some(u),
             )),
             None => Err(Box::new(unauthorized("unknown or revoked API key", did))),
         };
@@ -157,7 +157,7 @@ fn authenticate(
             )));
         }
         return match user_from_claims(&t.claims) {
-            Some(u) => Ok((u, String::new())),
+            Some(u) => Ok((u, None)),
             None => Err(Box::new(unauthorized("invalid token", did))),
         };
     }
@@ -165,7 +165,7 @@ fn authenticate(
         if let Ok(t) = v.verify(cred, now)
             && let Some(u) = user_from_claims(&t.claims)
         {
-            return Ok((u, String::new()));
+            return Ok((u, None));
         }
     }
     Err(Box::new(unauthorized("invalid token", did)))
@@ -221,11 +221,21 @@ async fn handle_inner(
     };
     p.destination = service.clone();
     p.path = target.clone();
-    let (user, api_key_id) =
+    let (user, api_key) =
         match authenticate(inner, &parts.headers, conn.cert_thumbprint.as_deref(), &did) {
             Ok(u) => u,
             Err(r) => return *r,
         };
+    // An API key scoped to services, route prefixes or a lifetime is refused elsewhere.
+    if let Some(k) = &api_key {
+        if let Some(why) = k.refusal(service, path, unix_now()) {
+            p.user = k.user.clone();
+            p.refusal = Some("key-out-of-scope");
+            return unauthorized(why, &did);
+        }
+        inner.key_used(&k.key_id);
+    }
+    let api_key_id = api_key.as_ref().map_or("", |k| k.key_id.as_str());
     let sub = user.sub.clone().unwrap_or_default();
     p.user.clone_from(&sub);
     let me = inner.identity.current().id.clone();
@@ -247,7 +257,7 @@ async fn handle_inner(
     let who = crate::ratelimit::Who {
         source: &p.source,
         user: &p.user,
-        api_key: &api_key_id,
+        api_key: api_key_id,
     };
     if let Err((limit, wait)) = inner
         .limits

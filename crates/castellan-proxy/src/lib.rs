@@ -206,6 +206,8 @@ pub(crate) struct Inner {
     stale_logged: std::sync::atomic::AtomicBool,
     breakers: Mutex<HashMap<String, Arc<breaker::Breaker>>>,
     limits: ratelimit::Limits,
+    /// API keys used since the last report (key id → Unix seconds), for `apikey list`.
+    key_uses: Mutex<HashMap<String, i64>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -373,6 +375,15 @@ impl Inner {
         let path = self.cfg.state_dir.join(SNAPSHOT_FILE);
         if let Err(e) = identity::write_private(&path, &snap.encode_to_vec()) {
             tracing::error!(error = %e, "persisting the pushed state failed");
+        }
+    }
+
+    /// Notes that an API key was used now (reported to the control plane with the next report).
+    pub(crate) fn key_used(&self, key_id: &str) {
+        if let Ok(mut m) = self.key_uses.lock()
+            && (m.len() < 100_000 || m.contains_key(key_id))
+        {
+            m.insert(key_id.to_owned(), unix_now());
         }
     }
 
@@ -577,6 +588,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         stale_logged: std::sync::atomic::AtomicBool::new(false),
         breakers: Mutex::new(HashMap::new()),
         limits: ratelimit::Limits::new(cfg.redis_url.as_deref())?,
+        key_uses: Mutex::new(HashMap::new()),
         audit,
         audit_leftover: Mutex::new(audit_leftover),
         app: Client::builder(TokioExecutor::new()).build_http(),
@@ -640,6 +652,13 @@ async fn report(inner: &Inner, client: &mut DistributionClient<tonic::transport:
         },
         revision: inner.state.revision(),
         cert_not_after: inner.identity.current().not_after,
+        api_keys_used: inner
+            .key_uses
+            .lock()
+            .map(|mut m| std::mem::take(&mut *m))
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
     };
     match client.report(r).await {
         Ok(_) => inner.synced(),

@@ -103,6 +103,9 @@ pub(crate) struct Pending {
     pub(crate) invalid: bool,
     /// Who acted on the user's behalf (the delegation chain policy saw).
     pub(crate) act: Vec<String>,
+    /// Set when the request was refused before a decision for a reason worth naming in the
+    /// audit record (e.g. `key-out-of-scope`).
+    pub(crate) refusal: Option<&'static str>,
 }
 
 /// A request hyper refused before it reached us (unparsable framing, head too large): hyper
@@ -154,6 +157,7 @@ impl Pending {
             rate_limited: None,
             invalid: false,
             act: Vec::new(),
+            refusal: None,
         }
     }
 
@@ -171,7 +175,7 @@ impl Pending {
             None => (
                 "deny",
                 String::new(),
-                "refused-before-decision",
+                self.refusal.unwrap_or("refused-before-decision"),
                 String::new(),
             ),
         };

@@ -27,6 +27,34 @@ pub struct ApiKeyUser {
     pub roles: Vec<String>,
     /// Claims.
     pub claims: serde_json::Map<String, serde_json::Value>,
+    /// Services it may be used for (empty: any).
+    pub services: Vec<String>,
+    /// Route prefixes it may be used for (empty: any).
+    pub prefixes: Vec<String>,
+    /// Expiry, Unix seconds (0: none).
+    pub expires_at: i64,
+}
+
+impl ApiKeyUser {
+    /// Why the key may not be used for `service` at normalized `path` at `now`, if it may not.
+    pub fn refusal(&self, service: &str, path: &str, now: i64) -> Option<&'static str> {
+        if self.expires_at > 0 && now >= self.expires_at {
+            return Some("API key expired");
+        }
+        if !self.services.is_empty() && !self.services.iter().any(|s| s == service) {
+            return Some("API key not valid for this service");
+        }
+        let under = |p: &String| {
+            path == p
+                || path
+                    .strip_prefix(p.as_str())
+                    .is_some_and(|rest| p.ends_with('/') || rest.starts_with('/'))
+        };
+        if !self.prefixes.is_empty() && !self.prefixes.iter().any(under) {
+            return Some("API key not valid for this path");
+        }
+        None
+    }
 }
 
 /// Castellan tokens that must be refused though their signature is good.
@@ -313,6 +341,9 @@ impl State {
                             user: k.user,
                             roles: k.roles,
                             claims,
+                            services: k.services,
+                            prefixes: k.prefixes,
+                            expires_at: k.expires_at,
                         }),
                     )
                 })

@@ -931,6 +931,15 @@ struct NewApiKey {
     roles: Vec<String>,
     #[serde(default)]
     claims: std::collections::BTreeMap<String, String>,
+    /// Services it may be used for (empty: any).
+    #[serde(default)]
+    services: Vec<String>,
+    /// Route prefixes it may be used for (empty: any).
+    #[serde(default)]
+    prefixes: Vec<String>,
+    /// Lifetime in seconds (none: until revoked).
+    #[serde(default)]
+    ttl_secs: Option<i64>,
 }
 
 async fn add_api_key(
@@ -948,6 +957,26 @@ async fn add_api_key(
             "user, roles and claims must be 1-128 printable characters",
         ));
     }
+    if let Some(bad) = b.services.iter().find(|x| !is_name(x)) {
+        return Err(Problem::bad_request(format!(
+            "{bad:?} is not a service name"
+        )));
+    }
+    if let Some(bad) = b
+        .prefixes
+        .iter()
+        .find(|p| !p.starts_with('/') || p.contains(char::is_whitespace) || p.len() > 256)
+    {
+        return Err(Problem::bad_request(format!(
+            "route prefix {bad:?} must start with '/' and hold no spaces"
+        )));
+    }
+    let now = unix_now();
+    let expires_at = match b.ttl_secs {
+        None => None,
+        Some(t) if t > 0 => Some(now.saturating_add(t)),
+        Some(_) => return Err(Problem::bad_request("ttl_secs must be positive")),
+    };
     let key_id = random_id(9)?;
     let key = format!("{API_KEY_PREFIX}{key_id}.{}", random_id(32)?);
     s.store
@@ -959,24 +988,40 @@ async fn add_api_key(
                 roles: serde_json::to_string(&b.roles).map_err(Problem::internal)?,
                 claims: serde_json::to_string(&b.claims).map_err(Problem::internal)?,
                 revoked_at: None,
+                services: b.services.join(" "),
+                prefixes: b.prefixes.join(" "),
+                expires_at,
             },
-            unix_now(),
+            now,
         )
         .await?;
     s.changed().await;
     tracing::info!(admin = %c.name, %key_id, user = %b.user, "API key created");
-    Ok((StatusCode::CREATED, Json(json!({"key_id": key_id, "user": b.user, "roles": b.roles, "claims": b.claims, "api_key": key}))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({"key_id": key_id, "user": b.user, "roles": b.roles, "claims": b.claims,
+        "services": b.services, "prefixes": b.prefixes, "expires_at": expires_at, "api_key": key}),
+        ),
+    )
+        .into_response())
 }
 
 async fn list_api_keys(_c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value>, Problem> {
+    let used: std::collections::HashMap<String, Option<i64>> =
+        s.store.api_keys_last_used().await?.into_iter().collect();
     Ok(Json(Value::Array(
         s.store
-            .active_api_keys()
+            .active_api_keys(unix_now())
             .await?
             .iter()
             .map(|k| json!({"key_id": k.key_id, "user": k.username,
                             "roles": serde_json::from_str::<Value>(&k.roles).unwrap_or(Value::Null),
-                            "claims": serde_json::from_str::<Value>(&k.claims).unwrap_or(Value::Null)}))
+                            "claims": serde_json::from_str::<Value>(&k.claims).unwrap_or(Value::Null),
+                            "services": k.services.split_whitespace().collect::<Vec<_>>(),
+                            "prefixes": k.prefixes.split_whitespace().collect::<Vec<_>>(),
+                            "expires_at": k.expires_at,
+                            "last_used_at": used.get(&k.key_id).copied().flatten()}))
             .collect(),
     )))
 }

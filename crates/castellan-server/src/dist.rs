@@ -108,7 +108,7 @@ pub(crate) async fn load(s: &Server) -> Result<Snapshot, StoreError> {
     Ok(Snapshot {
         loaded: true,
         revocations: s.store.revocations_since(0).await?,
-        api_keys: s.store.active_api_keys().await?,
+        api_keys: s.store.active_api_keys(now).await?,
         endpoints,
         bundle: s.bundle(),
         specs: s.store.service_specs().await?,
@@ -203,6 +203,9 @@ fn api_keys(keys: &[ApiKeyRow]) -> ApiKeys {
                     .unwrap_or_default()
                     .into_iter()
                     .collect(),
+                services: k.services.split_whitespace().map(str::to_owned).collect(),
+                prefixes: k.prefixes.split_whitespace().map(str::to_owned).collect(),
+                expires_at: k.expires_at.unwrap_or(0),
             })
             .collect(),
     }
@@ -517,7 +520,7 @@ impl Distribution for DistributionService {
             .store
             .report_proxy(&ProxyRow {
                 proxy_id: r.proxy_id,
-                service,
+                service: service.clone(),
                 mode: r.mode.clone(),
                 address: r.address,
                 revision: r.revision,
@@ -526,6 +529,23 @@ impl Distribution for DistributionService {
             })
             .await
             .map_err(internal)?;
+        // Only proxies registered to hold API keys can have seen them used.
+        let edge = self
+            .s
+            .hub
+            .current()
+            .services
+            .iter()
+            .any(|x| x.name == service && matches!(x.kind.as_str(), "gateway" | "decision"));
+        if edge && !r.api_keys_used.is_empty() {
+            let uses: Vec<(String, i64)> = r
+                .api_keys_used
+                .iter()
+                .take(10_000)
+                .map(|(k, t)| (k.clone(), (*t).min(now)))
+                .collect();
+            self.s.store.api_keys_used(&uses).await.map_err(internal)?;
+        }
         if r.mode == "sidecar" && endpoint_new {
             self.s.changed().await;
         }

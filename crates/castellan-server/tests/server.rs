@@ -1787,6 +1787,7 @@ async fn distribution_suite(h: &Harness, watch_url: &str) {
             address: "127.0.0.1:9999".to_owned(),
             revision: r2,
             cert_not_after: 1,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -2212,6 +2213,7 @@ async fn audit_and_reports_are_bound_to_the_callers_identity_and_verified_on_ing
         address: address.to_owned(),
         revision: 0,
         cert_not_after: 0,
+        ..Default::default()
     };
     let (mut da, mut db) = (DistributionClient::new(a_ch), DistributionClient::new(b_ch));
     da.report(report("orders-1", "127.0.0.1:2222"))

@@ -252,6 +252,12 @@ pub struct ApiKeyRow {
     pub claims: String,
     /// Revocation time, if revoked.
     pub revoked_at: Option<i64>,
+    /// Services it may be used for, space-separated (empty: any).
+    pub services: String,
+    /// Route prefixes it may be used for, space-separated (empty: any).
+    pub prefixes: String,
+    /// Expiry (Unix seconds), if any.
+    pub expires_at: Option<i64>,
 }
 
 /// A proxy's last report.
@@ -275,8 +281,18 @@ pub struct ProxyRow {
 
 /// `(rev, author, created_at, content_hash, files, comment)`.
 type RevisionTuple = (i64, String, i64, String, String, String);
-/// `(key_id, key_hash, username, roles, claims, revoked_at)`.
-type ApiKeyTuple = (String, Vec<u8>, String, String, String, Option<i64>);
+/// `(key_id, key_hash, username, roles, claims, revoked_at, services, prefixes, expires_at)`.
+type ApiKeyTuple = (
+    String,
+    Vec<u8>,
+    String,
+    String,
+    String,
+    Option<i64>,
+    String,
+    String,
+    Option<i64>,
+);
 /// `(proxy_id, service, mode, address, revision, cert_not_after, last_contact)`.
 type ProxyTuple = (String, String, String, String, i64, i64, i64);
 
@@ -898,8 +914,8 @@ impl Store {
 
     /// Stores an API key's hash and identity.
     pub async fn add_api_key(&self, k: &ApiKeyRow, now: i64) -> Result<(), StoreError> {
-        let sql = "INSERT INTO api_keys (key_id, key_hash, username, roles, claims, created_at) VALUES ($1, $2, $3, $4, $5, $6)";
-        on_pool!(self, p => sqlx::query(sql).bind(&k.key_id).bind(&k.key_hash).bind(&k.username).bind(&k.roles).bind(&k.claims).bind(now).execute(p).await.map(|r| r.rows_affected()))
+        let sql = "INSERT INTO api_keys (key_id, key_hash, username, roles, claims, created_at, services, prefixes, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+        on_pool!(self, p => sqlx::query(sql).bind(&k.key_id).bind(&k.key_hash).bind(&k.username).bind(&k.roles).bind(&k.claims).bind(now).bind(&k.services).bind(&k.prefixes).bind(k.expires_at).execute(p).await.map(|r| r.rows_affected()))
             .map_err(|e| conflict_or(e, || format!("API key {:?}", k.key_id)))?;
         Ok(())
     }
@@ -915,23 +931,55 @@ impl Store {
         }
     }
 
-    /// Every API key that is not revoked.
-    pub async fn active_api_keys(&self) -> Result<Vec<ApiKeyRow>, StoreError> {
-        let sql = "SELECT key_id, key_hash, username, roles, claims, revoked_at FROM api_keys WHERE revoked_at IS NULL ORDER BY key_id";
-        let rows: Vec<ApiKeyTuple> = on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
+    /// Every API key that is neither revoked nor expired at `now`.
+    pub async fn active_api_keys(&self, now: i64) -> Result<Vec<ApiKeyRow>, StoreError> {
+        let sql = "SELECT key_id, key_hash, username, roles, claims, revoked_at, services, prefixes, expires_at FROM api_keys \
+                   WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $1) ORDER BY key_id";
+        let rows: Vec<ApiKeyTuple> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(now).fetch_all(p).await)?;
         Ok(rows
             .into_iter()
             .map(
-                |(key_id, key_hash, username, roles, claims, revoked_at)| ApiKeyRow {
+                |(
                     key_id,
                     key_hash,
                     username,
                     roles,
                     claims,
                     revoked_at,
+                    services,
+                    prefixes,
+                    expires_at,
+                )| ApiKeyRow {
+                    key_id,
+                    key_hash,
+                    username,
+                    roles,
+                    claims,
+                    revoked_at,
+                    services,
+                    prefixes,
+                    expires_at,
                 },
             )
             .collect())
+    }
+
+    /// Records that gateways saw API keys used (key id → Unix seconds); keeps the latest.
+    pub async fn api_keys_used(&self, uses: &[(String, i64)]) -> Result<(), StoreError> {
+        let sql = "UPDATE api_keys SET last_used_at = $1 WHERE key_id = $2 AND (last_used_at IS NULL OR last_used_at < $1)";
+        for (id, at) in uses {
+            on_pool!(self, p => sqlx::query(sql).bind(*at).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
+        }
+        Ok(())
+    }
+
+    /// When each API key was last used, as gateways reported it.
+    pub async fn api_keys_last_used(&self) -> Result<Vec<(String, Option<i64>)>, StoreError> {
+        let sql = "SELECT key_id, last_used_at FROM api_keys ORDER BY key_id";
+        let rows: Vec<(String, Option<i64>)> =
+            on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        Ok(rows)
     }
 
     // ---- proxies --------------------------------------------------------------------------

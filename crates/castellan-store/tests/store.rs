@@ -354,10 +354,13 @@ async fn distribution_suite(store: Store) {
         roles: "[\"customer\"]".to_owned(),
         claims: "{\"customer_id\":\"42\"}".to_owned(),
         revoked_at: None,
+        services: "orders".to_owned(),
+        prefixes: "/orders".to_owned(),
+        expires_at: Some(NOW + 3600),
     };
     store.add_api_key(&k, NOW).await.unwrap();
     assert_eq!(
-        store.active_api_keys().await.unwrap(),
+        store.active_api_keys(NOW).await.unwrap(),
         std::slice::from_ref(&k)
     );
     assert!(matches!(
@@ -365,7 +368,7 @@ async fn distribution_suite(store: Store) {
         Err(StoreError::Conflict(_))
     ));
     store.revoke_api_key("k1", NOW).await.unwrap();
-    assert!(store.active_api_keys().await.unwrap().is_empty());
+    assert!(store.active_api_keys(NOW).await.unwrap().is_empty());
 
     let mut p = ProxyRow {
         proxy_id: "orders-1".to_owned(),

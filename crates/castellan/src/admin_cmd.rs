@@ -736,14 +736,37 @@ pub enum ApiKeyCommand {
         /// Extra claims, NAME=VALUE (repeatable).
         #[arg(long = "claim")]
         claims: Vec<String>,
+        /// A service it may be used for (repeatable; none: any).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// A route prefix it may be used for (repeatable; none: any), e.g. /orders.
+        #[arg(long = "prefix")]
+        prefixes: Vec<String>,
+        /// Lifetime: seconds, or with a unit (90s, 30m, 12h, 7d); none: until revoked.
+        #[arg(long)]
+        expires_in: Option<String>,
     },
     /// Revoke an API key by id.
     Revoke {
         /// Key id.
         key_id: String,
     },
-    /// List active API keys (ids, users, roles; never the keys).
+    /// List active API keys (ids, users, roles, scope, expiry, last use; never the keys).
     List,
+}
+
+/// `3600`, `90s`, `30m`, `12h`, `7d` → seconds.
+fn parse_duration_secs(s: &str) -> Option<i64> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = n.parse().ok().filter(|n| *n > 0)?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 /// Runs `apikey …`.
@@ -753,7 +776,18 @@ pub fn apikey(cmd: ApiKeyCommand, conn: &Connection, json_out: bool) -> ExitCode
             user,
             roles,
             claims,
+            services,
+            prefixes,
+            expires_in,
         } => {
+            let ttl = match expires_in.as_deref().map(parse_duration_secs) {
+                None => None,
+                Some(Some(t)) => Some(t),
+                Some(None) => {
+                    eprintln!("error: --expires-in expects e.g. 3600, 90s, 30m, 12h or 7d");
+                    return ExitCode::from(2);
+                }
+            };
             let mut map = serde_json::Map::new();
             for c in &claims {
                 let Some((k, v)) = c.split_once('=') else {
@@ -762,7 +796,8 @@ pub fn apikey(cmd: ApiKeyCommand, conn: &Connection, json_out: bool) -> ExitCode
                 };
                 map.insert(k.to_owned(), Value::String(v.to_owned()));
             }
-            let body = json!({"user": user, "roles": roles, "claims": map});
+            let body = json!({"user": user, "roles": roles, "claims": map,
+                              "services": services, "prefixes": prefixes, "ttl_secs": ttl});
             finish(
                 conn,
                 call(Method::POST, "/v1/apikeys", Some(body)),
@@ -787,7 +822,21 @@ pub fn apikey(cmd: ApiKeyCommand, conn: &Connection, json_out: bool) -> ExitCode
             conn,
             call(Method::GET, "/v1/apikeys", None),
             json_out,
-            |v| table(v, &["key_id", "user", "roles", "claims"]),
+            |v| {
+                table(
+                    v,
+                    &[
+                        "key_id",
+                        "user",
+                        "roles",
+                        "claims",
+                        "services",
+                        "prefixes",
+                        "expires_at",
+                        "last_used_at",
+                    ],
+                )
+            },
         ),
     }
 }
