@@ -93,13 +93,17 @@ fn route_matches(prefix: &str, path: &str) -> bool {
             .is_some_and(|rest| prefix.ends_with('/') || rest.starts_with('/'))
 }
 
+/// The end user, and the API key that authenticated them (if one did: its scope is checked
+/// once the route is known).
+type Authenticated = (User, Option<Arc<crate::state::ApiKeyUser>>);
+
 /// Who the request's credentials say the user is; `Err` is the 401 to send.
 fn authenticate(
     inner: &Inner,
     headers: &hyper::HeaderMap,
     client_cert: Option<&str>,
     did: &str,
-) -> Result<(User, Option<Arc<crate::state::ApiKeyUser>>), Box<Response<Body>>> {
+) -> Result<Authenticated, Box<Response<Body>>> {
     let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
     let bearer = headers
         .get(AUTHORIZATION)
