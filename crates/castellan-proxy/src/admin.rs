@@ -76,26 +76,28 @@ fn route(inner: &Inner, req: &Request<Incoming>) -> Response<Body> {
     }
 }
 
-pub(crate) async fn serve(
-    inner: Arc<Inner>,
-    listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
-) {
+pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener, stop: watch::Receiver<bool>) {
     let _ = metrics_handle();
-    loop {
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
-            _ = stop.changed() => return,
-        };
+    let proxy = inner.cfg.proxy_id.clone();
+    crate::listener::accept_loop("admin", proxy, listener, stop, move |tcp, _| {
         let inner = inner.clone();
-        tokio::spawn(async move {
+        async move {
             let svc = service_fn(move |req| {
                 let r = route(&inner, &req);
                 async move { Ok::<_, Infallible>(r) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let _ = crate::sidecar::http1_builder()
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
-        });
+        }
+    })
+    .await;
+}
+
+/// Drains metric histograms (samples wait in the recorder until drained, so an unscraped
+/// process would grow) every few seconds.
+pub(crate) fn upkeep() {
+    if let Some(h) = metrics_handle() {
+        h.run_upkeep();
     }
 }

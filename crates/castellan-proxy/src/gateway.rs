@@ -341,11 +341,7 @@ async fn handle_inner(
 }
 
 /// Serves the edge TLS listener.
-pub(crate) async fn serve(
-    inner: Arc<Inner>,
-    listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
-) {
+pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener, stop: watch::Receiver<bool>) {
     let cfg = match rustls::ServerConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
     {
@@ -362,14 +358,10 @@ pub(crate) async fn serve(
         }
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
-            _ = stop.changed() => return,
-        };
-        let _ = tcp.set_nodelay(true);
+    let proxy = inner.cfg.proxy_id.clone();
+    crate::listener::accept_loop("edge", proxy, listener, stop, move |tcp, peer| {
         let (inner, acceptor) = (inner.clone(), acceptor.clone());
-        tokio::spawn(async move {
+        async move {
             let Ok(Ok(tls)) =
                 tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
             else {
@@ -396,8 +388,9 @@ pub(crate) async fn serve(
                 let me = audit_inner.identity.current().id.as_str().to_owned();
                 crate::sidecar::record_unparsed(&audit_inner, &me, "", &e);
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn get_json(

@@ -252,17 +252,23 @@ pub enum BodyError {
     TooLarge,
     /// Malformed (bad chunk size, early end…).
     Malformed,
+    /// Not all there within [`BODY_TIMEOUT`].
+    TimedOut,
 }
 
 /// Reads the whole body, at most `limit` bytes. Bodies are read before anything is forwarded,
 /// so a malformed one never reaches the upstream.
 pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
-        Err(_) => Err(BodyError::Malformed),
+    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(BodyError::TimedOut),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
+        Ok(Err(_)) => Err(BodyError::Malformed),
     }
 }
+
+/// A request body must arrive within this (slow-body clients cannot hold a connection).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The response for a body error.
 pub fn body_error(e: BodyError, decision_id: &str) -> Response<Body> {
@@ -275,6 +281,11 @@ pub fn body_error(e: BodyError, decision_id: &str) -> Response<Body> {
         BodyError::Malformed => problem(
             StatusCode::BAD_REQUEST,
             "malformed request body",
+            decision_id,
+        ),
+        BodyError::TimedOut => problem(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time",
             decision_id,
         ),
     }

@@ -8,6 +8,7 @@
 mod admin;
 mod audit;
 mod breaker;
+mod listener;
 pub mod ratelimit;
 pub use admin::use_metrics_handle;
 mod framing;
@@ -106,8 +107,12 @@ pub struct ProxyConfig {
     pub admin_listen: SocketAddr,
     /// Sidecar: the local app.
     pub app: Option<SocketAddr>,
-    /// Sidecar: outbound listeners, service → local address.
+    /// Sidecar: outbound listeners, service → local address (loopback only, unless
+    /// `dangerous_outbound_non_loopback`: anyone who can reach such a listener sends requests
+    /// with this workload's identity).
     pub upstreams: Vec<(String, SocketAddr)>,
+    /// Allows outbound listeners on non-loopback addresses.
+    pub dangerous_outbound_non_loopback: bool,
     /// Gateway: path prefix → service.
     pub routes: Vec<(String, String)>,
     /// Gateway: external OIDC issuers.
@@ -160,6 +165,7 @@ impl ProxyConfig {
             max_body_bytes: 1024 * 1024,
             service_name: None,
             audit_spool_bytes: 256 * 1024 * 1024,
+            dangerous_outbound_non_loopback: false,
             checkpoint_records: 1000,
             checkpoint_interval: Duration::from_secs(10),
             max_staleness_secs: 24 * 3600,
@@ -249,7 +255,24 @@ where
         match tokio::time::timeout(inner.cfg.upstream_timeout, client.request(req)).await {
             Ok(Ok(resp)) => {
                 breaker.success();
-                return http::relay(resp, inner.cfg.max_body_bytes, did).await;
+                // The response body is bounded in time too: a slow upstream body cannot hold
+                // the request forever.
+                return match tokio::time::timeout(
+                    inner.cfg.upstream_timeout,
+                    http::relay(resp, inner.cfg.max_body_bytes, did),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(upstream = key, "upstream response body timed out");
+                        http::problem(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream response timed out",
+                            did,
+                        )
+                    }
+                };
             }
             Ok(Err(e)) => {
                 tracing::warn!(upstream = key, attempt, error = %e, "upstream request failed")
@@ -554,6 +577,11 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     let admin = TcpListener::bind(cfg.admin_listen).await?;
     let mut outbound = Vec::new();
     for (svc, addr) in &cfg.upstreams {
+        if !addr.ip().is_loopback() && !cfg.dangerous_outbound_non_loopback {
+            return Err(ProxyError::Config(format!(
+                "outbound listener for {svc} on {addr}: not a loopback address (whoever reaches it calls with this workload's identity; --dangerous-outbound-non-loopback to allow)"
+            )));
+        }
         let l = TcpListener::bind(addr).await?;
         outbound.push((svc.clone(), l.local_addr()?, l));
     }
@@ -610,6 +638,21 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         stop,
         inner: inner.clone(),
     };
+    // Upkeep off the request path: drain metric histograms, forget refilled rate-limit keys.
+    {
+        let (inner, mut stop) = (inner.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                        admin::upkeep();
+                        inner.limits.prune();
+                    }
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+    }
     tokio::spawn(watch_loop(inner.clone(), stop_rx.clone()));
     tokio::spawn(renew_loop(inner.clone(), stop_rx.clone()));
     tokio::spawn(audit::ship_loop(inner.clone(), stop_rx.clone()));

@@ -87,6 +87,19 @@ impl Limits {
         })
     }
 
+    /// Forgets keys whose allowance has fully refilled (their state says nothing any more), so
+    /// the maps do not grow with every source, user or key ever seen.
+    pub(crate) fn prune(&self) {
+        let compiled = match self.current.lock() {
+            Ok(c) => c.1.clone(),
+            Err(_) => return,
+        };
+        for (_, limiter) in compiled.iter() {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+
     fn compiled(&self, inner: &Inner) -> Arc<Compiled> {
         let rev = inner.state.revision();
         let Ok(mut cur) = self.current.lock() else {

@@ -437,7 +437,7 @@ impl crate::ProxyConfig {
 pub(crate) async fn serve_inbound(
     inner: Arc<Inner>,
     listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let verifier = Arc::new(crate::tls::SvidClientVerifier {
         state: inner.state.clone(),
@@ -462,14 +462,10 @@ pub(crate) async fn serve_inbound(
         }
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
-            _ = stop.changed() => return,
-        };
-        let _ = tcp.set_nodelay(true);
+    let proxy = inner.cfg.proxy_id.clone();
+    crate::listener::accept_loop("inbound", proxy, listener, stop, move |tcp, peer| {
         let (inner, acceptor) = (inner.clone(), acceptor.clone());
-        tokio::spawn(async move {
+        async move {
             let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
                 .await
             {
@@ -535,8 +531,9 @@ pub(crate) async fn serve_inbound(
                     &e,
                 );
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// The authenticated peer of one inbound connection, re-checked whenever the bundle or the
@@ -635,18 +632,14 @@ pub(crate) async fn serve_outbound(
     inner: Arc<Inner>,
     service: String,
     listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let service: Arc<str> = Arc::from(service);
     let next = Arc::new(AtomicUsize::new(0));
-    loop {
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
-            _ = stop.changed() => return,
-        };
-        let _ = tcp.set_nodelay(true);
+    let proxy = inner.cfg.proxy_id.clone();
+    crate::listener::accept_loop("outbound", proxy, listener, stop, move |tcp, _| {
         let (inner, service, next) = (inner.clone(), service.clone(), next.clone());
-        tokio::spawn(async move {
+        async move {
             let svc = service_fn(move |req| {
                 let (inner, service, next) = (inner.clone(), service.clone(), next.clone());
                 async move { Ok::<_, Infallible>(outbound(inner, service, next, req).await) }
@@ -654,6 +647,7 @@ pub(crate) async fn serve_outbound(
             let _ = http1_builder()
                 .serve_connection(TokioIo::new(crate::framing::FramingGuard::new(tcp)), svc)
                 .await;
-        });
-    }
+        }
+    })
+    .await;
 }

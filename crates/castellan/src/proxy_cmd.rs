@@ -45,9 +45,13 @@ pub struct RunArgs {
     /// Sidecar: the local app.
     #[arg(long, env = "CASTELLAN_PROXY_APP")]
     app: Option<SocketAddr>,
-    /// Sidecar: an outbound listener, SERVICE=ADDR (repeatable).
+    /// Sidecar: an outbound listener, SERVICE=ADDR (repeatable; loopback addresses only).
     #[arg(long = "upstream")]
     upstreams: Vec<String>,
+    /// Allow outbound listeners on non-loopback addresses (whoever reaches them calls with
+    /// this workload's identity).
+    #[arg(long)]
+    dangerous_outbound_non_loopback: bool,
     /// Gateway: a route, PREFIX=SERVICE (repeatable).
     #[arg(long = "route")]
     routes: Vec<String>,
@@ -85,6 +89,7 @@ fn config(a: RunArgs) -> Result<ProxyConfig, String> {
     c.max_staleness_secs = a.max_staleness_secs;
     c.redis_url = a.redis_url;
     c.audit_spool_bytes = a.audit_spool_mib.saturating_mul(1024 * 1024);
+    c.dangerous_outbound_non_loopback = a.dangerous_outbound_non_loopback;
     for u in &a.upstreams {
         let (svc, addr) =
             pair(u).ok_or_else(|| format!("--upstream {u:?}: expected SERVICE=ADDR"))?;

@@ -595,3 +595,29 @@ async fn scoped_api_keys_are_refused_out_of_scope_and_their_use_is_listed() {
     assert_eq!(listed["prefixes"], json!(["/orders/42"]));
     assert!(listed["expires_at"].is_null());
 }
+
+/// A sidecar's outbound listeners call with its identity: they may listen on loopback only,
+/// unless explicitly allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_listeners_are_loopback_only() {
+    let m = mesh().await;
+    let v = post(
+        &m.http,
+        &m.url("/v1/services/orders/join-token"),
+        &m.admin_token,
+        json!({}),
+    )
+    .await;
+    let mut c = ProxyConfig::new(
+        Mode::Sidecar,
+        "orders-wide",
+        &m.server.url,
+        m._dir.path().join("cp/bundle.pem"),
+        m._dir.path().join("wide"),
+    );
+    c.join_token = v["join_token"].as_str().map(str::to_owned);
+    c.app = Some("127.0.0.1:9".parse().unwrap());
+    c.upstreams = vec![("payments".to_owned(), "0.0.0.0:0".parse().unwrap())];
+    let e = castellan_proxy::start(c).await.unwrap_err().to_string();
+    assert!(e.contains("not a loopback address"), "{e}");
+}
