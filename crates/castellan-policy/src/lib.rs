@@ -38,6 +38,9 @@ pub mod yaml;
 pub use engine::{Engine, PolicySet, SetOptions};
 pub use load::{LoadError, is_test_file, yaml_files};
 pub use model::{Effect, Mode, RateKey, RateLimit, RuleId};
-pub use normalize::{Malformed, normalize_host, normalize_path, normalize_target, validate_method};
+pub use normalize::{
+    Malformed, normalize_host, normalize_path, normalize_target, percent_decode_lossy,
+    validate_method,
+};
 pub use parse::Diagnostic;
 pub use request::{Decision, Destination, HttpRequest, Reason, Request, Source, User};

@@ -263,6 +263,12 @@ fn decodes_to_utf8(s: &str) -> bool {
     std::str::from_utf8(&percent_decode(s)).is_ok()
 }
 
+/// `s` percent-decoded as text (invalid UTF-8 replaced): for comparing names, never for
+/// deciding on paths (that is [`normalize_target`]'s job).
+pub fn percent_decode_lossy(s: &str) -> String {
+    String::from_utf8_lossy(&percent_decode(s)).into_owned()
+}
+
 /// Decodes every `%XX`; a `%` without two hex digits stays as it is.
 pub(crate) fn percent_decode(s: &str) -> Vec<u8> {
     let bytes = s.as_bytes();

@@ -15,6 +15,50 @@ use tokio::sync::watch;
 /// Records per shipped batch.
 const BATCH: usize = 2000;
 
+/// Query parameters whose values never reach an audit record, unless configured otherwise.
+pub const DEFAULT_REDACTED: &[&str] = &[
+    "token",
+    "access_token",
+    "id_token",
+    "refresh_token",
+    "api_key",
+    "apikey",
+    "key",
+    "password",
+    "passwd",
+    "secret",
+    "client_secret",
+    "code",
+    "signature",
+    "sig",
+];
+
+/// `target` with the values of query parameters named in `names` (compared case-insensitively,
+/// after percent-decoding the name) replaced by `REDACTED`. A target without a query is
+/// returned as it is.
+pub(crate) fn redact_target(target: &str, names: &[String]) -> String {
+    let Some((path, query)) = target.split_once('?') else {
+        return target.to_owned();
+    };
+    let mut out = String::with_capacity(target.len());
+    out.push_str(path);
+    out.push('?');
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decoded = castellan_policy::percent_decode_lossy(name).to_ascii_lowercase();
+        if names.iter().any(|n| n.eq_ignore_ascii_case(&decoded)) && !value.is_empty() {
+            out.push_str(name);
+            out.push_str("=REDACTED");
+        } else {
+            out.push_str(pair);
+        }
+    }
+    out
+}
+
 /// Appends one record to the spool.
 pub(crate) fn write(inner: &Inner, e: Entry) {
     match inner.audit.append(e) {
@@ -291,5 +335,21 @@ pub(crate) async fn ship_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_in_the_query_are_masked_in_any_spelling() {
+        let names: Vec<String> = DEFAULT_REDACTED.iter().map(|s| (*s).to_owned()).collect();
+        assert_eq!(
+            redact_target("/a?x=1&access_token=abc&Password=p%20w&%74oken=t&y", &names),
+            "/a?x=1&access_token=REDACTED&Password=REDACTED&%74oken=REDACTED&y"
+        );
+        assert_eq!(redact_target("/a/token=b", &names), "/a/token=b");
+        assert_eq!(redact_target("/a?tokens=1", &names), "/a?tokens=1");
     }
 }

@@ -6,7 +6,7 @@
 //! out.
 
 mod admin;
-mod audit;
+pub mod audit;
 mod breaker;
 mod listener;
 pub mod ratelimit;
@@ -113,6 +113,9 @@ pub struct ProxyConfig {
     pub upstreams: Vec<(String, SocketAddr)>,
     /// Allows outbound listeners on non-loopback addresses.
     pub dangerous_outbound_non_loopback: bool,
+    /// Query parameters whose values are masked in audit records (default:
+    /// [`audit::DEFAULT_REDACTED`]).
+    pub redact_query: Vec<String>,
     /// Gateway: path prefix → service.
     pub routes: Vec<(String, String)>,
     /// Gateway: external OIDC issuers.
@@ -166,6 +169,10 @@ impl ProxyConfig {
             service_name: None,
             audit_spool_bytes: 256 * 1024 * 1024,
             dangerous_outbound_non_loopback: false,
+            redact_query: audit::DEFAULT_REDACTED
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
             checkpoint_records: 1000,
             checkpoint_interval: Duration::from_secs(10),
             max_staleness_secs: 24 * 3600,

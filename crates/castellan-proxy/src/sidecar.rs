@@ -202,7 +202,8 @@ impl Pending {
             user: self.user,
             destination: self.destination,
             method: self.method,
-            path: self.path,
+            // Secrets in the query (token=, password=, …) never reach the record.
+            path: crate::audit::redact_target(&self.path, &inner.cfg.redact_query),
             decision: decision.to_owned(),
             rule,
             reason: reason.to_owned(),

@@ -52,6 +52,10 @@ pub struct RunArgs {
     /// this workload's identity).
     #[arg(long)]
     dangerous_outbound_non_loopback: bool,
+    /// Another query parameter whose value audit records mask (repeatable; token, access_token,
+    /// api_key, password, secret and the like always are).
+    #[arg(long = "redact")]
+    redact: Vec<String>,
     /// Gateway: a route, PREFIX=SERVICE (repeatable).
     #[arg(long = "route")]
     routes: Vec<String>,
@@ -90,6 +94,8 @@ fn config(a: RunArgs) -> Result<ProxyConfig, String> {
     c.redis_url = a.redis_url;
     c.audit_spool_bytes = a.audit_spool_mib.saturating_mul(1024 * 1024);
     c.dangerous_outbound_non_loopback = a.dangerous_outbound_non_loopback;
+    c.redact_query
+        .extend(a.redact.iter().map(|r| r.to_ascii_lowercase()));
     for u in &a.upstreams {
         let (svc, addr) =
             pair(u).ok_or_else(|| format!("--upstream {u:?}: expected SERVICE=ADDR"))?;
