@@ -21,6 +21,9 @@ pub enum Kind {
     Decision,
     /// Records the writer could not keep (its spool was full): `lost` says how many.
     Gap,
+    /// A control-plane admin action (format 2): `user` is the admin, `method` the action,
+    /// `path` its object.
+    Admin,
 }
 
 /// The record format this crate writes.

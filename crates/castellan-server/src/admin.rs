@@ -366,6 +366,13 @@ async fn update_service(
         .await?;
     s.changed().await;
     tracing::info!(admin = %c.name, service = %name, %kind, "service registration changed");
+    s.record_admin(
+        &c.name,
+        "service.update",
+        &format!("service {name} as {kind}"),
+        200,
+    )
+    .await?;
     Ok(Json(json!({"name": name, "kind": kind,
         "routes": routes.split_whitespace().collect::<Vec<_>>(),
         "upstreams": upstreams.split_whitespace().collect::<Vec<_>>()})))
@@ -427,6 +434,8 @@ async fn add_service(
     s.changed().await;
     let (token, expires_at) = issue_join_token(&s, &b.name, now).await?;
     tracing::info!(admin = %c.name, service = %b.name, "service added; join token issued");
+    s.record_admin(&c.name, "service.add", &format!("service {}", b.name), 201)
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"name": b.name, "spiffe_id": id.as_str(), "join_token": token, "expires_at": expires_at})),
@@ -450,6 +459,13 @@ async fn new_join_token(
     }
     let (token, expires_at) = issue_join_token(&s, &name, unix_now()).await?;
     tracing::info!(admin = %c.name, service = %name, "join token issued");
+    s.record_admin(
+        &c.name,
+        "service.join-token",
+        &format!("service {name}"),
+        201,
+    )
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"name": name, "join_token": token, "expires_at": expires_at})),
@@ -468,6 +484,8 @@ async fn disable_service(
     s.store.disable_service(&name, now).await?;
     s.changed().await;
     tracing::info!(admin = %c.name, service = %name, "service disabled");
+    s.record_admin(&c.name, "service.disable", &format!("service {name}"), 200)
+        .await?;
     Ok(Json(json!({"name": name, "disabled_at": now})))
 }
 
@@ -509,6 +527,13 @@ async fn revoke_certificate(
     s.store.revoke_certificate(&bytes, now).await?;
     s.changed().await;
     tracing::info!(admin = %c.name, serial = %hex(&bytes), "certificate revoked");
+    s.record_admin(
+        &c.name,
+        "certificate.revoke",
+        &format!("certificate {}", hex(&bytes)),
+        200,
+    )
+    .await?;
     Ok(Json(json!({"serial": hex(&bytes), "revoked_at": now})))
 }
 
@@ -554,6 +579,8 @@ async fn rotate_ca(c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value
     s.changed().await;
     let ks = s.keys.load();
     tracing::info!(admin = %c.name, ca = %id, bundle = ks.bundle.len(), "CA rotated");
+    s.record_admin(&c.name, "ca.rotate", &format!("ca {id}"), 201)
+        .await?;
     Ok(Json(
         json!({"id": id, "not_after": ks.active_ca.not_after, "bundle_size": ks.bundle.len()}),
     ))
@@ -639,6 +666,13 @@ async fn add_client(
     };
     s.store.create_client(&row, unix_now()).await?;
     tracing::info!(admin = %c.name, client = %row.client_id, "OAuth2 client added");
+    s.record_admin(
+        &c.name,
+        "client.add",
+        &format!("client {}", row.client_id),
+        201,
+    )
+    .await?;
     let mut out = client_json(&row);
     if let (Some(secret), Some(o)) = (secret, out.as_object_mut()) {
         o.insert("client_secret".to_owned(), Value::String(secret));
@@ -657,6 +691,8 @@ async fn disable_client(
     s.forget_client(&id);
     s.changed().await;
     tracing::info!(admin = %c.name, client = %id, "OAuth2 client disabled");
+    s.record_admin(&c.name, "client.disable", &format!("client {id}"), 200)
+        .await?;
     Ok(Json(json!({"client_id": id, "disabled_at": now})))
 }
 
@@ -677,6 +713,8 @@ async fn rotate_keys(c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Val
     s.store.retire_signing_keys_except(&kid, now).await?;
     s.reload().await?;
     tracing::info!(admin = %c.name, %kid, "token signing key rotated");
+    s.record_admin(&c.name, "keys.rotate", &format!("signing key {kid}"), 201)
+        .await?;
     Ok(Json(
         json!({"kid": kid, "published": s.keys.load().jwks.keys.len()}),
     ))
@@ -704,6 +742,13 @@ async fn add_admin_token(
     }
     let token = new_admin_token(&s.store, &s.kek, &b.name, role, unix_now()).await?;
     tracing::info!(admin = %c.name, name = %b.name, role = role.as_str(), "admin credential created");
+    s.record_admin(
+        &c.name,
+        "admin-token.create",
+        &format!("admin credential of {} ({})", b.name, role.as_str()),
+        201,
+    )
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"name": b.name, "role": role.as_str(), "token": token})),
@@ -749,6 +794,13 @@ async fn revoke_admin_token(
         .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "no such active admin credential"))?;
     s.store.revoke_admin_token(&row.token_hash, now).await?;
     tracing::info!(admin = %c.name, name = %row.name, "admin credential revoked");
+    s.record_admin(
+        &c.name,
+        "admin-token.revoke",
+        &format!("admin credential of {}", row.name),
+        200,
+    )
+    .await?;
     Ok(Json(json!({"id": id, "name": row.name, "revoked_at": now})))
 }
 
@@ -844,6 +896,18 @@ async fn apply_policy(
     match store_revision(&s, &c.name, &b.files, &b.comment).await {
         Ok((rev, hash, rules, created)) => {
             tracing::info!(admin = %c.name, revision = rev, %hash, rules, created, "policy applied");
+            if created
+                && let Err(p) = s
+                    .record_admin(
+                        &c.name,
+                        "policy.apply",
+                        &format!("revision {rev} ({hash})"),
+                        201,
+                    )
+                    .await
+            {
+                return p.into_response();
+            }
             let status = if created {
                 StatusCode::CREATED
             } else {
@@ -896,6 +960,17 @@ async fn rollback_policy(
     match store_revision(&s, &c.name, &files, &format!("rollback to {rev}")).await {
         Ok((new_rev, hash, rules, created)) => {
             tracing::info!(admin = %c.name, to = rev, revision = new_rev, "policy rolled back");
+            if let Err(p) = s
+                .record_admin(
+                    &c.name,
+                    "policy.rollback",
+                    &format!("revision {new_rev} = revision {rev}"),
+                    201,
+                )
+                .await
+            {
+                return p.into_response();
+            }
             let status = if created {
                 StatusCode::CREATED
             } else {
@@ -997,6 +1072,13 @@ async fn add_api_key(
         .await?;
     s.changed().await;
     tracing::info!(admin = %c.name, %key_id, user = %b.user, "API key created");
+    s.record_admin(
+        &c.name,
+        "apikey.create",
+        &format!("API key {key_id} for {}", b.user),
+        201,
+    )
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(
@@ -1035,6 +1117,8 @@ async fn revoke_api_key(
     s.store.revoke_api_key(&id, unix_now()).await?;
     s.changed().await;
     tracing::info!(admin = %c.name, key_id = %id, "API key revoked");
+    s.record_admin(&c.name, "apikey.revoke", &format!("API key {id}"), 200)
+        .await?;
     Ok(Json(json!({"key_id": id, "revoked": true})))
 }
 
@@ -1067,5 +1151,7 @@ async fn set_spec(
         .await?;
     s.changed().await;
     tracing::info!(admin = %c.name, service = %name, paths, "OpenAPI document set");
+    s.record_admin(&c.name, "service.spec", &format!("service {name}"), 200)
+        .await?;
     Ok(Json(json!({"service": name, "paths": paths})))
 }

@@ -3,6 +3,7 @@
 //! listener, SQLite or PostgreSQL behind `castellan-store`.
 
 pub mod admin;
+mod admin_audit;
 mod alerts;
 mod audit;
 pub mod config;
@@ -165,6 +166,8 @@ pub struct Server {
     metrics: PrometheusHandle,
     tokens_issued: std::sync::atomic::AtomicU64,
     hub: dist::Hub,
+    /// This process's chain of admin actions.
+    admin_chain: admin_audit::AdminChain,
 }
 
 impl std::fmt::Debug for Server {
@@ -272,6 +275,7 @@ impl Server {
             metrics: metrics_handle(),
             tokens_issued: std::sync::atomic::AtomicU64::new(0),
             hub: dist::Hub::new(),
+            admin_chain: admin_audit::AdminChain::new(),
             kek,
             cfg,
         });

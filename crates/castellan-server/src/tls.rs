@@ -27,6 +27,12 @@ pub(crate) struct ServingState {
 }
 
 impl ServingState {
+    /// The serving certificate chain and its PKCS#8 key: the control plane's own SVID, which
+    /// signs the checkpoints of its admin-action chain.
+    pub(crate) fn identity(&self) -> (Vec<CertificateDer<'static>>, Vec<u8>) {
+        (self.chain.clone(), self.key_pkcs8.clone())
+    }
+
     /// Whether a new certificate is needed: past half-life, or its CA left the bundle. A CA
     /// rotation alone does not switch it, so clients holding the previous bundle keep
     /// connecting while the new bundle spreads (the overlap SPIRE also gives).

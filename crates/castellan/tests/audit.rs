@@ -122,7 +122,14 @@ async fn audit_verify_names_altered_deleted_and_swapped_records() {
     })
     .await
     .unwrap();
-    assert_eq!(String::from_utf8_lossy(&x.stdout).lines().count(), 16);
+    // The 16 decision records (and the control plane's own admin-action records).
+    assert_eq!(
+        String::from_utf8_lossy(&x.stdout)
+            .lines()
+            .filter(|l| !l.contains("\"kind\":\"admin\""))
+            .count(),
+        16
+    );
 
     // Tamper with the stored records directly in the database.
     let db = format!(
@@ -1035,4 +1042,124 @@ async fn secrets_in_query_strings_never_reach_a_record() {
         }
     }
     walk(m.dir.path(), secret.as_bytes());
+}
+
+/// Admin actions are records of the control plane's own chain, signed with its SVID key:
+/// `audit query` shows them, `audit verify` checks them, and a tampered one fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_actions_are_audited_signed_and_verified() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let m = start_mesh().await.unwrap();
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(castellan::demo::control_plane_tls(&m.bundle).unwrap())
+        .build()
+        .unwrap();
+    let r = http
+        .post(format!("{}/v1/admin-tokens", m.server.url))
+        .bearer_auth(&m.admin_token)
+        .json(&json!({"name": "auditor", "role": "viewer"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let (url, tok, bundle) = (
+        m.server.url.clone(),
+        m.admin_token.clone(),
+        m.bundle_path.clone(),
+    );
+    let run = move |args: &'static [&'static str]| {
+        let (url, tok, bundle) = (url.clone(), tok.clone(), bundle.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let out = cli(&url, &tok, &bundle, args);
+                (
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let (code, text) = run(&[
+        "audit",
+        "query",
+        "--service",
+        "castellan-server",
+        "-o",
+        "json",
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{text}");
+    let rows: Value = serde_json::from_str(&text).unwrap();
+    let actions: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["method"].as_str().unwrap())
+        .collect();
+    // The demo's own set-up, and the credential created here (newest first).
+    assert_eq!(actions.first(), Some(&"admin-token.create"), "{text}");
+    for a in [
+        "service.add",
+        "policy.apply",
+        "apikey.create",
+        "service.spec",
+    ] {
+        assert!(actions.contains(&a), "{a} missing: {actions:?}");
+    }
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["user"] == "initial admin" && r["kind"] == "admin")
+    );
+    let (code, text) = run(&["audit", "verify"]).await;
+    assert_eq!(code, Some(0), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("castellan-server spiffe://demo.castellan/castellan/server "))
+        .unwrap_or_else(|| panic!("{text}"))
+        .to_owned();
+    let n = actions.len();
+    assert!(
+        line.ends_with(&format!(
+            "{n} records, chain intact, signed through record {n}"
+        )),
+        "{line}"
+    );
+
+    // The credential's record rewritten to name someone else, the chain recomputed.
+    let db = format!(
+        "sqlite://{}",
+        m.dir.path().join("control-plane/castellan.db").display()
+    );
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db)
+        .await
+        .unwrap();
+    let (seq, text): (i64, String) = sqlx::query_as(
+        "SELECT seq, record FROM audit_records WHERE writer LIKE 'castellan-server %' ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let mut r: castellan_audit::AuditRecord = serde_json::from_str(&text).unwrap();
+    r.user = "someone else".to_owned();
+    r.hash = r.compute_hash();
+    sqlx::query(
+        "UPDATE audit_records SET record = $1 WHERE writer LIKE 'castellan-server %' AND seq = $2",
+    )
+    .bind(serde_json::to_string(&r).unwrap())
+    .bind(seq)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let (code, text) = run(&["audit", "verify"]).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "record {seq} does not match its signed checkpoint"
+        )),
+        "{text}"
+    );
 }
