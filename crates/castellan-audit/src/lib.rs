@@ -358,6 +358,15 @@ pub struct ChainVerifier {
 }
 
 impl ChainVerifier {
+    /// A verifier continuing after record `seq` whose hash is `hash` — where a chain purged up
+    /// to a signed checkpoint starts again.
+    pub fn resume(seq: u64, hash: &str) -> ChainVerifier {
+        ChainVerifier {
+            prev: Some((seq, hash.to_owned())),
+            count: 0,
+        }
+    }
+
     /// Checks the next record; the first problem is the answer.
     pub fn push(&mut self, r: &AuditRecord) -> Result<(), ChainError> {
         if r.hash != r.compute_hash() {

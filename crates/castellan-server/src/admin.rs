@@ -132,7 +132,12 @@ pub(crate) struct Caller {
 }
 
 impl Caller {
-    fn require_admin(&self) -> Result<(), Problem> {
+    /// Who the admin credential belongs to.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn require_admin(&self) -> Result<(), Problem> {
         match self.role {
             Role::Admin => Ok(()),
             Role::Viewer => Err(Problem::forbidden("this operation needs the admin role")),
@@ -187,7 +192,7 @@ impl FromRequestParts<Arc<Server>> for Caller {
 }
 
 /// A JSON request body whose rejections are problem JSON.
-pub(crate) struct Body<T>(T);
+pub(crate) struct Body<T>(pub(crate) T);
 
 impl<T: DeserializeOwned> FromRequest<Arc<Server>> for Body<T> {
     type Rejection = Problem;
@@ -240,6 +245,7 @@ pub(crate) fn routes() -> Router<Arc<Server>> {
         .route("/v1/audit", get(crate::audit::query))
         .route("/v1/audit/verify", get(crate::audit::verify))
         .route("/v1/audit/export", get(crate::audit::export))
+        .route("/v1/audit/purge", post(crate::audit::purge))
 }
 
 /// Largest policy bundle accepted by `policy apply`.

@@ -303,6 +303,18 @@ pub(crate) async fn verify(
         let checkpoints = s.store.audit_checkpoints(&w).await?;
         let mut stored_hashes: std::collections::HashMap<i64, String> =
             std::collections::HashMap::new();
+        // A chain purged up to a signed checkpoint starts right after it.
+        let first = s.store.audit_chain(&w, 1, 1).await?;
+        let mut purged_through = 0;
+        if let Some(start) = first.first()
+            && start.seq > 1
+            && let Some(cp) = checkpoints.iter().find(|c| c.seq == start.seq - 1)
+        {
+            v = ChainVerifier::resume(u64::try_from(cp.seq).unwrap_or(0), &cp.hash);
+            from = start.seq;
+            purged_through = cp.seq;
+            stored_hashes.insert(cp.seq, cp.hash.clone());
+        }
         loop {
             let rows = s.store.audit_chain(&w, from, PAGE).await?;
             for row in &rows {
@@ -350,13 +362,57 @@ pub(crate) async fn verify(
             .collect();
         writers.push(
             json!({"writer": w, "proxy_id": proxy_id, "identity": identity, "epoch": epoch,
-            "records": stored, "head": head, "verified": v.count(), "ok": error.is_none(),
+            "records": stored, "head": head, "purged_through": purged_through, "verified": v.count(), "ok": error.is_none(),
             "first_error": error, "checkpoints": checkpoints}),
         );
     }
     Ok(Json(
         json!({"ok": all_ok, "writers": writers, "checked_at": unix_now()}),
     ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PurgeParams {
+    /// Records older than this (Unix ms) may go.
+    before_ms: i64,
+}
+
+/// Retention: removes each chain's records older than `before_ms`, but only up to its last
+/// signed checkpoint among them, so the remaining chain starts right after a signed statement
+/// and `verify` keeps proving it. The purge itself is an audited admin action.
+pub(crate) async fn purge(
+    c: Caller,
+    State(s): State<Arc<Server>>,
+    crate::admin::Body(p): crate::admin::Body<PurgeParams>,
+) -> Result<Json<Value>, Problem> {
+    c.require_admin()?;
+    let mut total = 0;
+    let mut chains = Vec::new();
+    for w in s.store.audit_writers().await? {
+        // The last checkpoint whose record is older than the cut.
+        let mut through = None;
+        for cp in s.store.audit_checkpoints(&w).await? {
+            if cp.time_ms < p.before_ms {
+                through = Some(cp.seq);
+            }
+        }
+        let Some(through) = through else { continue };
+        let n = s.store.purge_audit(&w, through).await?;
+        if n > 0 {
+            total += n;
+            chains.push(json!({"writer": w, "purged_through": through, "records": n}));
+        }
+    }
+    tracing::info!(admin = %c.name(), records = total, before_ms = p.before_ms, "audit records purged");
+    s.record_admin(
+        c.name(),
+        "audit.purge",
+        &format!("{total} records before {}", p.before_ms),
+        200,
+    )
+    .await?;
+    Ok(Json(json!({"records": total, "chains": chains})))
 }
 
 /// All records, oldest first per writer, as JSON lines (for a SIEM).

@@ -1085,6 +1085,22 @@ impl Store {
         Ok(())
     }
 
+    /// Purges `writer`'s records up to and including `through` and its checkpoints before
+    /// `through` (the one at `through` stays: the chain verifies from it). Returns how many
+    /// records went.
+    pub async fn purge_audit(&self, writer: &str, through: i64) -> Result<u64, StoreError> {
+        let n = on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let n = sqlx::query("DELETE FROM audit_records WHERE writer = $1 AND seq <= $2")
+                .bind(writer).bind(through).execute(&mut *tx).await?.rows_affected();
+            sqlx::query("DELETE FROM audit_checkpoints WHERE writer = $1 AND seq < $2")
+                .bind(writer).bind(through).execute(&mut *tx).await?;
+            tx.commit().await?;
+            n
+        });
+        Ok(n)
+    }
+
     /// One chain's checkpoints, in sequence order.
     pub async fn audit_checkpoints(&self, writer: &str) -> Result<Vec<CheckpointRow>, StoreError> {
         let sql = "SELECT writer, seq, hash, time_ms, signature, cert_chain FROM audit_checkpoints WHERE writer = $1 ORDER BY seq";

@@ -891,6 +891,13 @@ pub enum AuditCommand {
         #[arg(long, default_value = "jsonl")]
         format: String,
     },
+    /// Remove records older than --before, each chain up to its last signed checkpoint among
+    /// them (verify then starts from that checkpoint). The purge is itself audited.
+    Purge {
+        /// Unix milliseconds, or an age such as 90d, 12h, 30m.
+        #[arg(long)]
+        before: String,
+    },
 }
 
 fn put_text(conn: &Connection, path: &str, body: String) -> Result<Value, String> {
@@ -1030,6 +1037,38 @@ pub fn audit(cmd: AuditCommand, conn: &Connection, json_out: bool) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        AuditCommand::Purge { before } => {
+            let before_ms = match before.parse::<i64>() {
+                Ok(ms) if ms > 0 => ms,
+                _ => match parse_duration_secs(&before) {
+                    Some(age) => {
+                        let now_ms = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                        now_ms.saturating_sub(age.saturating_mul(1000))
+                    }
+                    None => {
+                        eprintln!("error: --before expects Unix milliseconds or an age (90d, 12h)");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            finish(
+                conn,
+                call(
+                    Method::POST,
+                    "/v1/audit/purge",
+                    Some(json!({"before_ms": before_ms})),
+                ),
+                json_out,
+                |v| {
+                    format!(
+                        "{} records purged",
+                        v.get("records").unwrap_or(&Value::Null)
+                    )
+                },
+            )
         }
         AuditCommand::Export { format } => {
             if format != "jsonl" {
