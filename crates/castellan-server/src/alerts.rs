@@ -15,11 +15,47 @@ use tokio::sync::watch;
 /// How often rules are evaluated.
 const EVERY: Duration = Duration::from_secs(2);
 
-async fn post(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    url: &str,
-    body: &str,
-) -> bool {
+type WebhookClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// A client for one rule's webhook: https verified with the rule's CA file or the system
+/// roots (plain http is allowed by the config only to loopback).
+fn client_for(rule: &AlertRule) -> Result<WebhookClient, String> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    match &rule.ca_file {
+        Some(path) => {
+            for c in rustls_pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+            {
+                roots
+                    .add(c.map_err(|e| format!("{}: {e}", path.display()))?)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(conn))
+}
+
+async fn post(client: &WebhookClient, url: &str, body: &str) -> bool {
     let mut wait = Duration::from_millis(200);
     for _ in 0..4 {
         let req = hyper::Request::post(url)
@@ -47,7 +83,16 @@ pub(crate) async fn run(
     if rules.is_empty() {
         return;
     }
-    let client = Client::builder(TokioExecutor::new()).build_http();
+    let clients: Vec<Option<WebhookClient>> = rules
+        .iter()
+        .map(|r| match client_for(r) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(webhook = %r.webhook, error = %e, "alert webhook client unusable");
+                None
+            }
+        })
+        .collect();
     let mut last_fired: Vec<i64> = vec![i64::MIN / 2; rules.len()];
     loop {
         tokio::select! {
@@ -86,7 +131,10 @@ pub(crate) async fn run(
                     "count": count, "over": rule.over, "per": rule.per, "at_ms": now,
                 })
                 .to_string();
-                let (client, url) = (client.clone(), rule.webhook.clone());
+                let Some(Some(client)) = clients.get(i).cloned() else {
+                    continue;
+                };
+                let url = rule.webhook.clone();
                 tokio::spawn(async move {
                     if !post(&client, &url, &body).await {
                         tracing::error!(webhook = %url, "alert webhook failed after retries");

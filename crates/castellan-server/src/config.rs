@@ -61,8 +61,36 @@ pub struct AlertRule {
     pub over: u64,
     /// Window: `30s`, `1m`, `5m`, `1h`…
     pub per: String,
-    /// `http://` URL to POST to.
+    /// `https://` URL to POST to (or `http://` to a loopback address).
     pub webhook: String,
+    /// PEM CA certificates to verify an https webhook with, instead of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl AlertRule {
+    /// Whether the webhook URL is acceptable: https anywhere, plain http only to loopback
+    /// (an alert crossing a network unencrypted and unauthenticated is refused).
+    pub fn webhook_ok(&self) -> bool {
+        let Ok(uri) = self.webhook.parse::<hyper::Uri>() else {
+            return false;
+        };
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        match uri.scheme_str() {
+            Some("https") => !host.is_empty(),
+            Some("http") => {
+                host == "localhost"
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            _ => false,
+        }
+    }
 }
 
 fn default_decision() -> String {
@@ -148,6 +176,10 @@ pub struct ServerConfig {
     pub max_connections: i64,
     /// Open connections from one source address.
     pub max_connections_per_source: i64,
+    /// Also serve `/metrics`, without credentials, on this plain-HTTP address (e.g.
+    /// 127.0.0.1:9464 for a local scraper). On the main listener it always needs an admin or
+    /// viewer credential.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -175,6 +207,7 @@ impl Default for ServerConfig {
             max_connection_age_secs: 3600,
             max_connections: 10_000,
             max_connections_per_source: 256,
+            metrics_listen: None,
         }
     }
 }
@@ -199,6 +232,7 @@ const ENV_FIELDS: &[&str] = &[
     "max_connection_age_secs",
     "max_connections",
     "max_connections_per_source",
+    "metrics_listen",
 ];
 
 impl ServerConfig {
@@ -294,11 +328,11 @@ impl ServerConfig {
         }
         for a in &self.alerts {
             if a.window_ms().is_none()
-                || !a.webhook.starts_with("http://")
+                || !a.webhook_ok()
                 || !matches!(a.decision.as_str(), "deny" | "allow")
             {
                 return Err(ConfigError::Field(format!(
-                    "alert for {:?}: per must look like 30s/1m/1h, decision deny or allow, webhook an http:// URL",
+                    "alert for {:?}: per must look like 30s/1m/1h, decision deny or allow, webhook an https:// URL (http:// only to loopback)",
                     a.service
                 )));
             }

@@ -190,7 +190,14 @@ async fn readyz(State(s): State<Arc<Server>>) -> Response {
     }
 }
 
-async fn prometheus(State(s): State<Arc<Server>>) -> Response {
+/// `/metrics` on the main listener: an admin or viewer credential is required (metrics name
+/// services, clients and rules). Without one it is served only on `metrics_listen`.
+async fn prometheus(_c: crate::admin::Caller, State(s): State<Arc<Server>>) -> Response {
+    metrics_body(&s)
+}
+
+/// The Prometheus text exposition.
+pub(crate) fn metrics_body(s: &Server) -> Response {
     let ks = s.keys.load();
     metrics::gauge!("castellan_server_ca_not_after_seconds").set(ks.active_ca.not_after as f64);
     metrics::gauge!("castellan_server_trust_bundle_certificates").set(ks.bundle.len() as f64);
@@ -199,6 +206,41 @@ async fn prometheus(State(s): State<Arc<Server>>) -> Response {
         s.metrics.render(),
     )
         .into_response()
+}
+
+/// Serves `/metrics` (only) without credentials on the separate `metrics_listen` address, for
+/// a scraper on a network the operator chose; everything else there is 404.
+pub(crate) async fn serve_metrics(
+    s: Arc<Server>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<Arc<Server>>| async move { metrics_body(&s) }),
+        )
+        .with_state(s);
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let svc = TowerToHyperService::new(app);
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let _ = b.serve_connection(TokioIo::new(tcp), svc).await;
+        });
+    }
 }
 
 /// After a graceful close was asked for, a connection gets this long to finish.

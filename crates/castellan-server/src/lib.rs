@@ -290,6 +290,12 @@ impl Server {
             }
         }
         let (stop, stop_rx) = watch::channel(false);
+        if let Some(addr) = server.cfg.metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServerError::Config(format!("metrics_listen {addr}: {e}")))?;
+            tokio::spawn(http::serve_metrics(server.clone(), l, stop_rx.clone()));
+        }
         let task = tokio::spawn(http::serve(server.clone(), listener, stop_rx.clone()));
         tokio::spawn(reload_loop(Arc::downgrade(&server), stop_rx.clone()));
         tokio::spawn(dist::run_hub(Arc::downgrade(&server), stop_rx.clone()));

@@ -1268,9 +1268,15 @@ async fn suite(h: Harness) {
             "{p}"
         );
     }
+    // /metrics needs a credential on the main listener.
+    assert_eq!(
+        h.http.get(h.url("/metrics")).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
     let m = h
         .http
         .get(h.url("/metrics"))
+        .bearer_auth(&h.admin)
         .send()
         .await
         .unwrap()
@@ -1946,19 +1952,89 @@ async fn deny_rate_alert_posts_to_the_webhook_once_per_window() {
             });
         }
     });
+    // An https receiver with a certificate of its own CA, given to the rule as ca_file.
     let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf_params.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let ca_file = dir.path().join("hook-ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    let tls_hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tls_hook_addr = tls_hook.local_addr().unwrap();
+    let tls_seen: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+            )
+            .unwrap(),
+    ));
+    let tls_seen2 = tls_seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = tls_hook.accept().await.unwrap();
+            let (seen, acceptor) = (tls_seen2.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            seen.lock()
+                                .unwrap()
+                                .push(serde_json::from_slice(&body).unwrap());
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::new()),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
     let cfg = ServerConfig {
         data_dir: dir.path().join("data"),
         listen: "127.0.0.1:0".parse().unwrap(),
-        alerts: vec![castellan_server::AlertRule {
-            service: "orders".to_owned(),
-            decision: "deny".to_owned(),
-            over: 3,
-            per: "1m".to_owned(),
-            webhook: format!("http://{hook_addr}/hook"),
-        }],
+        alerts: vec![
+            castellan_server::AlertRule {
+                service: "orders".to_owned(),
+                decision: "deny".to_owned(),
+                over: 3,
+                per: "1m".to_owned(),
+                webhook: format!("http://{hook_addr}/hook"),
+                ca_file: None,
+            },
+            castellan_server::AlertRule {
+                service: "orders".to_owned(),
+                decision: "deny".to_owned(),
+                over: 3,
+                per: "1m".to_owned(),
+                webhook: format!("https://{tls_hook_addr}/hook"),
+                ca_file: Some(ca_file),
+            },
+        ],
         ..ServerConfig::default()
     };
+    // Plain http is accepted only to loopback.
+    let mut remote = cfg.clone();
+    remote.alerts[0].webhook = "http://alerts.example/hook".to_owned();
+    assert!(remote.validate().is_err());
     let init = castellan_server::init(&cfg, "demo.castellan", None)
         .await
         .unwrap();
@@ -2019,11 +2095,27 @@ async fn deny_rate_alert_posts_to_the_webhook_once_per_window() {
         (Some("orders"), Some("deny"), Some(5))
     );
     assert_eq!(calls[0], calls[1], "the retry sends the same alert");
+    // The https webhook, verified with its CA file, got the same alert.
+    let t0 = std::time::Instant::now();
+    while tls_seen.lock().unwrap().is_empty() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(15),
+            "no https webhook call"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(tls_seen.lock().unwrap()[0]["count"], calls[1]["count"]);
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     assert_eq!(seen.lock().unwrap().len(), 2, "at most once per window");
+    // /metrics needs a credential on the main listener.
+    assert_eq!(
+        h.http.get(h.url("/metrics")).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
     let m = h
         .http
         .get(h.url("/metrics"))
+        .bearer_auth(&h.admin)
         .send()
         .await
         .unwrap()
@@ -2263,6 +2355,10 @@ async fn audit_and_reports_are_bound_to_the_callers_identity_and_verified_on_ing
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_and_connection_caps_hold() {
     use tokio::io::AsyncReadExt as _;
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let cfg = ServerConfig {
@@ -2271,9 +2367,13 @@ async fn idle_connections_are_closed_and_connection_caps_hold() {
         idle_timeout_secs: 2,
         handshake_timeout_secs: 2,
         max_connections_per_source: 320,
+        metrics_listen: Some(metrics_addr),
         ..ServerConfig::default()
     };
-    castellan_server::init(&cfg, TD, None).await.unwrap();
+    let h_admin = castellan_server::init(&cfg, TD, None)
+        .await
+        .unwrap()
+        .admin_token;
     let running = Server::start(cfg, None).await.unwrap();
     let bundle = running.server.bundle();
     let mut roots = rustls::RootCertStore::empty();
@@ -2355,6 +2455,7 @@ async fn idle_connections_are_closed_and_connection_caps_hold() {
     assert_eq!(r.status(), 200);
     let m = http
         .get(format!("{}/metrics", running.url))
+        .bearer_auth(&h_admin)
         .send()
         .await
         .unwrap()
@@ -2369,6 +2470,21 @@ async fn idle_connections_are_closed_and_connection_caps_hold() {
         m.contains("castellan_server_connections_refused_total"),
         "{m}"
     );
+    // The separate metrics address serves /metrics (only) without a credential.
+    let plain = reqwest::Client::new();
+    let r = plain
+        .get(format!("http://{metrics_addr}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("castellan_server_"));
+    let r = plain
+        .get(format!("http://{metrics_addr}/v1/services"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
 }
 
 /// Whoever can write the database but does not hold the key-encryption key cannot mint an
