@@ -298,6 +298,12 @@ impl Head {
                 r.v
             )));
         }
+        if r.kind == Kind::Admin {
+            // Admin-action records are written by the control plane itself, never shipped.
+            return Err(field(
+                "admin records are not accepted from proxies".to_owned(),
+            ));
+        }
         if r.writer != writer {
             return Err(field(format!(
                 "writer {:?} in a batch of {writer:?}",

@@ -304,8 +304,8 @@ async fn handle_inner(
     }
     let mut headers = parts.headers.clone();
     h::strip_headers(&mut headers);
-    headers.remove(AUTHORIZATION);
-    headers.remove("x-api-key");
+    // The credentials the edge consumed never reach the app, in any spelling.
+    h::remove_folded(&mut headers, &["authorization", "x-api-key"]);
     if let Ok(v) = HeaderValue::from_str(&token) {
         headers.insert(CONTEXT_HEADER, v);
     }

@@ -127,6 +127,18 @@ fn folded(name: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Removes every field whose folded name (`_` as `-`, any case) is one of `names`.
+pub fn remove_folded(h: &mut HeaderMap, names: &[&str]) {
+    let gone: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| names.contains(&folded(k.as_str()).as_ref()))
+        .cloned()
+        .collect();
+    for n in gone {
+        h.remove(n);
+    }
+}
+
 /// Why a request's header section was refused (400).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeaderRefusal {

@@ -55,20 +55,32 @@ impl Role {
 /// The seal label of admin credential MACs.
 const ADMIN_TOKEN_MAC: &str = "castellan admin token";
 
-/// What an admin credential's MAC covers: its hash, holder and role.
-fn admin_token_mac_input(hash: &[u8], name: &str, role: &str) -> Vec<u8> {
-    let mut d = Vec::with_capacity(hash.len() + name.len() + role.len() + 2);
+/// What an admin credential's MAC covers: its hash, holder, role and whether it was revoked
+/// (so clearing `revoked_at` in the database does not bring a credential back).
+fn admin_token_mac_input(hash: &[u8], name: &str, role: &str, revoked: bool) -> Vec<u8> {
+    let mut d = Vec::with_capacity(hash.len() + name.len() + role.len() + 4);
     d.extend_from_slice(hash);
     d.push(0);
     d.extend_from_slice(name.as_bytes());
     d.push(0);
     d.extend_from_slice(role.as_bytes());
+    d.push(0);
+    d.push(u8::from(revoked));
     d
 }
 
 /// The MAC an admin credential row must carry.
-pub(crate) fn admin_token_mac(kek: &Kek, hash: &[u8], name: &str, role: &str) -> Vec<u8> {
-    kek.mac(ADMIN_TOKEN_MAC, &admin_token_mac_input(hash, name, role))
+pub(crate) fn admin_token_mac(
+    kek: &Kek,
+    hash: &[u8],
+    name: &str,
+    role: &str,
+    revoked: bool,
+) -> Vec<u8> {
+    kek.mac(
+        ADMIN_TOKEN_MAC,
+        &admin_token_mac_input(hash, name, role, revoked),
+    )
 }
 
 /// Creates and stores (hashed, with its MAC) a new admin credential; returns it — the only
@@ -82,7 +94,7 @@ pub async fn new_admin_token(
 ) -> Result<String, ServerError> {
     let token = format!("{ADMIN_TOKEN_PREFIX}{}", random_id(32)?);
     let hash = credential_hash(&token);
-    let mac = admin_token_mac(kek, &hash, name, role.as_str());
+    let mac = admin_token_mac(kek, &hash, name, role.as_str(), false);
     store
         .add_admin_token(&hash, name, role.as_str(), now, &mac)
         .await?;
@@ -101,15 +113,25 @@ pub(crate) async fn mark_admin_tokens_adopted(store: &Store) -> Result<(), Serve
 }
 
 /// Once, on the first start after the upgrade that introduced MACs: gives the credentials that
-/// existed then their MAC. After that a row without a valid MAC is refused.
+/// existed then their MAC. The marker is itself a MAC (a KEK holder wrote it); an insider who
+/// deletes it gets adoption again, so the marker also records when adoption happened and rows
+/// created after that time are never adopted.
 pub(crate) async fn adopt_admin_tokens(store: &Store, kek: &Kek) -> Result<(), ServerError> {
     if store.setting(ADOPTED_SETTING).await?.is_some() {
         return Ok(());
     }
+    // Only rows older than the migration that added the MAC column can need adoption.
+    let migrated_at = store.migration_time(9).await?.unwrap_or(i64::MIN);
     let mut n = 0;
     for row in store.admin_tokens().await? {
-        if row.mac.is_none() {
-            let mac = admin_token_mac(kek, &row.token_hash, &row.name, &row.role);
+        if row.mac.is_none() && row.created_at < migrated_at {
+            let mac = admin_token_mac(
+                kek,
+                &row.token_hash,
+                &row.name,
+                &row.role,
+                row.revoked_at.is_some(),
+            );
             store.set_admin_token_mac(&row.token_hash, &mac).await?;
             n += 1;
         }
@@ -166,7 +188,7 @@ impl FromRequestParts<Arc<Server>> for Caller {
                 let authentic = row.mac.as_deref().is_some_and(|mac| {
                     s.kek.verify_mac(
                         ADMIN_TOKEN_MAC,
-                        &admin_token_mac_input(&row.token_hash, &row.name, &row.role),
+                        &admin_token_mac_input(&row.token_hash, &row.name, &row.role, false),
                         mac,
                     )
                 });
@@ -798,7 +820,10 @@ async fn revoke_admin_token(
         .into_iter()
         .find(|r| r.revoked_at.is_none() && admin_token_id(&r.token_hash) == id)
         .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "no such active admin credential"))?;
-    s.store.revoke_admin_token(&row.token_hash, now).await?;
+    let mac = admin_token_mac(&s.kek, &row.token_hash, &row.name, &row.role, true);
+    s.store
+        .revoke_admin_token(&row.token_hash, now, &mac)
+        .await?;
     tracing::info!(admin = %c.name, name = %row.name, "admin credential revoked");
     s.record_admin(
         &c.name,

@@ -162,6 +162,13 @@ impl Audit for AuditService {
         if batch.records.len() > MAX_BATCH {
             return Err(Status::invalid_argument("batch too large"));
         }
+        if batch.writer == crate::admin_audit::WRITER {
+            metrics::counter!("castellan_server_audit_batches_refused_total", "reason" => "writer")
+                .increment(1);
+            return Err(Status::invalid_argument(
+                "writer castellan-server is the control plane's own",
+            ));
+        }
         if !castellan_audit::is_plain_id(&batch.writer) {
             metrics::counter!("castellan_server_audit_batches_refused_total", "reason" => "writer")
                 .increment(1);
@@ -180,7 +187,22 @@ impl Audit for AuditService {
         }
         let key = chain_key(&batch.writer, &id, &batch.epoch);
         let mut head = match self.s.store.audit_head(&key).await.map_err(internal)? {
-            None => Head::default(),
+            // Nothing stored: a new chain, or one purged up to its last checkpoint — which is
+            // where it continues.
+            None => match self
+                .s
+                .store
+                .audit_checkpoints(&key)
+                .await
+                .map_err(internal)?
+                .last()
+            {
+                Some(cp) => Head {
+                    seq: u64::try_from(cp.seq).unwrap_or(0),
+                    hash: cp.hash.clone(),
+                },
+                None => Head::default(),
+            },
             Some(json) => {
                 let r: AuditRecord = serde_json::from_str(&json).map_err(internal)?;
                 Head {
@@ -301,6 +323,10 @@ pub(crate) async fn verify(
         // Signed checkpoints, with the hash of the record each covers as stored now: the CLI
         // checks the signatures against the operator's bundle and compares.
         let checkpoints = s.store.audit_checkpoints(&w).await?;
+        // The first record no checkpoint covers: the CLI flags old uncovered records (their
+        // checkpoints deleted, or never made).
+        let last_checkpoint = checkpoints.iter().map(|c| c.seq).max().unwrap_or(0);
+        let mut uncovered_from_ms: Option<i64> = None;
         let mut stored_hashes: std::collections::HashMap<i64, String> =
             std::collections::HashMap::new();
         // A chain purged up to a signed checkpoint starts right after it.
@@ -320,6 +346,9 @@ pub(crate) async fn verify(
             for row in &rows {
                 stored += 1;
                 head = row.seq;
+                if uncovered_from_ms.is_none() && row.seq > last_checkpoint {
+                    uncovered_from_ms = Some(row.time_ms);
+                }
                 if checkpoints.iter().any(|c| c.seq == row.seq)
                     && let Ok(r) = serde_json::from_str::<AuditRecord>(&row.record)
                 {
@@ -362,7 +391,8 @@ pub(crate) async fn verify(
             .collect();
         writers.push(
             json!({"writer": w, "proxy_id": proxy_id, "identity": identity, "epoch": epoch,
-            "records": stored, "head": head, "purged_through": purged_through, "verified": v.count(), "ok": error.is_none(),
+            "records": stored, "head": head, "purged_through": purged_through, "uncovered_from_ms": uncovered_from_ms,
+            "verified": v.count(), "ok": error.is_none(),
             "first_error": error, "checkpoints": checkpoints}),
         );
     }

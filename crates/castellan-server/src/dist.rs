@@ -216,8 +216,13 @@ fn api_keys(keys: &[ApiKeyRow]) -> ApiKeys {
 fn policy_documents(text: &str) -> Vec<PolicyDoc> {
     let mut docs: Vec<String> = vec![String::new()];
     for line in text.split_inclusive('\n') {
-        let is_marker =
-            line.starts_with("---") && line[3..].chars().next().is_none_or(char::is_whitespace);
+        let is_marker = (line.starts_with("---") || line.starts_with("..."))
+            && line
+                .get(3..)
+                .unwrap_or_default()
+                .chars()
+                .next()
+                .is_none_or(char::is_whitespace);
         if is_marker && docs.last().is_some_and(|d| !d.trim().is_empty()) {
             // The marker is dropped (documents are re-joined with one); what follows it on
             // its line belongs to the new document.
@@ -587,5 +592,14 @@ mod tests {
         );
         assert!(docs.iter().all(|d| !d.text.trim_start().starts_with("---")));
         assert!(!docs[0].text.contains("service: payments"));
+        // A document end marker followed by a bare document splits too (yaml-rust2 accepts
+        // that), so no document is ever classified by its neighbour.
+        let ended =
+            "kind: AccessPolicy\nspec: {service: a}\n...\nkind: AccessPolicy\nspec: {service: b}\n";
+        let services: Vec<Option<String>> = policy_documents(ended)
+            .into_iter()
+            .map(|d| d.service)
+            .collect();
+        assert_eq!(services, [Some("a".to_owned()), Some("b".to_owned())]);
     }
 }

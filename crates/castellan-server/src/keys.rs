@@ -262,17 +262,39 @@ pub async fn load(
         let live = row
             .retired_at
             .is_none_or(|r| r.saturating_add(publish_for) > now);
-        if live {
-            let jwk: Jwk = serde_json::from_slice(&row.public)
-                .map_err(|e| ServerError::Internal(format!("stored JWK {}: {e}", row.id)))?;
-            published.push(jwk);
+        if !live {
+            continue;
         }
+        // INVARIANT: a signing key is published (and so trusted by every verifier of our
+        // tokens) only if its sealed key opens with the KEK and its JWK is that key's: a row
+        // written straight into the database, retired or not, never becomes a trusted key.
+        let authentic = kek.open(SIGNING_LABEL, &row.sealed_key).and_then(|pkcs8| {
+            let key = SigningKey::from_pkcs8(&row.id, &pkcs8)
+                .map_err(|e| ServerError::Internal(e.to_string()))?;
+            let stored: Jwk = serde_json::from_slice(&row.public)
+                .map_err(|e| ServerError::Internal(format!("stored JWK {}: {e}", row.id)))?;
+            let own = key
+                .jwk()
+                .map_err(|e| ServerError::Internal(e.to_string()))?;
+            if serde_json::to_value(&stored).ok() != serde_json::to_value(&own).ok() {
+                return Err(ServerError::Internal(format!(
+                    "signing key {}: stored JWK is not the sealed key's",
+                    row.id
+                )));
+            }
+            Ok((key, own))
+        });
+        let (key, jwk) = match authentic {
+            Ok(k) => k,
+            Err(e) => {
+                metrics::counter!("castellan_server_signing_key_rows_refused_total").increment(1);
+                tracing::error!(kid = %row.id, error = %e, "signing key row refused: its key does not open with the KEK or does not match its JWK");
+                continue;
+            }
+        };
+        published.push(jwk);
         if row.retired_at.is_none() {
-            let key = kek.open(SIGNING_LABEL, &row.sealed_key)?;
-            signing = Some(Arc::new(
-                SigningKey::from_pkcs8(&row.id, &key)
-                    .map_err(|e| ServerError::Internal(e.to_string()))?,
-            ));
+            signing = Some(Arc::new(key));
         }
     }
     let signing = signing.ok_or_else(|| {

@@ -122,6 +122,7 @@ pub async fn init(
     let admin_token =
         admin::new_admin_token(&store, &kek, "initial admin", admin::Role::Admin, now).await?;
     admin::mark_admin_tokens_adopted(&store).await?;
+    std::fs::write(cfg.data_dir.join("admin-tokens-adopted"), b"1\n")?;
     let issuer = cfg
         .issuer
         .clone()
@@ -239,7 +240,14 @@ impl Server {
         let url = format!("https://{addr}");
         let issuer = cfg.issuer.clone().unwrap_or_else(|| url.clone());
         let now = unix_now();
-        admin::adopt_admin_tokens(&store, &kek).await?;
+        // Adoption of pre-MAC admin credentials happens once per data directory (a file the
+        // database cannot touch) and once per database, and only for rows older than the
+        // migration that introduced MACs.
+        let adopted_marker = cfg.data_dir.join("admin-tokens-adopted");
+        if !adopted_marker.exists() {
+            admin::adopt_admin_tokens(&store, &kek).await?;
+            std::fs::write(&adopted_marker, b"1\n")?;
+        }
         let ks = keys::load(
             &store,
             &kek,

@@ -2269,6 +2269,38 @@ async fn audit_and_reports_are_bound_to_the_callers_identity_and_verified_on_ing
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains("record format 1"), "{}", e.message());
 
+    // Nobody but the control plane writes admin-action records or its chain.
+    let e = a
+        .ship(AuditBatch {
+            writer: "castellan-server".to_owned(),
+            epoch: "ep1".to_owned(),
+            records: vec![],
+            checkpoints: Vec::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let mut ha2 = Head {
+        seq: 7,
+        hash: ha.hash.clone(),
+    };
+    let admin_like = ha2.chain(
+        "orders-1",
+        "ep1",
+        Kind::Admin,
+        Entry {
+            user: "initial admin".to_owned(),
+            method: "policy.apply".to_owned(),
+            ..Entry::default()
+        },
+        0,
+    );
+    let e = a
+        .ship(batch(vec![serde_json::to_string(&admin_like).unwrap()]))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("admin records"), "{}", e.message());
+
     // verify: two intact chains, each under its own identity.
     let (st, v) = h
         .admin(
@@ -2579,6 +2611,18 @@ async fn rows_written_past_the_api_are_refused_and_admin_tokens_revocable() {
         .await
         .unwrap();
     }
+    // A token-signing key of the insider's own, as a recently retired key (published for the
+    // tokens it may still have signed): never published.
+    let rogue_signer = castellan_identity::SigningKey::generate().unwrap();
+    let rogue_jwk = serde_json::to_string(&rogue_signer.jwk().unwrap()).unwrap();
+    sqlx::query("INSERT INTO signing_keys (kid, alg, public_jwk, sealed_key, created_at, retired_at) VALUES ($1, 'ES256', $2, $3, 0, $4)")
+        .bind(rogue_signer.kid())
+        .bind(&rogue_jwk)
+        .bind(vec![3u8; 64])
+        .bind(castellan_server::unix_now())
+        .execute(&mut conn)
+        .await
+        .unwrap();
     // Restarted on the same database: the rogue rows are refused, the real CA serves.
     let port = h.running.addr.port();
     let Harness {
@@ -2604,6 +2648,19 @@ async fn rows_written_past_the_api_are_refused_and_admin_tokens_revocable() {
         .admin(reqwest::Method::GET, "/v1/services", Some(&h.admin), None)
         .await;
     assert_eq!(st, StatusCode::OK, "the real admin credential still works");
+    let jwks = h
+        .http
+        .get(h.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !jwks.contains(rogue_signer.kid()),
+        "rogue signing key published: {jwks}"
+    );
 
     // Admin credentials: listed without secrets, revocable.
     let (st, v) = h
@@ -2661,4 +2718,13 @@ async fn rows_written_past_the_api_are_refused_and_admin_tokens_revocable() {
         .admin(reqwest::Method::GET, "/v1/services", Some(&viewer), None)
         .await;
     assert_eq!(st, StatusCode::UNAUTHORIZED, "revoked");
+    // Clearing the revocation in the database does not bring it back (the MAC covers it).
+    sqlx::query("UPDATE admin_tokens SET revoked_at = NULL WHERE name = 'auditor'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (st, _) = h
+        .admin(reqwest::Method::GET, "/v1/services", Some(&viewer), None)
+        .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "un-revoked in the database");
 }

@@ -862,11 +862,40 @@ impl Store {
     }
 
     /// Revokes the admin credential with this hash; returns whether one was revoked.
-    pub async fn revoke_admin_token(&self, hash: &[u8], now: i64) -> Result<u64, StoreError> {
-        let sql =
-            "UPDATE admin_tokens SET revoked_at = $1 WHERE token_hash = $2 AND revoked_at IS NULL";
-        let n = on_pool!(self, p => sqlx::query(sql).bind(now).bind(hash).execute(p).await.map(|r| r.rows_affected()))?;
+    pub async fn revoke_admin_token(
+        &self,
+        hash: &[u8],
+        now: i64,
+        mac: &[u8],
+    ) -> Result<u64, StoreError> {
+        let sql = "UPDATE admin_tokens SET revoked_at = $1, mac = $3 WHERE token_hash = $2 AND revoked_at IS NULL";
+        let n = on_pool!(self, p => sqlx::query(sql).bind(now).bind(hash).bind(mac).execute(p).await.map(|r| r.rows_affected()))?;
         Ok(n)
+    }
+
+    /// When migration `version` was applied (Unix seconds), if it was.
+    pub async fn migration_time(&self, version: i64) -> Result<Option<i64>, StoreError> {
+        let t = match &self.backend {
+            Backend::Sqlite(p) => {
+                let row: Option<(i64,)> = sqlx::query_as(
+                    "SELECT CAST(strftime('%s', installed_on) AS INTEGER) FROM _sqlx_migrations WHERE version = $1",
+                )
+                .bind(version)
+                .fetch_optional(p)
+                .await?;
+                row.map(|(t,)| t)
+            }
+            Backend::Postgres(p) => {
+                let row: Option<(f64,)> = sqlx::query_as(
+                    "SELECT EXTRACT(EPOCH FROM installed_on)::float8 FROM _sqlx_migrations WHERE version = $1",
+                )
+                .bind(version)
+                .fetch_optional(p)
+                .await?;
+                row.map(|(t,)| t as i64)
+            }
+        };
+        Ok(t)
     }
 
     // ---- policy revisions ------------------------------------------------------------------

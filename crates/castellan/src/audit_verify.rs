@@ -93,7 +93,32 @@ fn checkpoint_problem(validator: &SvidValidator, writer: &Value, cp: &Value) -> 
 
 /// Checks every checkpoint of one writer (as `GET /v1/audit/verify` lists it) against
 /// `bundle`; the first problem wins.
+/// How long records may wait for a signed checkpoint before their lack of one is reported
+/// (proxies sign every 10 s or 1,000 records, and when idle).
+pub const UNSIGNED_GRACE_MS: i64 = 5 * 60 * 1000;
+
 pub fn check_writer(bundle: &[CertificateDer<'static>], writer: &Value) -> CheckpointReport {
+    let mut report = check_signatures(bundle, writer);
+    // Records of a format-2 chain (it has an epoch) older than the grace period with no
+    // checkpoint covering them: their checkpoints were deleted, or the writer never signed.
+    let format2 = writer.get("epoch").is_some_and(|e| !e.is_null());
+    if report.problem.is_none()
+        && format2
+        && let Some(from) = writer.get("uncovered_from_ms").and_then(Value::as_i64)
+    {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        if now_ms - from > UNSIGNED_GRACE_MS {
+            report.problem = Some(format!(
+                "records stored since {from} (Unix ms) are covered by no signed checkpoint (checkpoints deleted, or the writer never signed)"
+            ));
+        }
+    }
+    report
+}
+
+fn check_signatures(bundle: &[CertificateDer<'static>], writer: &Value) -> CheckpointReport {
     let mut report = CheckpointReport::default();
     let cps = writer
         .get("checkpoints")

@@ -973,6 +973,40 @@ async fn signed_checkpoints_catch_a_recomputed_chain_and_a_cut_tail() {
     let (code, text) = verify(vec!["--bundle".to_owned(), other_pem.display().to_string()]).await;
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("not trusted by the bundle given"), "{text}");
+
+    // 4. The chain rewritten (backdated ten minutes) and every checkpoint of it deleted: no
+    //    signature contradicts it any more, but records that old must be covered by one.
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT seq, record FROM audit_records WHERE writer LIKE 'gateway %' ORDER BY seq",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let mut prev = castellan_audit::GENESIS.to_owned();
+    for (seq, text) in &rows {
+        let mut r: castellan_audit::AuditRecord = serde_json::from_str(text).unwrap();
+        r.time_ms -= 600_000;
+        r.prev_hash = prev.clone();
+        r.hash = r.compute_hash();
+        prev = r.hash.clone();
+        sqlx::query("UPDATE audit_records SET record = $1, time_ms = $2 WHERE writer LIKE 'gateway %' AND seq = $3")
+            .bind(serde_json::to_string(&r).unwrap())
+            .bind(r.time_ms)
+            .bind(seq)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    sqlx::query("DELETE FROM audit_checkpoints WHERE writer LIKE 'gateway %'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (code, text) = verify(vec![]).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        gw_line(&text).contains("covered by no signed checkpoint"),
+        "{text}"
+    );
 }
 
 /// A credential in a query string never reaches the spool, the database, the export or the
@@ -1280,7 +1314,76 @@ async fn purge_keeps_verify_working_from_the_signed_checkpoint() {
     );
     let (code, text) = run(vec!["audit".into(), "verify".into()]).await;
     assert_eq!(code, Some(0), "verify works from the checkpoint: {text}");
+    // Purged all the way to its head (once a checkpoint covers the head), the chain goes on
+    // from that checkpoint: the proxy keeps shipping.
+    let t0 = Instant::now();
+    loop {
+        let v: Value = http
+            .get(format!("{}/v1/audit/verify", m.server.url))
+            .bearer_auth(&m.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let gw = v["writers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["proxy_id"] == "gateway")
+            .cloned()
+            .unwrap();
+        if gw["checkpoints"]
+            .as_array()
+            .and_then(|c| c.last())
+            .is_some_and(|c| c["seq"] == gw["head"])
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no checkpoint: {gw}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let all = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let (code, text) = run(vec![
+        "audit".into(),
+        "purge".into(),
+        "--before".into(),
+        all.to_string(),
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{text}");
+    let (left,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM audit_records WHERE writer LIKE 'gateway %'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(left, 0, "the gateway's chain purged to its head");
+    for _ in 0..2 {
+        assert_eq!(
+            raw(m.gateway.inbound, Some(tls.clone()), &req)
+                .await
+                .unwrap()
+                .0,
+            200
+        );
+    }
+    drained(&[&m.gateway], Duration::from_secs(10)).await;
+    let (code, text) = run(vec!["audit".into(), "verify".into()]).await;
+    assert_eq!(code, Some(0), "{text}");
     // Deleting the next record by hand is not a purge: reported.
+    let (first,): (i64,) =
+        sqlx::query_as("SELECT MIN(seq) FROM audit_records WHERE writer LIKE 'gateway %'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
     sqlx::query("DELETE FROM audit_records WHERE writer LIKE 'gateway %' AND seq = $1")
         .bind(first)
         .execute(&mut conn)

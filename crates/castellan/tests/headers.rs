@@ -306,6 +306,15 @@ async fn header_spellings_rewrites_and_forwarding_never_reach_the_app() {
     assert_eq!(got["HTTP_X_FORWARDED_PROTO"], "https", "{body}");
     assert!(!got.contains_key("HTTP_FORWARDED") && !got.contains_key("HTTP_X_REAL_IP"));
 
+    // Credentials the gateway consumed never reach the app, in any spelling.
+    let (st, body) = s.send("X_Api_Key: cak_not-a-key\r\n").await;
+    assert_eq!(st, 200, "{body}");
+    let got = app_headers(&body);
+    assert!(
+        !got.contains_key("HTTP_X_API_KEY") && !got.contains_key("HTTP_AUTHORIZATION"),
+        "{body}"
+    );
+
     // A route "/" serves every path.
     let (st, body) = s.send("").await;
     assert_eq!((st, body["path"].as_str()), (200, Some("/things/1")));

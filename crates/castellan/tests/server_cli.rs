@@ -139,6 +139,8 @@ fn operator_flow_python_client_and_no_secret_in_debug_log() {
             "billing",
             "--scopes",
             "orders.read,orders.write",
+            "--audiences",
+            "billing,inventory",
         ],
         &admin,
     )))

@@ -60,12 +60,23 @@ r = requests.post(meta["token_endpoint"], data={"grant_type": "client_credential
                   auth=(client_id, "ccs_wrong"), verify=bundle, timeout=10)
 check(r.status_code == 401 and r.json()["error"] == "invalid_client", f"wrong secret: {r.status_code} {r.text}")
 
-# Token exchange (RFC 8693) and introspection (RFC 7662).
-r = requests.post(meta["token_endpoint"], auth=(client_id, secret), verify=bundle, timeout=10, data={
-    "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-    "subject_token": tokens["client_secret_basic"],
-    "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
-    "audience": "inventory"})
+# Token exchange (RFC 8693) and introspection (RFC 7662). Only a token issued *for* the
+# exchanging client may be exchanged: one for the trust domain is refused.
+def exchange(subject):
+    return requests.post(meta["token_endpoint"], auth=(client_id, secret), verify=bundle, timeout=10, data={
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": subject,
+        "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "audience": "inventory"})
+
+
+r = exchange(tokens["client_secret_basic"])
+check(r.status_code == 400, f"exchange of a token not issued for the client: {r.status_code} {r.text}")
+r = requests.post(meta["token_endpoint"], auth=(client_id, secret), verify=bundle, timeout=10,
+                  data={"grant_type": "client_credentials", "scope": "orders.read", "audience": client_id})
+check(r.status_code == 200, f"token for the client itself: {r.status_code} {r.text}")
+tokens["for_self"] = r.json()["access_token"]
+r = exchange(tokens["for_self"])
 check(r.status_code == 200, f"exchange: {r.status_code} {r.text}")
 exchanged = r.json()["access_token"]
 tokens["exchanged"] = exchanged
