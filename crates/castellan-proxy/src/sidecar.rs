@@ -306,7 +306,15 @@ async fn inbound_inner(
         );
     }
     let context_raw = parts.headers.remove(CONTEXT_HEADER);
-    if let Err(why) = h::normalize_headers(&mut parts.headers, false) {
+    // What an edge says about the client (`X-Forwarded-*`, `Forwarded`) is kept only from a
+    // peer the mesh trusts as an edge — one that may mint user context (MeshConfig
+    // `contextIssuers`); from any other workload it is dropped like a client's.
+    let from_edge = inner
+        .state
+        .engine
+        .current()
+        .may_mint_context(source.as_str());
+    if let Err(why) = h::normalize_headers(&mut parts.headers, !from_edge) {
         return problem(StatusCode::BAD_REQUEST, &why.to_string(), &did);
     }
     let me = inner.identity.current().id.clone();

@@ -31,6 +31,10 @@ spec:
         services: [gateway]
         users:
           roles: [customer]
+    - name: worker-direct
+      effect: allow
+      from:
+        services: [worker]
     - name: no-admin-header
       effect: deny
       when: "'x-role' in request.headers && request.headers['x-role'] == 'admin'"
@@ -74,6 +78,7 @@ fn wsgi_app() -> Option<(Killed, std::net::SocketAddr)> {
 }
 
 struct Setup {
+    worker: RunningProxy,
     _server: castellan_server::Running,
     _dir: tempfile::TempDir,
     _app: Killed,
@@ -122,6 +127,7 @@ async fn setup() -> Option<Setup> {
         }
     };
     let j_orders = post("/v1/services", json!({"name": "orders"})).await;
+    let j_worker = post("/v1/services", json!({"name": "worker"})).await;
     let j_gw = post(
         "/v1/services",
         json!({"name": "gateway", "kind": "gateway", "routes": ["/=orders"], "dns_names": [GATEWAY_IP]}),
@@ -179,6 +185,17 @@ async fn setup() -> Option<Setup> {
         jwks_file,
     }];
     let gateway = castellan_proxy::start(g).await.unwrap();
+    let mut w = ProxyConfig::new(
+        Mode::Sidecar,
+        "worker-1",
+        &server.url,
+        init.bundle_path.clone(),
+        dir.path().join("w"),
+    );
+    w.join_token = j_worker["join_token"].as_str().map(str::to_owned);
+    w.app = Some("127.0.0.1:9".parse().unwrap());
+    let worker = castellan_proxy::start(w).await.unwrap();
+    worker.ready(Duration::from_secs(10)).await.unwrap();
     sidecar.ready(Duration::from_secs(10)).await.unwrap();
     gateway.ready(Duration::from_secs(10)).await.unwrap();
     let t0 = Instant::now();
@@ -187,6 +204,7 @@ async fn setup() -> Option<Setup> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Some(Setup {
+        worker,
         _server: server,
         _dir: dir,
         _app: app_proc,
@@ -388,4 +406,31 @@ async fn claims_keep_their_shape_and_malformed_roles_are_refused() {
         let (st, body) = send(t).await;
         assert_eq!(st, 401, "roles {roles}: {body}");
     }
+}
+
+/// Forwarding headers (`X-Forwarded-*`, `Forwarded`) are what an edge says about its client:
+/// the sidecar keeps them only from a peer that may mint user context (the gateway), never
+/// from another workload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_believed_only_from_the_edge() {
+    let Some(s) = setup().await else { return };
+    let tls = castellan::demo::mtls_client(&s.worker, &s.sidecar, "orders").unwrap();
+    let req = b"GET /things/1 HTTP/1.1\r\nHost: orders\r\nX-Forwarded-For: 203.0.113.7\r\nX_Forwarded_Host: evil.test\r\nForwarded: for=203.0.113.7\r\nConnection: close\r\n\r\n";
+    let (st, body) = raw(s.sidecar.inbound, Some(tls), req).await.unwrap();
+    assert_eq!(st, 200, "{body}");
+    let got = app_headers(&body);
+    for k in [
+        "HTTP_X_FORWARDED_FOR",
+        "HTTP_X_FORWARDED_HOST",
+        "HTTP_FORWARDED",
+    ] {
+        assert!(
+            !got.contains_key(k),
+            "{k} from a workload reached the app: {body}"
+        );
+    }
+    assert_eq!(
+        got["HTTP_X_CASTELLAN_SOURCE"],
+        "spiffe://demo.castellan/svc/worker"
+    );
 }
