@@ -1,7 +1,7 @@
 //! The audit store: proxies ship their chained records (gRPC `Audit.Ship`); operators query,
 //! verify and export them (admin API, `castellan audit …`).
 
-use crate::admin::Caller;
+use crate::admin::auth::{Body, Caller};
 use crate::problem::Problem;
 use crate::{Server, unix_now};
 use axum::Json;
@@ -332,13 +332,18 @@ pub(crate) async fn verify(
         // A chain purged up to a signed checkpoint starts right after it.
         let first = s.store.audit_chain(&w, 1, 1).await?;
         let mut purged_through = 0;
-        if let Some(start) = first.first()
-            && start.seq > 1
-            && let Some(cp) = checkpoints.iter().find(|c| c.seq == start.seq - 1)
-        {
+        let resume_at = match first.first() {
+            // Purged up to the checkpoint just before its first record.
+            Some(start) if start.seq > 1 => checkpoints.iter().find(|c| c.seq == start.seq - 1),
+            Some(_) => None,
+            // Purged entirely, up to its last checkpoint.
+            None => checkpoints.last(),
+        };
+        if let Some(cp) = resume_at {
             v = ChainVerifier::resume(u64::try_from(cp.seq).unwrap_or(0), &cp.hash);
-            from = start.seq;
+            from = cp.seq + 1;
             purged_through = cp.seq;
+            head = cp.seq;
             stored_hashes.insert(cp.seq, cp.hash.clone());
         }
         loop {
@@ -414,7 +419,7 @@ pub(crate) struct PurgeParams {
 pub(crate) async fn purge(
     c: Caller,
     State(s): State<Arc<Server>>,
-    crate::admin::Body(p): crate::admin::Body<PurgeParams>,
+    Body(p): Body<PurgeParams>,
 ) -> Result<Json<Value>, Problem> {
     c.require_admin()?;
     let mut total = 0;

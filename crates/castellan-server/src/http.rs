@@ -1,6 +1,7 @@
 //! The one TLS listener: accepts connections, records the client certificate chain (if any) on
 //! every request, and serves HTTP/1.1 and HTTP/2 (gRPC included) from one router.
 
+use crate::peer::{PeerAddr, PeerCerts};
 use crate::problem::Problem;
 use crate::{Server, grpc, oauth};
 use axum::Router;
@@ -12,7 +13,6 @@ use axum::routing::get;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use rustls_pki_types::CertificateDer;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,15 +26,6 @@ use tower::ServiceExt as _;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head (HTTP/1.1 buffer, HTTP/2 header list).
 const MAX_HEADER_BYTES: usize = 32 * 1024;
-
-/// The client's certificate chain as presented in the TLS handshake (verified by rustls against
-/// the bundle; SPIFFE rules and revocation are checked by the handler that relies on it).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct PeerCerts(pub(crate) Option<Arc<Vec<CertificateDer<'static>>>>);
-
-/// The client's address (the TCP peer).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PeerAddr(pub(crate) std::net::SocketAddr);
 
 /// The OpenAPI document of the admin and OAuth2 API.
 const OPENAPI: &str = include_str!("openapi.json");
@@ -192,7 +183,7 @@ async fn readyz(State(s): State<Arc<Server>>) -> Response {
 
 /// `/metrics` on the main listener: an admin or viewer credential is required (metrics name
 /// services, clients and rules). Without one it is served only on `metrics_listen`.
-async fn prometheus(_c: crate::admin::Caller, State(s): State<Arc<Server>>) -> Response {
+async fn prometheus(_c: crate::admin::auth::Caller, State(s): State<Arc<Server>>) -> Response {
     metrics_body(&s)
 }
 

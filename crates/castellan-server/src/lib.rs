@@ -12,6 +12,7 @@ mod grpc;
 mod http;
 pub mod keys;
 mod oauth;
+mod peer;
 mod problem;
 mod tls;
 
@@ -460,7 +461,7 @@ impl Server {
     ) -> Result<SpiffeId, tonic::Status> {
         let chain = req
             .extensions()
-            .get::<http::PeerCerts>()
+            .get::<peer::PeerCerts>()
             .and_then(|p| p.0.clone())
             .ok_or_else(|| {
                 tonic::Status::unauthenticated("an SVID (TLS client certificate) is required")

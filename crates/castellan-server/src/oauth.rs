@@ -4,8 +4,8 @@
 //! `tls_client_auth` (RFC 8705; the token is then bound to the certificate).
 
 use crate::admin::is_scope_token;
-use crate::http::{PeerAddr, PeerCerts};
 use crate::keys::credential_hash;
+use crate::peer::{PeerAddr, PeerCerts};
 use crate::problem::OAuthError;
 use crate::{Server, unix_now};
 use axum::extract::{Form, FromRequest, Request, State};

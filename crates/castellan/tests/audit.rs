@@ -1375,7 +1375,11 @@ async fn purge_keeps_verify_working_from_the_signed_checkpoint() {
             200
         );
     }
-    drained(&[&m.gateway], Duration::from_secs(10)).await;
+    drained(
+        &[&m.gateway, m.sidecar("orders").unwrap()],
+        Duration::from_secs(10),
+    )
+    .await;
     let (code, text) = run(vec!["audit".into(), "verify".into()]).await;
     assert_eq!(code, Some(0), "{text}");
     // Deleting the next record by hand is not a purge: reported.
