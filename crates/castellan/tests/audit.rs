@@ -22,6 +22,46 @@ async fn drained(proxies: &[&RunningProxy], limit: Duration) {
     }
 }
 
+/// Waits until a signed checkpoint covers the head of the demo gateway's chain (the demo signs
+/// every second); returns that chain as `GET /v1/audit/verify` lists it.
+async fn gateway_checkpointed(m: &castellan::demo::Mesh) -> Value {
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(castellan::demo::control_plane_tls(&m.bundle).unwrap())
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let v: Value = http
+            .get(format!("{}/v1/audit/verify", m.server.url))
+            .bearer_auth(&m.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let gw = v["writers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["proxy_id"] == "gateway")
+            .cloned()
+            .unwrap();
+        if gw["checkpoints"]
+            .as_array()
+            .and_then(|c| c.last())
+            .is_some_and(|c| c["seq"] == gw["head"])
+        {
+            return gw;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no checkpoint: {gw}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn cli(url: &str, token: &str, bundle: &std::path::Path, args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_castellan"))
         .args(args)
@@ -804,42 +844,7 @@ async fn signed_checkpoints_catch_a_recomputed_chain_and_a_cut_tail() {
         );
     }
     drained(&[&m.gateway], Duration::from_secs(10)).await;
-    // Wait for a checkpoint covering the gateway's last record (the demo signs every second).
-    let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(castellan::demo::control_plane_tls(&m.bundle).unwrap())
-        .build()
-        .unwrap();
-    let gateway_chain = || {
-        let (http, url, tok) = (http.clone(), m.server.url.clone(), m.admin_token.clone());
-        async move {
-            let v: Value = http
-                .get(format!("{url}/v1/audit/verify"))
-                .bearer_auth(tok)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["writers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|w| w["proxy_id"] == "gateway")
-                .cloned()
-                .unwrap()
-        }
-    };
-    let t0 = Instant::now();
-    loop {
-        let w = gateway_chain().await;
-        let last = w["checkpoints"].as_array().and_then(|c| c.last().cloned());
-        if last.is_some_and(|c| c["seq"] == w["head"]) {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(15), "no checkpoint: {w}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    gateway_checkpointed(&m).await;
     let heads = m.dir.path().join("heads.jsonl");
     let (url, tok, bundle) = (
         m.server.url.clone(),
@@ -1216,42 +1221,7 @@ async fn purge_keeps_verify_working_from_the_signed_checkpoint() {
         );
     }
     drained(&[&m.gateway], Duration::from_secs(10)).await;
-    // Wait for a checkpoint covering the gateway's records (the demo signs every second).
-    let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(castellan::demo::control_plane_tls(&m.bundle).unwrap())
-        .build()
-        .unwrap();
-    let t0 = Instant::now();
-    loop {
-        let v: Value = http
-            .get(format!("{}/v1/audit/verify", m.server.url))
-            .bearer_auth(&m.admin_token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let gw = v["writers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|w| w["proxy_id"] == "gateway")
-            .cloned()
-            .unwrap();
-        if gw["checkpoints"]
-            .as_array()
-            .and_then(|c| c.last())
-            .is_some_and(|c| c["seq"] == gw["head"])
-        {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "no checkpoint: {gw}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    gateway_checkpointed(&m).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     let cut = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1316,37 +1286,7 @@ async fn purge_keeps_verify_working_from_the_signed_checkpoint() {
     assert_eq!(code, Some(0), "verify works from the checkpoint: {text}");
     // Purged all the way to its head (once a checkpoint covers the head), the chain goes on
     // from that checkpoint: the proxy keeps shipping.
-    let t0 = Instant::now();
-    loop {
-        let v: Value = http
-            .get(format!("{}/v1/audit/verify", m.server.url))
-            .bearer_auth(&m.admin_token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let gw = v["writers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|w| w["proxy_id"] == "gateway")
-            .cloned()
-            .unwrap();
-        if gw["checkpoints"]
-            .as_array()
-            .and_then(|c| c.last())
-            .is_some_and(|c| c["seq"] == gw["head"])
-        {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "no checkpoint: {gw}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    gateway_checkpointed(&m).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     let all = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

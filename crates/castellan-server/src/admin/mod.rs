@@ -742,6 +742,47 @@ async fn store_revision(
     Ok((rev, hash, set.rule_count(), true))
 }
 
+/// Stores `files` as a revision (see [`store_revision`]) and, when one was created, records
+/// `action` in the admin chain; answers 201 (new revision) or 200 (same content), with `extra`
+/// fields added to the body.
+async fn revision_response(
+    s: &Server,
+    who: &str,
+    files: &std::collections::BTreeMap<String, String>,
+    comment: &str,
+    action: &str,
+    extra: Value,
+) -> Response {
+    let (rev, hash, rules, created) = match store_revision(s, who, files, comment).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    tracing::info!(admin = %who, action, revision = rev, %hash, rules, created, "policy revision stored");
+    if created
+        && let Err(p) = s
+            .record_admin(
+                who,
+                action,
+                &format!("revision {rev} ({hash}): {comment}"),
+                201,
+            )
+            .await
+    {
+        return p.into_response();
+    }
+    let mut body =
+        json!({"revision": rev, "content_hash": hash, "rules": rules, "changed": created});
+    if let (Some(o), Value::Object(more)) = (body.as_object_mut(), extra) {
+        o.extend(more);
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
+}
+
 async fn apply_policy(
     c: Caller,
     State(s): State<Arc<Server>>,
@@ -750,30 +791,7 @@ async fn apply_policy(
     if let Err(p) = c.require_admin() {
         return p.into_response();
     }
-    match store_revision(&s, &c.name, &b.files, &b.comment).await {
-        Ok((rev, hash, rules, created)) => {
-            tracing::info!(admin = %c.name, revision = rev, %hash, rules, created, "policy applied");
-            if created
-                && let Err(p) = s
-                    .record_admin(
-                        &c.name,
-                        "policy.apply",
-                        &format!("revision {rev} ({hash})"),
-                        201,
-                    )
-                    .await
-            {
-                return p.into_response();
-            }
-            let status = if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            (status, Json(json!({"revision": rev, "content_hash": hash, "rules": rules, "changed": created}))).into_response()
-        }
-        Err(e) => e.into_response(),
-    }
+    revision_response(&s, &c.name, &b.files, &b.comment, "policy.apply", json!({})).await
 }
 
 async fn current_policy(_c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value>, Problem> {
@@ -814,29 +832,15 @@ async fn rollback_policy(
         Ok(f) => f,
         Err(e) => return Problem::internal(e).into_response(),
     };
-    match store_revision(&s, &c.name, &files, &format!("rollback to {rev}")).await {
-        Ok((new_rev, hash, rules, created)) => {
-            tracing::info!(admin = %c.name, to = rev, revision = new_rev, "policy rolled back");
-            if let Err(p) = s
-                .record_admin(
-                    &c.name,
-                    "policy.rollback",
-                    &format!("revision {new_rev} = revision {rev}"),
-                    201,
-                )
-                .await
-            {
-                return p.into_response();
-            }
-            let status = if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            (status, Json(json!({"revision": new_rev, "content_hash": hash, "rules": rules, "rolled_back_to": rev, "changed": created}))).into_response()
-        }
-        Err(e) => e.into_response(),
-    }
+    revision_response(
+        &s,
+        &c.name,
+        &files,
+        &format!("rollback to {rev}"),
+        "policy.rollback",
+        json!({"rolled_back_to": rev}),
+    )
+    .await
 }
 
 async fn list_proxies(_c: Caller, State(s): State<Arc<Server>>) -> Result<Json<Value>, Problem> {
