@@ -26,6 +26,9 @@ pub enum Kind {
     Admin,
 }
 
+/// `origin` of a decision asked through an API (AuthZEN), not taken on traffic.
+pub const ORIGIN_API: &str = "authzen";
+
 /// The record format this crate writes.
 pub const FORMAT: u8 = 2;
 
@@ -90,6 +93,12 @@ pub struct AuditRecord {
     /// Format 2: who acted on the user's behalf (delegation chain), nearest last.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub act: Vec<String>,
+    /// Format 2: where the decision was asked. Empty: traffic a Castellan proxy enforced;
+    /// `ext_authz` / `forward_auth`: traffic another proxy enforced on this answer;
+    /// [`ORIGIN_API`]: a question asked through an API (AuthZEN), not traffic — traffic views
+    /// (graph, reports, anomalies, replay) leave these out.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub origin: String,
     /// SHA-256 (hex) over every field above, in this order, as JSON.
     pub hash: String,
 }
@@ -127,6 +136,8 @@ pub struct Entry {
     pub latency_us: u64,
     /// Delegation chain.
     pub act: Vec<String>,
+    /// Where the decision was asked (see [`AuditRecord::origin`]).
+    pub origin: String,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -134,6 +145,12 @@ fn hex(b: &[u8]) -> String {
 }
 
 impl AuditRecord {
+    /// Whether the record is of enforced traffic (a decision some proxy acted on), not of a
+    /// question asked through an API.
+    pub fn is_traffic(&self) -> bool {
+        self.kind == Kind::Decision && self.origin != ORIGIN_API
+    }
+
     /// The hash this record should carry.
     pub fn compute_hash(&self) -> String {
         let mut copy = self.clone();
@@ -195,6 +212,7 @@ impl Head {
             latency_us: e.latency_us,
             lost,
             act: e.act,
+            origin: e.origin,
             hash: String::new(),
         };
         r.hash = r.compute_hash();

@@ -3,177 +3,25 @@
 //! gateway calling that service, mints the user-context token, and forwards over mTLS to the
 //! service's sidecar. Client-supplied `x-castellan-*` headers never pass.
 
+use crate::Inner;
 use crate::http::{self as h, Body, CONTEXT_HEADER, problem};
-use crate::sidecar::{Pending, decide, denial, http1_builder, normalized_target, unauthorized};
-use crate::{Inner, unix_now};
+use crate::pipeline::{Admitted, Caller, Destination, admit, mint_context};
+use crate::sidecar::{Pending, http1_builder};
 use bytes::Bytes;
 use castellan_identity::TokenVerifier;
-use castellan_policy::User;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, HeaderValue};
+use hyper::header::HeaderValue;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-
-/// Lifetime of minted context tokens.
-const CONTEXT_TTL: i64 = 60;
-/// Registered claims not passed on as user claims.
-const REGISTERED: &[&str] = &[
-    "iss",
-    "sub",
-    "aud",
-    "exp",
-    "iat",
-    "nbf",
-    "jti",
-    "roles",
-    "scope",
-    "client_id",
-    "cnf",
-    "act",
-];
-
-/// The end user of a verified token: `sub`, `roles` (a list of strings, or absent), and every
-/// other claim in its JSON shape — dropping a claim of an unexpected shape would make a deny
-/// rule reading it fail open. `None` (→ 401) when `sub` or `roles` is malformed.
-fn user_from_claims(claims: &Map<String, Value>) -> Option<User> {
-    let sub = claims.get("sub")?.as_str()?.to_owned();
-    let roles = match claims.get("roles") {
-        None => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|r| r.as_str().map(str::to_owned))
-            .collect::<Option<Vec<String>>>()?,
-        Some(_) => return None,
-    };
-    let extra = claims
-        .iter()
-        .filter(|(k, _)| !REGISTERED.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    Some(User {
-        sub: Some(sub),
-        roles,
-        claims: extra,
-        act: act_chain(claims.get("act"))?,
-    })
-}
-
-/// The delegation chain of an exchanged token (RFC 8693 §4.1: the outermost `act` is the
-/// current actor, nested ones came before), first actor first. `None` (→ 401) if malformed.
-fn act_chain(act: Option<&Value>) -> Option<Vec<String>> {
-    let mut chain = Vec::new();
-    let mut cur = act;
-    while let Some(a) = cur {
-        let sub = a.get("sub")?.as_str()?;
-        chain.push(sub.to_owned());
-        if chain.len() > 8 {
-            return None;
-        }
-        cur = a.get("act");
-    }
-    chain.reverse();
-    Some(chain)
-}
-
-/// Whether a route `prefix` serves `path` (both normalized): the prefix itself, or anything
-/// below it (`/api` serves `/api/x`; `/` and `/api/` serve everything under them).
-fn route_matches(prefix: &str, path: &str) -> bool {
-    path == prefix
-        || path
-            .strip_prefix(prefix)
-            .is_some_and(|rest| prefix.ends_with('/') || rest.starts_with('/'))
-}
-
-/// The end user, and the API key that authenticated them (if one did: its scope is checked
-/// once the route is known).
-type Authenticated = (User, Option<Arc<crate::state::ApiKeyUser>>);
-
-/// Who the request's credentials say the user is; `Err` is the 401 to send.
-fn authenticate(
-    inner: &Inner,
-    headers: &hyper::HeaderMap,
-    client_cert: Option<&str>,
-    did: &str,
-) -> Result<Authenticated, Box<Response<Body>>> {
-    let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
-    let bearer = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let cred = match (api_key, bearer) {
-        (Some(_), Some(_)) => {
-            return Err(Box::new(unauthorized(
-                "send one credential, not both X-API-Key and Authorization",
-                did,
-            )));
-        }
-        (Some(k), None) | (None, Some(k)) => k,
-        (None, None) => return Err(Box::new(unauthorized("credentials required", did))),
-    };
-    if cred.starts_with(crate::state::API_KEY_PREFIX) {
-        let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cred.as_bytes());
-        return match inner.state.api_key(hash.as_ref()) {
-            Some(u) => Ok((
-                User {
-                    sub: Some(u.user.clone()),
-                    roles: u.roles.clone(),
-                    claims: u.claims.clone().into_iter().collect(),
-                    act: Vec::new(),
-                },
-                Some(u),
-            )),
-            None => Err(Box::new(unauthorized("unknown or revoked API key", did))),
-        };
-    }
-    let now = unix_now();
-    if let Some(v) = inner.castellan_tokens.load().as_ref()
-        && let Ok(t) = v.verify(cred, now)
-    {
-        let claim = |k: &str| t.claims.get(k).and_then(Value::as_str);
-        // Revocation and disabled clients, as pushed: checked on every request.
-        if inner
-            .state
-            .is_token_revoked(claim("jti"), claim("client_id"))
-        {
-            return Err(Box::new(unauthorized("token revoked", did)));
-        }
-        // RFC 8705 §3: a certificate-bound token only with its certificate.
-        if let Some(bound) = t
-            .claims
-            .get("cnf")
-            .and_then(|c| c.get("x5t#S256"))
-            .and_then(Value::as_str)
-            && client_cert != Some(bound)
-        {
-            return Err(Box::new(unauthorized(
-                "certificate-bound token presented without its certificate",
-                did,
-            )));
-        }
-        return match user_from_claims(&t.claims) {
-            Some(u) => Ok((u, None)),
-            None => Err(Box::new(unauthorized("invalid token", did))),
-        };
-    }
-    for v in &inner.oidc {
-        if let Ok(t) = v.verify(cred, now)
-            && let Some(u) = user_from_claims(&t.claims)
-        {
-            return Ok((u, None));
-        }
-    }
-    Err(Box::new(unauthorized("invalid token", did)))
-}
 
 /// What the edge knows about one client connection.
 #[derive(Debug)]
@@ -202,102 +50,32 @@ async fn handle_inner(
     if let Err(why) = h::check_framing(req.headers()) {
         return problem(StatusCode::BAD_REQUEST, why, &did);
     }
-    if let Some(age) = inner.staleness() {
-        let why = format!("policy is stale (no control-plane contact for {age} s): failing closed");
-        return problem(StatusCode::SERVICE_UNAVAILABLE, &why, &did);
-    }
     let (mut parts, body) = req.into_parts();
-    if let Err(why) = h::normalize_headers(&mut parts.headers, true) {
-        return problem(StatusCode::BAD_REQUEST, &why.to_string(), &did);
-    }
-    let Some(target) = normalized_target(&parts) else {
-        return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
-    };
-    let path = target.split('?').next().unwrap_or("/");
-    let route = inner
-        .cfg
-        .routes
-        .iter()
-        .filter(|(prefix, _)| route_matches(prefix, path))
-        .max_by_key(|(prefix, _)| prefix.len());
-    let Some((_, service)) = route else {
-        return problem(StatusCode::NOT_FOUND, "no route", &did);
-    };
-    p.destination = service.clone();
-    p.path = target.clone();
-    let (user, api_key) =
-        match authenticate(inner, &parts.headers, conn.cert_thumbprint.as_deref(), &did) {
-            Ok(u) => u,
-            Err(r) => return *r,
-        };
-    // An API key scoped to services, route prefixes or a lifetime is refused elsewhere.
-    if let Some(k) = &api_key {
-        if let Some(why) = k.refusal(service, path, unix_now()) {
-            p.user = k.user.clone();
-            p.refusal = Some("key-out-of-scope");
-            return unauthorized(why, &did);
-        }
-        inner.key_used(&k.key_id);
-    }
-    let api_key_id = api_key.as_ref().map_or("", |k| k.key_id.as_str());
-    let sub = user.sub.clone().unwrap_or_default();
-    p.user.clone_from(&sub);
-    let me = inner.identity.current().id.clone();
-    // The claims as the token carries them (a JSON object).
-    let claims: Map<String, Value> = user
-        .claims
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let roles = user.roles.clone();
-    let act = user.act.clone();
-    p.act.clone_from(&act);
-    let d = decide(inner, Some(&me), Some(user), service, &parts);
-    let denied = (!d.is_allowed()).then(|| denial(&d, &did));
-    p.decision = Some(d);
-    if let Some(r) = denied {
-        return r;
-    }
-    let who = crate::ratelimit::Who {
-        source: &p.source,
-        user: &p.user,
-        api_key: api_key_id,
-    };
-    if let Err((limit, wait)) = inner
-        .limits
-        .check(inner, service, parts.method.as_str(), path, &who)
-        .await
+    let admitted = match admit(
+        inner,
+        &mut parts,
+        Caller::Edge,
+        Destination::Routed,
+        conn.cert_thumbprint.as_deref(),
+        p,
+    )
+    .await
     {
-        p.rate_limited = Some(limit);
-        return crate::sidecar::too_many(wait, &did);
-    }
-    // The token names its destination: only we (calling it) or it (calling on once) may
-    // present it.
-    let Ok(aud) = castellan_identity::SpiffeId::for_service(inner.state.trust_domain(), service)
-    else {
-        return problem(StatusCode::INTERNAL_SERVER_ERROR, "internal error", &did);
+        Ok(a) => a,
+        Err(r) => return r.response(&did),
     };
-    let token = match inner.identity.signer().mint_with_act(
-        aud.as_str(),
-        &sub,
-        &roles,
-        &claims,
-        &act,
-        &did,
-        unix_now(),
-        CONTEXT_TTL,
-    ) {
+    let token = match mint_context(inner, &admitted, &did) {
         Ok(t) => t,
-        Err(e) => {
-            tracing::error!(error = %e, "minting the context token failed");
-            return problem(StatusCode::INTERNAL_SERVER_ERROR, "internal error", &did);
-        }
+        Err(r) => return r.response(&did),
     };
+    let Admitted {
+        service, target, ..
+    } = admitted;
     let body = match h::read_body(body, inner.cfg.max_body_bytes).await {
         Ok(b) => b,
         Err(e) => return h::body_error(e, &did),
     };
-    if let Err(v) = crate::validate_request(inner, service, &parts, &target, &body) {
+    if let Err(v) = crate::validate_request(inner, &service, &parts, &target, &body) {
         p.invalid = true;
         let status = StatusCode::from_u16(v.status).unwrap_or(StatusCode::BAD_REQUEST);
         return problem(status, &v.detail, &did);
@@ -323,16 +101,16 @@ async fn handle_inner(
     if let Some(v) = host {
         headers.insert("x-forwarded-host", v);
     }
-    let eps = inner.state.endpoints(service);
+    let eps = inner.state.endpoints(&service);
     if eps.is_empty() {
         return problem(StatusCode::SERVICE_UNAVAILABLE, "service unavailable", &did);
     }
-    let client = match inner.upstream(service) {
+    let client = match inner.upstream(&service) {
         Ok(c) => c,
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), &did),
     };
     let idempotent = crate::is_idempotent(&parts.method);
-    crate::forward(inner, service, &client, idempotent, &did, |attempt| {
+    crate::forward(inner, &service, &client, idempotent, &did, |attempt| {
         let ep = eps.get(attempt % eps.len())?;
         let uri = format!("https://{ep}{target}").parse::<hyper::Uri>().ok()?;
         h::upstream_request(&parts, uri, headers.clone(), body.clone()).ok()

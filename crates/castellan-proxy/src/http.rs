@@ -18,20 +18,29 @@ pub const CONTEXT_HEADER: &str = "x-castellan-context";
 
 /// A problem JSON response (RFC 9457).
 pub fn problem(status: StatusCode, detail: &str, decision_id: &str) -> Response<Body> {
-    let body = json!({
-        "type": "about:blank",
-        "title": status.canonical_reason().unwrap_or("error"),
-        "status": status.as_u16(),
-        "detail": detail,
-        "decision_id": decision_id,
-    });
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut r = Response::new(Full::new(Bytes::from(problem_json(
+        status,
+        detail,
+        decision_id,
+    ))));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
     );
     r
+}
+
+/// The problem JSON (RFC 9457) of [`problem`].
+pub fn problem_json(status: StatusCode, detail: &str, decision_id: &str) -> String {
+    json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "detail": detail,
+        "decision_id": decision_id,
+    })
+    .to_string()
 }
 
 /// A fresh decision id.
@@ -95,7 +104,7 @@ const LIST_VALUED: &[&str] = &[
 
 /// Headers some back ends honour to rewrite the path or method after our decision
 /// (shared/design/attack-classes.md): never passed on.
-const REWRITE_HEADERS: &[&str] = &[
+pub(crate) const REWRITE_HEADERS: &[&str] = &[
     "x-original-url",
     "x-rewrite-url",
     "x-original-uri",
@@ -119,7 +128,7 @@ const FORWARDING_HEADERS: &[&str] = &[
 ];
 
 /// `name` as back ends that fold `_` into `-` see it (WSGI, CGI, Rack): lower case, `-`.
-fn folded(name: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn folded(name: &str) -> std::borrow::Cow<'_, str> {
     if name.contains('_') {
         std::borrow::Cow::Owned(name.replace('_', "-"))
     } else {

@@ -8,9 +8,16 @@
 mod admin;
 pub mod audit;
 mod breaker;
+mod decision;
 mod listener;
+pub mod oidc;
+mod pipeline;
 pub mod ratelimit;
 pub use admin::use_metrics_handle;
+pub use decision::{
+    AUTHZEN_SCOPE, DecisionAddrs, DecisionConfig, EXT_AUTHZ_HTTP_PREFIX, FORWARD_AUTH_PATH,
+};
+pub use oidc::{OidcIssuer, OidcKeys};
 mod framing;
 mod gateway;
 pub mod http;
@@ -57,13 +64,16 @@ pub enum ProxyError {
     Io(#[from] std::io::Error),
 }
 
-/// Sidecar or gateway.
+/// Sidecar, gateway or decision point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// In front of one service.
     Sidecar,
     /// At the edge.
     Gateway,
+    /// Answers other proxies' questions (Envoy ext_authz, forward-auth, AuthZEN) with the
+    /// gateway's pipeline, instead of forwarding.
+    Decision,
 }
 
 impl Mode {
@@ -71,19 +81,9 @@ impl Mode {
         match self {
             Mode::Sidecar => "sidecar",
             Mode::Gateway => "gateway",
+            Mode::Decision => "decision",
         }
     }
-}
-
-/// A JWT issuer the gateway accepts end-user tokens from.
-#[derive(Debug, Clone)]
-pub struct OidcIssuer {
-    /// `iss`.
-    pub issuer: String,
-    /// Required `aud`.
-    pub audience: String,
-    /// JWKS file (keys are never fetched from a URL in a token).
-    pub jwks_file: PathBuf,
 }
 
 /// Everything a proxy needs.
@@ -116,10 +116,12 @@ pub struct ProxyConfig {
     /// Query parameters whose values are masked in audit records (default:
     /// [`audit::DEFAULT_REDACTED`]).
     pub redact_query: Vec<String>,
-    /// Gateway: path prefix → service.
+    /// Gateway and decision point: path prefix → service.
     pub routes: Vec<(String, String)>,
-    /// Gateway: external OIDC issuers.
+    /// Gateway and decision point: external OIDC issuers.
     pub oidc: Vec<OidcIssuer>,
+    /// Decision point: its endpoints and whom it trusts to ask.
+    pub decision: DecisionConfig,
     /// Largest request or response body, bytes.
     pub max_body_bytes: usize,
     /// Sidecar: the service it fronts (filled from the SVID at start).
@@ -165,6 +167,7 @@ impl ProxyConfig {
             upstreams: Vec::new(),
             routes: Vec::new(),
             oidc: Vec::new(),
+            decision: DecisionConfig::default(),
             max_body_bytes: 1024 * 1024,
             service_name: None,
             audit_spool_bytes: 256 * 1024 * 1024,
@@ -203,7 +206,7 @@ pub(crate) struct Inner {
     identity: Arc<CurrentIdentity>,
     app: Client<HttpConnector, Body>,
     upstreams: Mutex<HashMap<String, UpstreamClient>>,
-    oidc: Vec<TokenVerifier>,
+    oidc: Vec<Arc<oidc::Issuer>>,
     castellan_tokens: ArcSwap<Option<TokenVerifier>>,
     inbound_addr: SocketAddr,
     /// This process's audit chain (a new epoch per start).
@@ -471,6 +474,8 @@ pub struct RunningProxy {
     pub state: Arc<State>,
     /// Identity in force.
     pub identity: Arc<CurrentIdentity>,
+    /// Decision point: where it answers.
+    pub decision: Option<DecisionAddrs>,
     stop: watch::Sender<bool>,
     inner: Arc<Inner>,
 }
@@ -569,18 +574,12 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     cfg.service_name = ident.id.service_name().map(str::to_owned);
     let state = Arc::new(State::new(&td, pushed.unwrap_or(file_bundle))?);
     let identity = Arc::new(CurrentIdentity::new(ident)?);
-    let mut oidc = Vec::new();
-    for o in &cfg.oidc {
-        let text = std::fs::read_to_string(&o.jwks_file)
-            .map_err(|e| ProxyError::Config(format!("{}: {e}", o.jwks_file.display())))?;
-        let jwks = serde_json::from_str(&text)
-            .map_err(|e| ProxyError::Config(format!("{}: {e}", o.jwks_file.display())))?;
-        oidc.push(
-            TokenVerifier::new(&o.issuer, &o.audience, &jwks)
-                .map_err(|e| ProxyError::Config(format!("{}: {e}", o.jwks_file.display())))?,
-        );
-    }
+    let oidc = oidc::load(&cfg.oidc)?;
     let inbound = TcpListener::bind(cfg.listen).await?;
+    let decision_listeners = match cfg.mode {
+        Mode::Decision => Some(decision::bind(&cfg.decision).await?),
+        _ => None,
+    };
     let admin = TcpListener::bind(cfg.admin_listen).await?;
     let mut outbound = Vec::new();
     for (svc, addr) in &cfg.upstreams {
@@ -642,6 +641,9 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         admin: admin.local_addr()?,
         state,
         identity,
+        decision: decision_listeners
+            .as_ref()
+            .map(|l| l.addrs(inner.inbound_addr)),
         stop,
         inner: inner.clone(),
     };
@@ -685,7 +687,18 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
                 inner.clone(),
                 stop_rx.clone(),
             ));
+            oidc::spawn_refresh(&inner, &stop_rx);
             tokio::spawn(gateway::serve(inner.clone(), inbound, stop_rx.clone()));
+        }
+        Mode::Decision => {
+            tokio::spawn(gateway::refresh_castellan_keys(
+                inner.clone(),
+                stop_rx.clone(),
+            ));
+            oidc::spawn_refresh(&inner, &stop_rx);
+            if let Some(l) = decision_listeners {
+                decision::serve(&inner, inbound, l, &stop_rx);
+            }
         }
     }
     tracing::info!(proxy = %inner.cfg.proxy_id, mode = inner.cfg.mode.as_str(), inbound = %running.inbound, admin = %running.admin, "castellan proxy started");
@@ -698,7 +711,7 @@ async fn report(inner: &Inner, client: &mut DistributionClient<tonic::transport:
         mode: inner.cfg.mode.as_str().to_owned(),
         address: match inner.cfg.mode {
             Mode::Sidecar => inner.inbound_addr.to_string(),
-            Mode::Gateway => String::new(),
+            Mode::Gateway | Mode::Decision => String::new(),
         },
         revision: inner.state.revision(),
         cert_not_after: inner.identity.current().not_after,

@@ -4,10 +4,11 @@
 //! loopback, forwarded over mTLS to that service, whose SVID must be the one expected.
 
 use crate::http::{self as h, Body, CONTEXT_HEADER, problem};
+use crate::pipeline::Refusal;
 use crate::{Inner, unix_now};
 use castellan_identity::SpiffeId;
 use castellan_policy::{
-    Decision, Destination, HttpRequest, Reason, Request as PolicyRequest, Source, User,
+    Decision, Destination, HttpRequest, Request as PolicyRequest, Source, User,
 };
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
@@ -106,6 +107,8 @@ pub(crate) struct Pending {
     /// Set when the request was refused before a decision for a reason worth naming in the
     /// audit record (e.g. `key-out-of-scope`).
     pub(crate) refusal: Option<&'static str>,
+    /// Where the decision was asked (the audit record's `origin`; empty: our own traffic).
+    pub(crate) origin: &'static str,
 }
 
 /// A request hyper refused before it reached us (unparsable framing, head too large): hyper
@@ -135,22 +138,31 @@ pub(crate) fn record_unparsed(inner: &Inner, source: &str, destination: &str, e:
 
 impl Pending {
     pub(crate) fn new(req: &Request<Incoming>, destination: &str) -> Pending {
-        let trace_id = req
-            .headers()
+        Pending::start(req.method(), req.uri(), req.headers(), destination)
+    }
+
+    /// A record for a request known by its method, target and headers.
+    pub(crate) fn start(
+        method: &hyper::Method,
+        uri: &hyper::Uri,
+        headers: &hyper::HeaderMap,
+        destination: &str,
+    ) -> Pending {
+        let trace_id = headers
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split('-').nth(1))
             .filter(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()))
             .unwrap_or("")
             .to_owned();
-        let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let raw = uri.path_and_query().map_or("/", |p| p.as_str());
         Pending {
             did: h::decision_id(),
             t0: Instant::now(),
             source: String::new(),
             user: String::new(),
             destination: destination.to_owned(),
-            method: req.method().as_str().chars().take(16).collect(),
+            method: method.as_str().chars().take(16).collect(),
             path: raw.chars().take(1024).collect(),
             trace_id,
             decision: None,
@@ -158,12 +170,18 @@ impl Pending {
             invalid: false,
             act: Vec::new(),
             refusal: None,
+            origin: "",
         }
     }
 
     /// Writes the record (metrics, recent decisions, the audit spool) and returns `resp`.
     pub(crate) fn finish(self, inner: &Inner, resp: Response<Body>) -> Response<Body> {
-        let status = resp.status();
+        self.record(inner, resp.status());
+        resp
+    }
+
+    /// Writes the record of a request answered with `status`.
+    pub(crate) fn record(self, inner: &Inner, status: StatusCode) {
         let (decision, rule, reason, mode) = match &self.decision {
             Some(d) => (
                 if d.is_allowed() { "allow" } else { "deny" },
@@ -211,38 +229,28 @@ impl Pending {
             status: status.as_u16(),
             latency_us: u64::try_from(self.t0.elapsed().as_micros()).unwrap_or(u64::MAX),
             act: self.act,
+            origin: self.origin.to_owned(),
         };
         crate::audit::write(inner, entry);
-        resp
     }
 }
 
 /// The 429 for an exhausted rate limit.
 pub(crate) fn too_many(retry_after: std::time::Duration, did: &str) -> Response<Body> {
-    let mut r = problem(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded", did);
-    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-    if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
-        r.headers_mut().insert(hyper::header::RETRY_AFTER, v);
+    Refusal {
+        retry_after: Some(retry_after),
+        ..Refusal::new(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded")
     }
-    r
+    .response(did)
 }
 
 /// The response for a denial: 400 for malformed requests, else 403.
 pub(crate) fn denial(d: &Decision, did: &str) -> Response<Body> {
-    if d.reason == Reason::MalformedRequest {
-        problem(StatusCode::BAD_REQUEST, "malformed request", did)
-    } else {
-        problem(StatusCode::FORBIDDEN, "access denied by policy", did)
-    }
+    Refusal::of_denial(d).response(did)
 }
 
 pub(crate) fn unauthorized(detail: &str, did: &str) -> Response<Body> {
-    let mut r = problem(StatusCode::UNAUTHORIZED, detail, did);
-    r.headers_mut().insert(
-        hyper::header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer realm=\"castellan\""),
-    );
-    r
+    Refusal::new(StatusCode::UNAUTHORIZED, detail).response(did)
 }
 
 /// The normalized target the decision was made on (what the app receives).

@@ -250,6 +250,11 @@ impl State {
         }
     }
 
+    /// The latest decision this proxy made, if any.
+    pub fn last_decision(&self) -> Option<RecentDecision> {
+        self.recent.lock().ok()?.back().cloned()
+    }
+
     /// A recent decision by id.
     pub fn recent_decision(&self, decision_id: &str) -> Option<RecentDecision> {
         self.recent

@@ -39,6 +39,7 @@ fn entry(i: u64) -> Entry {
         status: 200,
         latency_us: 150,
         act: Vec::new(),
+        origin: String::new(),
     }
 }
 

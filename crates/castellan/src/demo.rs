@@ -78,6 +78,13 @@ pub struct Mesh {
     pub bundle: Vec<CertificateDer<'static>>,
     /// The gateway.
     pub gateway: RunningProxy,
+    /// A decision point acting for the gateway's identity, with its routes (ext_authz,
+    /// forward-auth, AuthZEN).
+    pub decision: RunningProxy,
+    /// An OAuth2 client with scope `authzen:evaluate`: (client_id, client_secret).
+    pub authzen_client: (String, String),
+    /// The demo apps' own addresses (behind their sidecars), by service.
+    pub apps: Vec<(&'static str, SocketAddr)>,
     /// The sidecars, by service.
     pub sidecars: Vec<(&'static str, RunningProxy)>,
     /// alice's API key (customer, customer_id 42).
@@ -255,6 +262,7 @@ pub async fn start_mesh() -> DemoResult<Mesh> {
     };
     let any: SocketAddr = "127.0.0.1:0".parse().map_err(|_| "addr")?;
     let mut sidecars = Vec::new();
+    let mut apps = Vec::new();
     for (svc, ups) in [
         ("orders", vec!["inventory", "payments"]),
         ("inventory", vec!["payments"]),
@@ -262,7 +270,9 @@ pub async fn start_mesh() -> DemoResult<Mesh> {
     ] {
         let app = TcpListener::bind(any).await.map_err(|e| e.to_string())?;
         let mut c = proxy_cfg(Mode::Sidecar, &format!("{svc}-sidecar"), svc);
-        c.app = Some(app.local_addr().map_err(|e| e.to_string())?);
+        let app_addr = app.local_addr().map_err(|e| e.to_string())?;
+        apps.push((svc, app_addr));
+        c.app = Some(app_addr);
         c.upstreams = ups.iter().map(|u| ((*u).to_owned(), any)).collect();
         let p = castellan_proxy::start(c)
             .await
@@ -280,23 +290,59 @@ pub async fn start_mesh() -> DemoResult<Mesh> {
         sidecars.push((name, p));
     }
     let mut g = proxy_cfg(Mode::Gateway, "gateway", "gateway");
-    g.routes = vec![
+    let g_routes = vec![
         ("/orders".to_owned(), "orders".to_owned()),
         ("/admin".to_owned(), "orders".to_owned()),
     ];
-    g.listen = SocketAddr::from((
+    let gateway_listen = SocketAddr::from((
         GATEWAY_IP.parse::<std::net::IpAddr>().map_err(|_| "addr")?,
         0,
     ));
+    g.routes.clone_from(&g_routes);
+    g.listen = gateway_listen;
     let gateway = castellan_proxy::start(g)
         .await
         .map_err(|e| format!("gateway: {e}"))?;
+    // A decision point for proxies the demo does not run itself (nginx, Caddy, Envoy,
+    // AuthZEN callers): the gateway's identity and routes, so one request gets one answer
+    // whichever way it is asked. It joins with its own token.
+    let join = admin(
+        &http,
+        &url,
+        &tok,
+        "/v1/services/gateway/join-token",
+        json!({}),
+    )
+    .await?;
+    let mut d = proxy_cfg(Mode::Decision, "decision-point", "gateway");
+    d.join_token = join.at("join_token").as_str().map(str::to_owned);
+    d.routes.clone_from(&g_routes);
+    d.listen = gateway_listen;
+    let decision = castellan_proxy::start(d)
+        .await
+        .map_err(|e| format!("decision point: {e}"))?;
+    let client = admin(
+        &http,
+        &url,
+        &tok,
+        "/v1/clients",
+        json!({"name": "authzen-demo", "scopes": [castellan_proxy::AUTHZEN_SCOPE]}),
+    )
+    .await?;
+    let authzen_client = (
+        client
+            .at("client_id")
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        client
+            .at("client_secret")
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    );
     // Ready: every proxy enforces the policy and knows the endpoints it forwards to.
-    for p in sidecars
-        .iter()
-        .map(|(_, p)| p)
-        .chain(std::iter::once(&gateway))
-    {
+    for p in sidecars.iter().map(|(_, p)| p).chain([&gateway, &decision]) {
         p.ready(Duration::from_secs(20))
             .await
             .map_err(|e| e.to_string())?;
@@ -338,6 +384,9 @@ pub async fn start_mesh() -> DemoResult<Mesh> {
         policy_dir,
         server,
         gateway,
+        decision,
+        authzen_client,
+        apps,
         sidecars,
         alice_key: alice.at("api_key").as_str().unwrap_or_default().to_owned(),
         bob_key: bob.at("api_key").as_str().unwrap_or_default().to_owned(),
@@ -628,6 +677,18 @@ async fn run_script(m: &Mesh, json_out: bool) -> bool {
         };
         rows.push((c.what, c.who, expected, got, rule_of(m, &body), ok, note));
     }
+    // The same decision through a proxy teams already run: nginx auth_request asking the
+    // decision point.
+    let mut skipped = None;
+    match nginx_rows(m).await {
+        Ok(r) => {
+            for row in r {
+                all_ok &= row.5;
+                rows.push(row);
+            }
+        }
+        Err(note) => skipped = Some(note),
+    }
     if json_out {
         let out: Vec<Value> = rows.iter().map(|(w, who, e, g, r, ok, n)| json!({"request": w, "as": who, "expected": e, "got": g, "rule": r, "ok": ok, "note": n})).collect();
         println!("{}", json!({"ok": all_ok, "results": out}));
@@ -648,6 +709,9 @@ async fn run_script(m: &Mesh, json_out: bool) -> bool {
                 }
             );
         }
+        if let Some(note) = &skipped {
+            println!("{note}");
+        }
         let failed = rows.iter().filter(|r| !r.5).count();
         println!(
             "\n{} requests, {} as expected, {failed} not",
@@ -663,13 +727,63 @@ async fn run_script(m: &Mesh, json_out: bool) -> bool {
     all_ok
 }
 
+/// One row of the demo's table: request, as whom, expected, got, deciding rule, ok, note.
+type Row = (String, &'static str, String, u16, String, bool, String);
+
+/// Alice's own order and someone else's through real nginx with `auth_request` to the decision
+/// point; `Err` says why the rows were skipped (nginx not installed) or what failed to start.
+async fn nginx_rows(m: &Mesh) -> Result<Vec<Row>, String> {
+    if !crate::peers::installed("nginx") {
+        return Err(
+            "nginx is not installed: the nginx auth_request rows were skipped (apt-get install nginx)"
+                .to_owned(),
+        );
+    }
+    let app = m
+        .apps
+        .iter()
+        .find(|(n, _)| *n == "orders")
+        .map(|(_, a)| *a)
+        .ok_or("no orders app")?;
+    let d = m.decision.decision.ok_or("no decision point")?;
+    let nginx = crate::peers::start_nginx(&m.dir.path().join("nginx"), d.http, app)?;
+    let alice = format!("Authorization: Bearer {}\r\n", m.alice_key);
+    let mut rows = Vec::new();
+    for (path, want) in [("/orders/42", 200), ("/orders/7", 403)] {
+        let (got, body) = raw(nginx.addr, None, &get(path, &alice, ""))
+            .await
+            .unwrap_or((0, Value::Null));
+        let mut ok = got == want;
+        let mut note = String::new();
+        if want == 200 && body.at("headers").at("x-castellan-user").as_str() != Some("alice") {
+            ok = false;
+            note = "x-castellan-user did not reach the app".to_owned();
+        }
+        let rule = m
+            .decision
+            .state
+            .last_decision()
+            .map_or_else(|| "-".to_owned(), |d| d.rule.unwrap_or(d.reason));
+        rows.push((
+            format!("nginx auth_request → decision point: GET {path}"),
+            "alice",
+            want.to_string(),
+            got,
+            rule,
+            ok,
+            note,
+        ));
+    }
+    Ok(rows)
+}
+
 /// Waits until every proxy's audit spool is stored, then verifies every chain.
 async fn verify_audit(m: &Mesh, json_out: bool) -> bool {
     let proxies: Vec<(&str, &RunningProxy)> = m
         .sidecars
         .iter()
         .map(|(n, p)| (*n, p))
-        .chain(std::iter::once(("gateway", &m.gateway)))
+        .chain([("gateway", &m.gateway), ("decision-point", &m.decision)])
         .collect();
     let t0 = std::time::Instant::now();
     while proxies.iter().any(|(_, p)| p.audit_backlog() > 0)
@@ -714,8 +828,8 @@ async fn verify_audit(m: &Mesh, json_out: bool) -> bool {
                 .as_array()
                 .and_then(|ws| {
                     // This run's chain of the proxy: its id and this start's epoch.
-                    let proxy_id = if name == &"gateway" {
-                        "gateway".to_owned()
+                    let proxy_id = if name == &"gateway" || name == &"decision-point" {
+                        (*name).to_owned()
                     } else {
                         format!("{name}-sidecar")
                     };
@@ -754,6 +868,16 @@ fn write_state(m: &Mesh, file: &Path) -> DemoResult<()> {
         },
         "proxies": m.sidecars.iter().map(|(n, p)| json!({"service": n, "inbound": p.inbound.to_string(), "admin": p.admin.to_string()})).collect::<Vec<_>>(),
         "gateway_admin": m.gateway.admin.to_string(),
+        "decision_point": m.decision.decision.map(|d| json!({
+            "ext_authz_grpc": d.grpc.to_string(),
+            "ext_authz_http": format!("http://{}{}", d.http, castellan_proxy::EXT_AUTHZ_HTTP_PREFIX),
+            "forward_auth_url": format!("http://{}{}", d.http, castellan_proxy::FORWARD_AUTH_PATH),
+            "authzen_url": format!("https://{}", d.tls),
+            "authzen_client": {"client_id": m.authzen_client.0, "client_secret": m.authzen_client.1,
+                               "token_url": format!("{}/oauth2/token", m.server.url),
+                               "scope": castellan_proxy::AUTHZEN_SCOPE},
+            "admin": m.decision.admin.to_string(),
+        })),
     });
     let tmp = file.with_extension("tmp");
     std::fs::write(

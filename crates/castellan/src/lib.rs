@@ -2,3 +2,4 @@
 
 pub mod demo;
 pub mod demo_apps;
+pub mod peers;

@@ -1,6 +1,6 @@
-//! `castellan proxy run`: a sidecar or gateway as its own process.
+//! `castellan proxy run`: a sidecar, gateway or decision point as its own process.
 
-use castellan_proxy::{Mode, OidcIssuer, ProxyConfig};
+use castellan_proxy::{Mode, OidcIssuer, OidcKeys, ProxyConfig};
 use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,12 +13,14 @@ pub enum ModeArg {
     Sidecar,
     /// At the edge.
     Gateway,
+    /// Answers Envoy ext_authz, forward-auth (nginx, Caddy, Traefik) and AuthZEN questions.
+    Decision,
 }
 
 /// Options of `castellan proxy run` (each also as a `CASTELLAN_PROXY_*` variable).
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// sidecar or gateway.
+    /// sidecar, gateway or decision.
     #[arg(long, value_enum, env = "CASTELLAN_PROXY_MODE")]
     mode: ModeArg,
     /// Stable id reported to the control plane.
@@ -56,12 +58,42 @@ pub struct RunArgs {
     /// api_key, password, secret and the like always are).
     #[arg(long = "redact")]
     redact: Vec<String>,
-    /// Gateway: a route, PREFIX=SERVICE (repeatable).
+    /// Gateway, decision: a route, PREFIX=SERVICE (repeatable).
     #[arg(long = "route")]
     routes: Vec<String>,
-    /// Gateway: an OIDC issuer, ISSUER,AUDIENCE,JWKS_FILE (repeatable).
+    /// Gateway, decision: an OIDC issuer, ISSUER,AUDIENCE[,JWKS_FILE] (repeatable). Without a
+    /// file, keys come by OIDC discovery at the (https) issuer URL, refreshed on a schedule
+    /// and on an unknown key id.
     #[arg(long = "oidc")]
     oidc: Vec<String>,
+    /// PEM roots for OIDC issuers' TLS (default: the system's).
+    #[arg(long, env = "CASTELLAN_PROXY_OIDC_CA_FILE")]
+    oidc_ca_file: Option<PathBuf>,
+    /// Refresh of OIDC keys fetched by URL, seconds.
+    #[arg(long, env = "CASTELLAN_PROXY_OIDC_REFRESH_SECS", default_value_t = 300)]
+    oidc_refresh_secs: u64,
+    /// Decision: the ext_authz gRPC listener (plain HTTP/2, loopback only).
+    #[arg(
+        long,
+        env = "CASTELLAN_PROXY_EXT_AUTHZ_LISTEN",
+        default_value = "127.0.0.1:0"
+    )]
+    ext_authz_listen: SocketAddr,
+    /// Decision: the forward-auth and ext_authz HTTP listener (plain HTTP/1.1, loopback only).
+    #[arg(
+        long,
+        env = "CASTELLAN_PROXY_FORWARD_AUTH_LISTEN",
+        default_value = "127.0.0.1:0"
+    )]
+    forward_auth_listen: SocketAddr,
+    /// Decision: a SPIFFE ID trusted on the TLS listener, as a proxy asking forward-auth and
+    /// ext_authz questions and as an AuthZEN caller (repeatable).
+    #[arg(long = "trusted-proxy")]
+    trusted_proxies: Vec<String>,
+    /// Decision: the asking proxies pass the client certificate in `Client-Cert` (RFC 9440),
+    /// so certificate-bound tokens can be accepted (otherwise they are refused).
+    #[arg(long)]
+    client_cert_header: bool,
     /// Keep enforcing the last policy this long without control-plane contact, then fail closed.
     #[arg(long, env = "CASTELLAN_PROXY_MAX_STALENESS_SECS", default_value_t = 24 * 3600)]
     max_staleness_secs: i64,
@@ -81,6 +113,7 @@ fn config(a: RunArgs) -> Result<ProxyConfig, String> {
     let mode = match a.mode {
         ModeArg::Sidecar => Mode::Sidecar,
         ModeArg::Gateway => Mode::Gateway,
+        ModeArg::Decision => Mode::Decision,
     };
     let mut c = ProxyConfig::new(mode, &a.id, &a.control_plane, a.ca_bundle, a.state_dir);
     c.join_token = a.join_token;
@@ -112,17 +145,32 @@ fn config(a: RunArgs) -> Result<ProxyConfig, String> {
         }
         c.routes.push((prefix, svc));
     }
+    if a.oidc_refresh_secs < 10 {
+        return Err("--oidc-refresh-secs must be at least 10".to_owned());
+    }
     for o in &a.oidc {
         let mut it = o.splitn(3, ',');
-        let (Some(issuer), Some(audience), Some(jwks)) = (it.next(), it.next(), it.next()) else {
-            return Err(format!("--oidc {o:?}: expected ISSUER,AUDIENCE,JWKS_FILE"));
+        let (Some(issuer), Some(audience)) = (it.next(), it.next()) else {
+            return Err(format!(
+                "--oidc {o:?}: expected ISSUER,AUDIENCE[,JWKS_FILE]"
+            ));
         };
         c.oidc.push(OidcIssuer {
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
-            jwks_file: PathBuf::from(jwks),
+            keys: match it.next() {
+                Some(jwks) => OidcKeys::File(PathBuf::from(jwks)),
+                None => OidcKeys::Discovery {
+                    ca_file: a.oidc_ca_file.clone(),
+                    refresh: std::time::Duration::from_secs(a.oidc_refresh_secs),
+                },
+            },
         });
     }
+    c.decision.grpc_listen = a.ext_authz_listen;
+    c.decision.http_listen = a.forward_auth_listen;
+    c.decision.trusted = a.trusted_proxies;
+    c.decision.client_cert_header = a.client_cert_header;
     Ok(c)
 }
 
@@ -157,6 +205,17 @@ pub fn run(args: RunArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(d) = &p.decision {
+            eprintln!(
+                "castellan decision point: ext_authz gRPC {} · forward-auth http://{}{} · ext_authz HTTP http://{}{} · AuthZEN https://{}",
+                d.grpc,
+                d.http,
+                castellan_proxy::FORWARD_AUTH_PATH,
+                d.http,
+                castellan_proxy::EXT_AUTHZ_HTTP_PREFIX,
+                d.tls
+            );
+        }
         let out: Vec<String> = p.outbound.iter().map(|(s, a)| format!("{s}={a}")).collect();
         eprintln!(
             "castellan proxy: inbound {} admin {} outbound [{}]",

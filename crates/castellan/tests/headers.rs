@@ -10,7 +10,7 @@
 )]
 
 use castellan::demo::{GATEWAY_IP, control_plane_tls, raw, tls_roots};
-use castellan_proxy::{Mode, OidcIssuer, ProxyConfig, RunningProxy};
+use castellan_proxy::{Mode, OidcIssuer, OidcKeys, ProxyConfig, RunningProxy};
 use serde_json::{Map, Value, json};
 use std::io::BufRead as _;
 use std::path::Path;
@@ -182,7 +182,7 @@ async fn setup() -> Option<Setup> {
     g.oidc = vec![OidcIssuer {
         issuer: "https://idp.test".to_owned(),
         audience: "shop".to_owned(),
-        jwks_file,
+        keys: OidcKeys::File(jwks_file),
     }];
     let gateway = castellan_proxy::start(g).await.unwrap();
     let mut w = ProxyConfig::new(

@@ -1,0 +1,429 @@
+//! The steps every enforcement point runs on a request, in one order: fail closed when stale →
+//! normalize the headers and the target → route → authenticate the end user → check the API
+//! key's scope → decide → rate-limit. The gateway then forwards; a decision point answers with
+//! the headers to add. A step that refuses says so as a [`Refusal`], which each front end turns
+//! into its own response (HTTP problem JSON, an ext_authz `DeniedHttpResponse`).
+
+use crate::http::{self as h, Body, problem};
+use crate::sidecar::{Pending, decide, normalized_target};
+use crate::{Inner, unix_now};
+use castellan_identity::SpiffeId;
+use castellan_policy::{Decision, Reason, User};
+use hyper::header::{AUTHORIZATION, HeaderValue};
+use hyper::{Response, StatusCode};
+use serde_json::{Map, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Lifetime of minted context tokens.
+const CONTEXT_TTL: i64 = 60;
+
+/// Registered claims not passed on as user claims.
+const REGISTERED: &[&str] = &[
+    "iss",
+    "sub",
+    "aud",
+    "exp",
+    "iat",
+    "nbf",
+    "jti",
+    "roles",
+    "scope",
+    "client_id",
+    "cnf",
+    "act",
+];
+
+/// Why a request was refused, before the front end shapes the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    /// 400, 401, 403, 404, 429, 503 …
+    pub(crate) status: StatusCode,
+    /// The problem's `detail`.
+    pub(crate) detail: String,
+    /// 429: when to come back.
+    pub(crate) retry_after: Option<Duration>,
+}
+
+impl Refusal {
+    pub(crate) fn new(status: StatusCode, detail: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    fn unauthorized(detail: &str) -> Refusal {
+        Refusal::new(StatusCode::UNAUTHORIZED, detail)
+    }
+
+    /// The refusal of a policy denial: 400 for malformed requests, else 403.
+    pub(crate) fn of_denial(d: &Decision) -> Refusal {
+        if d.reason == Reason::MalformedRequest {
+            Refusal::new(StatusCode::BAD_REQUEST, "malformed request")
+        } else {
+            Refusal::new(StatusCode::FORBIDDEN, "access denied by policy")
+        }
+    }
+
+    /// Response headers that go with the status: the 401 challenge, the 429 wait.
+    pub(crate) fn headers(&self) -> Vec<(hyper::header::HeaderName, HeaderValue)> {
+        let mut out = Vec::new();
+        if self.status == StatusCode::UNAUTHORIZED {
+            out.push((
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"castellan\""),
+            ));
+        }
+        if let Some(wait) = self.retry_after {
+            let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                out.push((hyper::header::RETRY_AFTER, v));
+            }
+        }
+        out
+    }
+
+    /// As an HTTP problem response.
+    pub(crate) fn response(&self, did: &str) -> Response<Body> {
+        let mut r = problem(self.status, &self.detail, did);
+        for (k, v) in self.headers() {
+            r.headers_mut().insert(k, v);
+        }
+        r
+    }
+}
+
+/// Who is calling, as the transport established it.
+#[derive(Debug, Clone)]
+pub(crate) enum Caller {
+    /// The edge: the request is decided as coming from this proxy's own identity, and an end
+    /// user's credentials are required.
+    Edge,
+    /// A workload authenticated by mTLS (or named by a trusted proxy): the decision's source;
+    /// an end user is authenticated when credentials are present.
+    Workload(SpiffeId),
+}
+
+/// The end user of a request, as policy saw it.
+#[derive(Debug, Clone)]
+pub(crate) struct EndUser {
+    pub(crate) sub: String,
+    pub(crate) roles: Vec<String>,
+    /// The claims as the credential carried them (a JSON object).
+    pub(crate) claims: Map<String, Value>,
+    /// The delegation chain, first actor first.
+    pub(crate) act: Vec<String>,
+}
+
+/// A request the pipeline let through.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    /// Destination service.
+    pub(crate) service: String,
+    /// The normalized target (path and query) the decision was made on.
+    pub(crate) target: String,
+    /// The decision's source.
+    pub(crate) source: SpiffeId,
+    /// The authenticated end user, if any.
+    pub(crate) user: Option<EndUser>,
+}
+
+/// The end user of a verified token: `sub`, `roles` (a list of strings, or absent), and every
+/// other claim in its JSON shape — dropping a claim of an unexpected shape would make a deny
+/// rule reading it fail open. `None` (→ 401) when `sub` or `roles` is malformed.
+fn user_from_claims(claims: &Map<String, Value>) -> Option<EndUser> {
+    let sub = claims.get("sub")?.as_str()?.to_owned();
+    let roles = match claims.get("roles") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|r| r.as_str().map(str::to_owned))
+            .collect::<Option<Vec<String>>>()?,
+        Some(_) => return None,
+    };
+    let extra = claims
+        .iter()
+        .filter(|(k, _)| !REGISTERED.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Some(EndUser {
+        sub,
+        roles,
+        claims: extra,
+        act: act_chain(claims.get("act"))?,
+    })
+}
+
+/// The delegation chain of an exchanged token (RFC 8693 §4.1: the outermost `act` is the
+/// current actor, nested ones came before), first actor first. `None` (→ 401) if malformed.
+fn act_chain(act: Option<&Value>) -> Option<Vec<String>> {
+    let mut chain = Vec::new();
+    let mut cur = act;
+    while let Some(a) = cur {
+        let sub = a.get("sub")?.as_str()?;
+        chain.push(sub.to_owned());
+        if chain.len() > 8 {
+            return None;
+        }
+        cur = a.get("act");
+    }
+    chain.reverse();
+    Some(chain)
+}
+
+/// Whether a route `prefix` serves `path` (both normalized): the prefix itself, or anything
+/// below it (`/api` serves `/api/x`; `/` and `/api/` serve everything under them).
+fn route_matches(prefix: &str, path: &str) -> bool {
+    path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| prefix.ends_with('/') || rest.starts_with('/'))
+}
+
+/// The service the longest matching route prefix names.
+pub(crate) fn route<'a>(inner: &'a Inner, path: &str) -> Option<&'a str> {
+    inner
+        .cfg
+        .routes
+        .iter()
+        .filter(|(prefix, _)| route_matches(prefix, path))
+        .max_by_key(|(prefix, _)| prefix.len())
+        .map(|(_, s)| s.as_str())
+}
+
+/// Whether the request carries an end-user credential.
+fn has_credentials(headers: &hyper::HeaderMap) -> bool {
+    headers.contains_key("x-api-key") || headers.contains_key(AUTHORIZATION)
+}
+
+/// Who the request's credentials say the user is, and the API key that authenticated them
+/// (if one did: its scope is checked once the route is known).
+fn authenticate(
+    inner: &Inner,
+    headers: &hyper::HeaderMap,
+    client_cert: Option<&str>,
+) -> Result<(EndUser, Option<Arc<crate::state::ApiKeyUser>>), Refusal> {
+    let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    let bearer = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let cred = match (api_key, bearer) {
+        (Some(_), Some(_)) => {
+            return Err(Refusal::unauthorized(
+                "send one credential, not both X-API-Key and Authorization",
+            ));
+        }
+        (Some(k), None) | (None, Some(k)) => k,
+        (None, None) => return Err(Refusal::unauthorized("credentials required")),
+    };
+    if cred.starts_with(crate::state::API_KEY_PREFIX) {
+        let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cred.as_bytes());
+        return match inner.state.api_key(hash.as_ref()) {
+            Some(u) => Ok((
+                EndUser {
+                    sub: u.user.clone(),
+                    roles: u.roles.clone(),
+                    claims: u.claims.clone().into_iter().collect(),
+                    act: Vec::new(),
+                },
+                Some(u),
+            )),
+            None => Err(Refusal::unauthorized("unknown or revoked API key")),
+        };
+    }
+    let now = unix_now();
+    if let Some(v) = inner.castellan_tokens.load().as_ref()
+        && let Ok(t) = v.verify(cred, now)
+    {
+        let claim = |k: &str| t.claims.get(k).and_then(Value::as_str);
+        // Revocation and disabled clients, as pushed: checked on every request.
+        if inner
+            .state
+            .is_token_revoked(claim("jti"), claim("client_id"))
+        {
+            return Err(Refusal::unauthorized("token revoked"));
+        }
+        // RFC 8705 §3: a certificate-bound token only with its certificate.
+        if let Some(bound) = t
+            .claims
+            .get("cnf")
+            .and_then(|c| c.get("x5t#S256"))
+            .and_then(Value::as_str)
+            && client_cert != Some(bound)
+        {
+            return Err(Refusal::unauthorized(
+                "certificate-bound token presented without its certificate",
+            ));
+        }
+        return match user_from_claims(&t.claims) {
+            Some(u) => Ok((u, None)),
+            None => Err(Refusal::unauthorized("invalid token")),
+        };
+    }
+    if let Some(t) = crate::oidc::verify(inner, cred, now) {
+        return match user_from_claims(&t.claims) {
+            Some(u) => Ok((u, None)),
+            None => Err(Refusal::unauthorized("invalid token")),
+        };
+    }
+    Err(Refusal::unauthorized("invalid token"))
+}
+
+/// Where the request goes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Destination<'a> {
+    /// By the routes (no match → 404).
+    Routed,
+    /// Named by a trusted caller (ext_authz `context_extensions`).
+    Named(&'a str),
+}
+
+/// Runs the steps from staleness to rate limits on `parts` (its headers are normalized in
+/// place: what policy saw is what may be passed on). Fills `p` as it learns.
+pub(crate) async fn admit(
+    inner: &Inner,
+    parts: &mut hyper::http::request::Parts,
+    caller: Caller,
+    destination: Destination<'_>,
+    client_cert: Option<&str>,
+    p: &mut Pending,
+) -> Result<Admitted, Refusal> {
+    if let Some(age) = inner.staleness() {
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("policy is stale (no control-plane contact for {age} s): failing closed"),
+        ));
+    }
+    h::normalize_headers(&mut parts.headers, true)
+        .map_err(|why| Refusal::new(StatusCode::BAD_REQUEST, why.to_string()))?;
+    let target = normalized_target(parts)
+        .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "malformed request"))?;
+    let path = target.split('?').next().unwrap_or("/");
+    let service = match destination {
+        Destination::Named(s) => s.to_owned(),
+        Destination::Routed => route(inner, path)
+            .ok_or_else(|| Refusal::new(StatusCode::NOT_FOUND, "no route"))?
+            .to_owned(),
+    };
+    p.destination.clone_from(&service);
+    p.path.clone_from(&target);
+    let me = inner.identity.current().id.clone();
+    let (source, authenticated) = match caller {
+        Caller::Edge => (me, Some(authenticate(inner, &parts.headers, client_cert)?)),
+        Caller::Workload(id) => {
+            let a = if has_credentials(&parts.headers) {
+                Some(authenticate(inner, &parts.headers, client_cert)?)
+            } else {
+                None
+            };
+            (id, a)
+        }
+    };
+    p.source = source.as_str().to_owned();
+    let (user, api_key) = match authenticated {
+        Some((u, k)) => (Some(u), k),
+        None => (None, None),
+    };
+    // An API key scoped to services, route prefixes or a lifetime is refused elsewhere.
+    if let Some(k) = &api_key {
+        if let Some(why) = k.refusal(&service, path, unix_now()) {
+            p.user = k.user.clone();
+            p.refusal = Some("key-out-of-scope");
+            return Err(Refusal::unauthorized(why));
+        }
+        inner.key_used(&k.key_id);
+    }
+    if let Some(u) = &user {
+        p.user.clone_from(&u.sub);
+        p.act.clone_from(&u.act);
+    }
+    let d = decide(
+        inner,
+        Some(&source),
+        user.as_ref().map(|u| User {
+            sub: Some(u.sub.clone()),
+            roles: u.roles.clone(),
+            claims: u.claims.clone().into_iter().collect(),
+            act: u.act.clone(),
+        }),
+        &service,
+        parts,
+    );
+    let refused = (!d.is_allowed()).then(|| Refusal::of_denial(&d));
+    p.decision = Some(d);
+    if let Some(r) = refused {
+        return Err(r);
+    }
+    let who = crate::ratelimit::Who {
+        source: &p.source,
+        user: &p.user,
+        api_key: api_key.as_ref().map_or("", |k| k.key_id.as_str()),
+    };
+    if let Err((limit, wait)) = inner
+        .limits
+        .check(inner, &service, parts.method.as_str(), path, &who)
+        .await
+    {
+        p.rate_limited = Some(limit);
+        return Err(Refusal {
+            retry_after: Some(wait),
+            ..Refusal::new(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded")
+        });
+    }
+    Ok(Admitted {
+        service,
+        target,
+        source,
+        user,
+    })
+}
+
+/// The user-context token for the hop to the destination: it names its destination, so only
+/// we (calling it) or it (calling on once) may present it.
+pub(crate) fn mint_context(inner: &Inner, a: &Admitted, did: &str) -> Result<String, Refusal> {
+    let internal = || Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+    let Some(u) = &a.user else {
+        return Err(internal());
+    };
+    let aud =
+        SpiffeId::for_service(inner.state.trust_domain(), &a.service).map_err(|_| internal())?;
+    inner
+        .identity
+        .signer()
+        .mint_with_act(
+            aud.as_str(),
+            &u.sub,
+            &u.roles,
+            &u.claims,
+            &u.act,
+            did,
+            unix_now(),
+            CONTEXT_TTL,
+        )
+        .map_err(|e| {
+            tracing::error!(error = %e, "minting the context token failed");
+            internal()
+        })
+}
+
+/// The `x-castellan-*` headers an admitted request carries onward: source, decision id, and
+/// with an end user, the user and the context token.
+pub(crate) fn onward_headers(
+    inner: &Inner,
+    a: &Admitted,
+    did: &str,
+) -> Result<Vec<(&'static str, String)>, Refusal> {
+    let mut out = vec![
+        ("x-castellan-source", a.source.as_str().to_owned()),
+        ("x-castellan-decision-id", did.to_owned()),
+    ];
+    if let Some(u) = &a.user {
+        out.push(("x-castellan-user", u.sub.clone()));
+        out.push((h::CONTEXT_HEADER, mint_context(inner, a, did)?));
+    }
+    Ok(out)
+}
