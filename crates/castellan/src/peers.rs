@@ -124,7 +124,7 @@ pub fn start_caddy(dir: &Path, forward_auth: SocketAddr, app: SocketAddr) -> Res
             ("APP", app.to_string()),
         ],
     );
-    let main = format!("{{\n\tadmin off\n\tauto_https off\n\tpersist_config off\n}}\n\n{conf}");
+    let main = format!("{{\n\tadmin off\n\tauto_https off\n}}\n\n{conf}");
     let conf_path = dir.join("Caddyfile");
     std::fs::write(&conf_path, main).map_err(|e| e.to_string())?;
     let log = dir.join("caddy.log");
