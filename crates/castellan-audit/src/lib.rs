@@ -99,6 +99,10 @@ pub struct AuditRecord {
     /// (graph, reports, anomalies, replay) leave these out.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub origin: String,
+    /// Format 2: what the decision read beyond the fields above, so it can be replayed against
+    /// another policy (`castellan policy impact`). Absent on refusals before a decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<Inputs>,
     /// SHA-256 (hex) over every field above, in this order, as JSON.
     pub hash: String,
 }
@@ -138,6 +142,32 @@ pub struct Entry {
     pub act: Vec<String>,
     /// Where the decision was asked (see [`AuditRecord::origin`]).
     pub origin: String,
+    /// What the decision read (see [`AuditRecord::inputs`]).
+    pub inputs: Option<Inputs>,
+}
+
+/// The inputs of a decision a record keeps for replay, after redaction. `path` (with its
+/// query, secret values masked) and the caller, user and destination are the record's own
+/// fields; path parameters are derived from the path again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inputs {
+    /// The end user's roles.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+    /// The end user's claims (registered claims left out).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub claims: serde_json::Map<String, serde_json::Value>,
+    /// The request's host.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    /// The header names the policy in force could read (lower-case), or `["*"]` for all but
+    /// credentials; a candidate that reads another header cannot be replayed on this record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_headers: Vec<String>,
+    /// Those of them the request carried, with their values.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -213,6 +243,7 @@ impl Head {
             lost,
             act: e.act,
             origin: e.origin,
+            inputs: e.inputs,
             hash: String::new(),
         };
         r.hash = r.compute_hash();

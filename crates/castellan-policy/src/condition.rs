@@ -94,6 +94,18 @@ impl Condition {
         &self.source
     }
 
+    /// Whether the condition can read the query string.
+    pub fn reads_query(&self) -> bool {
+        self.uses_query
+    }
+
+    /// The request headers the condition can read: adds their names to `out`, or returns
+    /// `false` when it can read headers it does not name (`'x' in request.headers`, a computed
+    /// index) — then any header may matter.
+    pub fn header_reads(&self, out: &mut std::collections::BTreeSet<String>) -> bool {
+        header_reads(&self.source, out)
+    }
+
     /// Evaluates the condition. `Err` for anything but a boolean result: the caller fails closed.
     pub fn eval(
         &self,
@@ -149,6 +161,43 @@ impl Condition {
             Err(e) => Err(e.to_string()),
         }
     }
+}
+
+/// Scans a condition's text for `headers['name']`, `headers["name"]` and `headers.name`. Sound:
+/// any other mention of `headers` means "could read any header" (`false`).
+fn header_reads(src: &str, out: &mut std::collections::BTreeSet<String>) -> bool {
+    let mut rest = src;
+    while let Some(i) = rest.find("headers") {
+        let after = rest.get(i + "headers".len()..).unwrap_or("");
+        let trimmed = after.trim_start();
+        let name = if let Some(r) = trimmed.strip_prefix('[') {
+            let r = r.trim_start();
+            let quote = r.chars().next().filter(|c| *c == '\'' || *c == '"');
+            quote.and_then(|q| {
+                let body = r.get(1..)?;
+                let end = body.find(q)?;
+                let name = body.get(..end)?;
+                let close = body.get(end + 1..)?.trim_start();
+                (close.starts_with(']') && !name.contains('\\')).then(|| name.to_owned())
+            })
+        } else if let Some(r) = trimmed.strip_prefix('.') {
+            let name: String = r
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            (!name.is_empty()).then_some(name)
+        } else {
+            None
+        };
+        match name {
+            Some(n) => {
+                out.insert(n.to_ascii_lowercase());
+            }
+            None => return false,
+        }
+        rest = after;
+    }
+    true
 }
 
 /// Parts of the request already normalized by the engine, shared by every condition of a decision.

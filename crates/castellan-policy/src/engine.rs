@@ -84,6 +84,20 @@ pub struct PolicySet {
     context_issuers: Vec<crate::principal::ServicePattern>,
     services: FastMap<String, ServiceIndex>,
     rules: Vec<Rule>,
+    reads: Reads,
+}
+
+/// What the conditions of a set can read beyond the request line, the caller and the user's
+/// sub, roles and claims (which every decision record keeps): named headers, any header, the
+/// query. A record is replayable against a set whose reads it kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reads {
+    /// Header names (lower-case) some condition reads.
+    pub headers: std::collections::BTreeSet<String>,
+    /// Some condition may read a header it does not name.
+    pub any_header: bool,
+    /// Some condition may read the query string.
+    pub query: bool,
 }
 
 /// Settings that apply to the whole set.
@@ -126,6 +140,7 @@ impl PolicySet {
             context_issuers: options.context_issuers,
             services: FastMap::default(),
             rules: Vec::new(),
+            reads: Reads::default(),
         };
         for policy in policies {
             let svc = set.services.entry(policy.service.clone()).or_default();
@@ -150,10 +165,19 @@ impl PolicySet {
                         }
                     }
                 }
+                if let Some(c) = &rule.when {
+                    set.reads.any_header |= !c.header_reads(&mut set.reads.headers);
+                    set.reads.query |= c.reads_query();
+                }
                 set.rules.push(rule);
             }
         }
         set
+    }
+
+    /// What the set's conditions can read (see [`Reads`]).
+    pub fn reads(&self) -> &Reads {
+        &self.reads
     }
 
     /// An empty set: denies everything.

@@ -35,7 +35,7 @@ pub mod template;
 pub mod testing;
 pub mod yaml;
 
-pub use engine::{Engine, PolicySet, SetOptions};
+pub use engine::{Engine, PolicySet, Reads, SetOptions};
 pub use load::{LoadError, is_test_file, yaml_files};
 pub use model::{Effect, Mode, RateKey, RateLimit, RuleId};
 pub use normalize::{

@@ -903,7 +903,7 @@ fn evaluate(inner: &Inner, e: &Evaluation<'_>) -> Result<Value, String> {
         (Some(t), Some(service)) => {
             p.destination.clone_from(&service);
             p.path = t;
-            let d = decide(inner, Some(&source), user, &service, &parts);
+            let d = decide(inner, Some(&source), user, &service, &parts, &mut p);
             let mut ctx = Map::new();
             ctx.insert("decision_id".to_owned(), json!(did));
             if let Some(r) = &d.rule {

@@ -276,7 +276,7 @@ async fn refresh_loop(
             Err(e) => {
                 // The last good keys stay in force.
                 tracing::warn!(issuer = %issuer.cfg.issuer, error = %e, "fetching OIDC issuer keys failed; keeping the last good keys");
-                
+
                 metrics::counter!("castellan_proxy_oidc_key_fetches_total", "proxy" => proxy.clone(), "result" => "error").increment(1);
                 MIN_REFETCH.min(every)
             }

@@ -352,6 +352,7 @@ pub(crate) async fn admit(
         }),
         &service,
         parts,
+        p,
     );
     let refused = (!d.is_allowed()).then(|| Refusal::of_denial(&d));
     p.decision = Some(d);

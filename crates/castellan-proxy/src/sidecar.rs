@@ -37,13 +37,66 @@ pub(crate) fn http1_builder() -> http1::Builder {
     b
 }
 
-/// Decides on a request. `raw_target` is the request target as sent.
+/// Headers a record never keeps, whatever a policy reads.
+const UNRECORDED_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+];
+
+/// What a decision read, as its audit record keeps it for replay.
+fn inputs_of(req: &PolicyRequest, reads: &castellan_policy::Reads) -> castellan_audit::Inputs {
+    let (roles, claims) = match &req.user {
+        Some(u) => (
+            u.roles.clone(),
+            u.claims
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        None => (Vec::new(), serde_json::Map::new()),
+    };
+    let mut headers = BTreeMap::new();
+    let read_headers = if reads.any_header {
+        for (k, v) in &req.request.headers {
+            if !UNRECORDED_HEADERS.contains(&k.as_str()) {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+        vec!["*".to_owned()]
+    } else {
+        for n in &reads.headers {
+            if let Some(v) = req.request.headers.get(n)
+                && !UNRECORDED_HEADERS.contains(&n.as_str())
+            {
+                headers.insert(n.clone(), v.clone());
+            }
+        }
+        reads
+            .headers
+            .iter()
+            .filter(|n| !UNRECORDED_HEADERS.contains(&n.as_str()))
+            .cloned()
+            .collect()
+    };
+    castellan_audit::Inputs {
+        roles,
+        claims,
+        host: req.request.host.clone(),
+        read_headers,
+        headers,
+    }
+}
+
+/// Decides on a request, and notes in `p` what the decision read.
 pub(crate) fn decide(
     inner: &Inner,
     source: Option<&SpiffeId>,
     user: Option<User>,
     destination: &str,
     parts: &hyper::http::request::Parts,
+    p: &mut Pending,
 ) -> Decision {
     // INVARIANT: the headers went through `http::normalize_headers`: one field per name, UTF-8,
     // no `x-castellan-*` from the client — exactly what the app will receive.
@@ -83,7 +136,10 @@ pub(crate) fn decide(
         },
         time: None,
     };
-    inner.state.engine.decide(&req)
+    let set = inner.state.engine.current();
+    let d = set.decide(&req);
+    p.inputs = Some(inputs_of(&req, set.reads()));
+    d
 }
 
 /// What one request's audit record will say, filled in as the request is handled; every
@@ -109,6 +165,8 @@ pub(crate) struct Pending {
     pub(crate) refusal: Option<&'static str>,
     /// Where the decision was asked (the audit record's `origin`; empty: our own traffic).
     pub(crate) origin: &'static str,
+    /// What the decision read, for replay (set by [`decide`]).
+    pub(crate) inputs: Option<castellan_audit::Inputs>,
 }
 
 /// A request hyper refused before it reached us (unparsable framing, head too large): hyper
@@ -171,6 +229,7 @@ impl Pending {
             act: Vec::new(),
             refusal: None,
             origin: "",
+            inputs: None,
         }
     }
 
@@ -230,6 +289,7 @@ impl Pending {
             latency_us: u64::try_from(self.t0.elapsed().as_micros()).unwrap_or(u64::MAX),
             act: self.act,
             origin: self.origin.to_owned(),
+            inputs: self.inputs,
         };
         crate::audit::write(inner, entry);
     }
@@ -373,6 +433,7 @@ async fn inbound_inner(
         }),
         &inner.cfg.proxy_service(),
         &parts,
+        p,
     );
     if let Some((ctx, act, _)) = &context {
         p.user = ctx.sub.clone();

@@ -40,6 +40,7 @@ fn entry(i: u64) -> Entry {
         latency_us: 150,
         act: Vec::new(),
         origin: String::new(),
+        inputs: None,
     }
 }
 

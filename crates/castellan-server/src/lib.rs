@@ -10,6 +10,7 @@ pub mod config;
 mod dist;
 mod grpc;
 mod http;
+mod impact;
 pub mod keys;
 mod oauth;
 mod peer;

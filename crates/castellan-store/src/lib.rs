@@ -1170,6 +1170,25 @@ impl Store {
         Ok(rows.into_iter().map(audit_row).collect())
     }
 
+    /// One page of the records with `time_ms` at or after `since_ms` (and of `destination`, when
+    /// not empty), in (time, writer, seq) order, after the cursor `after` (the last row of the
+    /// previous page; `None` for the first): for scans that stream a window of any size.
+    pub async fn audit_window(
+        &self,
+        since_ms: i64,
+        destination: &str,
+        after: Option<(i64, &str, i64)>,
+        limit: i64,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        let (t, w, q) = after.unwrap_or((i64::MIN, "", i64::MIN));
+        let sql = "SELECT writer, seq, record, time_ms, source, user_sub, destination, decision, rule FROM audit_records \
+                   WHERE time_ms >= $1 AND ($2 = '' OR destination = $2) \
+                   AND (time_ms > $3 OR (time_ms = $3 AND (writer > $4 OR (writer = $4 AND seq > $5)))) \
+                   ORDER BY time_ms, writer, seq LIMIT $6";
+        let rows: Vec<AuditTuple> = on_pool!(self, p => sqlx::query_as(sql).bind(since_ms).bind(destination).bind(t).bind(w).bind(q).bind(limit).fetch_all(p).await)?;
+        Ok(rows.into_iter().map(audit_row).collect())
+    }
+
     /// Records matching `f`, newest first.
     pub async fn audit_query(&self, f: &AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
         let sql = "SELECT writer, seq, record, time_ms, source, user_sub, destination, decision, rule FROM audit_records \

@@ -626,6 +626,140 @@ pub fn operator(cmd: OperatorCommand, conn: &Connection, json_out: bool) -> Exit
     }
 }
 
+/// `policy impact` / `policy apply --dry-run`: what `files` would change on the stored traffic
+/// since `since_secs` ago (of `service`); prints it (a table, `-o json`, `--junit FILE`) and
+/// exits 1 when `fail_on_newly_denied` and some call would be newly denied.
+pub fn policy_impact(
+    files: Value,
+    since_secs: i64,
+    service: &str,
+    conn: &Connection,
+    json_out: bool,
+    junit: Option<&std::path::Path>,
+    fail_on_newly_denied: bool,
+) -> ExitCode {
+    let since_ms = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64))
+        - since_secs.saturating_mul(1000);
+    let body = json!({"files": files, "since_ms": since_ms, "service": service});
+    let v = match send(conn, call(Method::POST, "/v1/policy/impact", Some(body))) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {}", printable(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    if json_out {
+        println!("{v}");
+    } else {
+        println!(
+            "{} records in the window: {} replayed ({} unchanged), {} indeterminate (inputs not kept), {} not policy decisions of traffic",
+            n("scanned"),
+            n("replayed"),
+            n("unchanged"),
+            n("indeterminate"),
+            n("skipped")
+        );
+        println!(
+            "newly denied {} · newly allowed {} · deciding rule changed {}",
+            n("newly_denied"),
+            n("newly_allowed"),
+            n("rule_changed")
+        );
+        let empty = Vec::new();
+        let changes = v.get("changes").and_then(Value::as_array).unwrap_or(&empty);
+        if !changes.is_empty() {
+            println!(
+                "\n{:<14} {:<14} {:<34} {:<34} {:>6} {:>7} {:>5}  example",
+                "service", "change", "rule then", "rule now", "calls", "callers", "users"
+            );
+        }
+        for c in changes {
+            let ex = c
+                .get("examples")
+                .and_then(|e| e.get(0))
+                .map(|e| {
+                    format!(
+                        "{} {} {} ({})",
+                        s(e, "user"),
+                        s(e, "method"),
+                        s(e, "path"),
+                        s(e, "decision_id")
+                    )
+                })
+                .unwrap_or_default();
+            let or_dash = |x: String| if x.is_empty() { "-".to_owned() } else { x };
+            println!(
+                "{:<14} {:<14} {:<34} {:<34} {:>6} {:>7} {:>5}  {}",
+                s(c, "service"),
+                s(c, "change"),
+                or_dash(s(c, "from_rule")),
+                or_dash(s(c, "to_rule")),
+                c.get("count").and_then(Value::as_u64).unwrap_or(0),
+                c.get("callers").and_then(Value::as_u64).unwrap_or(0),
+                c.get("users").and_then(Value::as_u64).unwrap_or(0),
+                ex
+            );
+        }
+    }
+    if let Some(path) = junit {
+        let esc = |x: &str| {
+            x.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+                .replace('"', "&quot;")
+        };
+        let empty = Vec::new();
+        let changes = v.get("changes").and_then(Value::as_array).unwrap_or(&empty);
+        let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+        let failures = changes
+            .iter()
+            .filter(|c| s(c, "change") == "newly-denied")
+            .count();
+        xml.push_str(&format!(
+            "<testsuite name=\"policy impact\" tests=\"{}\" failures=\"{failures}\">\n",
+            changes.len().max(1)
+        ));
+        if changes.is_empty() {
+            xml.push_str("  <testcase classname=\"impact\" name=\"no change\"/>\n");
+        }
+        for c in changes {
+            let name = esc(&format!(
+                "{} {}: {} -> {}",
+                s(c, "service"),
+                s(c, "change"),
+                s(c, "from_rule"),
+                s(c, "to_rule")
+            ));
+            let count = c.get("count").and_then(Value::as_u64).unwrap_or(0);
+            if s(c, "change") == "newly-denied" {
+                xml.push_str(&format!("  <testcase classname=\"impact\" name=\"{name}\"><failure message=\"{count} calls would be newly denied\"/></testcase>\n"));
+            } else {
+                xml.push_str(&format!(
+                    "  <testcase classname=\"impact\" name=\"{name}\"/>\n"
+                ));
+            }
+        }
+        xml.push_str("</testsuite>\n");
+        if let Err(e) = std::fs::write(path, xml) {
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if fail_on_newly_denied && n("newly_denied") > 0 {
+        eprintln!("{} calls would be newly denied", n("newly_denied"));
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
+}
+
+/// `--since` values: `24h`, `7d`, `90m`, seconds.
+pub fn parse_since(s: &str) -> Option<i64> {
+    parse_duration_secs(s)
+}
+
 /// `policy apply` (files already validated locally).
 pub fn policy_apply(body: Value, conn: &Connection, json_out: bool) -> ExitCode {
     finish(

@@ -49,6 +49,29 @@ pub enum PolicyCommand {
         /// Why, recorded with the revision.
         #[arg(long, default_value = "")]
         comment: String,
+        /// Store nothing: show what DIR would change on the last 24 h of traffic (`policy impact`).
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        conn: crate::admin_cmd::Connection,
+    },
+    /// Replay the stored traffic of a window against the policies in DIR: the calls that would
+    /// be newly denied or newly allowed, and those another rule would decide.
+    Impact {
+        /// Directory of candidate policy files (test files are not sent).
+        dir: PathBuf,
+        /// Window: 24h, 7d, 90m …
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Only calls to this service.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Also write JUnit XML here (a newly-denied change is a failure).
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// Exit 1 when a call would be newly denied (`newly-denied`), for CI gates.
+        #[arg(long, value_parser = ["newly-denied"])]
+        fail_on: Option<String>,
         #[command(flatten)]
         conn: crate::admin_cmd::Connection,
     },
@@ -75,7 +98,53 @@ pub fn run(cmd: PolicyCommand, output: Output) -> ExitCode {
             junit,
             verbose,
         } => test(&dir, junit.as_deref(), verbose, output),
-        PolicyCommand::Apply { dir, comment, conn } => apply(&dir, &comment, &conn, output),
+        PolicyCommand::Apply {
+            dir,
+            comment,
+            dry_run,
+            conn,
+        } => match candidate_files(&dir, output) {
+            Err(code) => code,
+            Ok(files) if dry_run => crate::admin_cmd::policy_impact(
+                files,
+                24 * 3600,
+                "",
+                &conn,
+                output == Output::Json,
+                None,
+                false,
+            ),
+            Ok(files) => crate::admin_cmd::policy_apply(
+                json!({"files": files, "comment": comment}),
+                &conn,
+                output == Output::Json,
+            ),
+        },
+        PolicyCommand::Impact {
+            dir,
+            since,
+            service,
+            junit,
+            fail_on,
+            conn,
+        } => {
+            let Some(secs) = crate::admin_cmd::parse_since(&since) else {
+                eprintln!("error: --since {since:?}: expected an age such as 24h, 7d, 90m");
+                return ExitCode::from(EXIT_INVALID);
+            };
+            match candidate_files(&dir, output) {
+                Err(code) => code,
+                Ok(files) => crate::admin_cmd::policy_impact(
+                    files,
+                    secs,
+                    &service,
+                    &conn,
+                    output == Output::Json,
+                    junit.as_deref(),
+                    fail_on.is_some(),
+                ),
+            }
+        }
         PolicyCommand::History { conn } => {
             crate::admin_cmd::policy_history(&conn, output == Output::Json)
         }
@@ -85,20 +154,16 @@ pub fn run(cmd: PolicyCommand, output: Output) -> ExitCode {
     }
 }
 
-/// Checks locally (so errors name the operator's files and lines), then sends the files.
-fn apply(
-    dir: &Path,
-    comment: &str,
-    conn: &crate::admin_cmd::Connection,
-    output: Output,
-) -> ExitCode {
+/// The policy files of `dir` (not its tests), checked locally first so that errors name the
+/// operator's files and lines; `Err` is the exit status after printing why.
+fn candidate_files(dir: &Path, output: Output) -> Result<serde_json::Value, ExitCode> {
     if let Err(e) = PolicySet::load_dir(dir) {
-        return load_error(e, output);
+        return Err(load_error(e, output));
     }
     let mut files = serde_json::Map::new();
     let paths = match yaml_files(dir) {
         Ok(p) => p,
-        Err(e) => return load_error(e, output),
+        Err(e) => return Err(load_error(e, output)),
     };
     for path in paths.into_iter().filter(|p| !is_test_file(p)) {
         let name = path
@@ -112,15 +177,11 @@ fn apply(
             }
             Err(e) => {
                 eprintln!("{}: {e}", path.display());
-                return ExitCode::from(EXIT_INVALID);
+                return Err(ExitCode::from(EXIT_INVALID));
             }
         }
     }
-    crate::admin_cmd::policy_apply(
-        json!({"files": files, "comment": comment}),
-        conn,
-        output == Output::Json,
-    )
+    Ok(serde_json::Value::Object(files))
 }
 
 fn print_diagnostics(diags: &[Diagnostic], output: Output) {

@@ -59,6 +59,10 @@ pub(crate) fn routes() -> Router<Arc<Server>> {
                 .post(apply_policy)
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_POLICY_BYTES)),
         )
+        .route(
+            "/v1/policy/impact",
+            post(policy_impact).layer(axum::extract::DefaultBodyLimit::max(MAX_POLICY_BYTES)),
+        )
         .route("/v1/policy/history", get(policy_history))
         .route("/v1/policy/rollback/{rev}", post(rollback_policy))
         .route("/v1/proxies", get(list_proxies))
@@ -699,6 +703,29 @@ async fn store_revision(
     files: &std::collections::BTreeMap<String, String>,
     comment: &str,
 ) -> Result<(i64, String, usize, bool), RevisionError> {
+    let set = candidate_set(s, files)?;
+    let hash =
+        crate::dist::content_hash(files).map_err(|e| RevisionError::Internal(e.to_string()))?;
+    if let Some(cur) = s.store.latest_policy_revision().await?
+        && cur.content_hash == hash
+    {
+        return Ok((cur.rev, hash, set.rule_count(), false));
+    }
+    let files_json =
+        serde_json::to_string(files).map_err(|e| RevisionError::Internal(e.to_string()))?;
+    let rev = s
+        .store
+        .add_policy_revision(author, unix_now(), &hash, &files_json, comment)
+        .await?;
+    s.changed().await;
+    Ok((rev, hash, set.rule_count(), true))
+}
+
+/// `files` compiled as a policy set of this server's trust domain.
+fn candidate_set(
+    s: &Server,
+    files: &std::collections::BTreeMap<String, String>,
+) -> Result<castellan_policy::PolicySet, RevisionError> {
     if files.is_empty() {
         return Err(RevisionError::Bad("no policy files".to_owned()));
     }
@@ -725,21 +752,47 @@ async fn store_revision(
             s.trust_domain
         )));
     }
-    let hash =
-        crate::dist::content_hash(files).map_err(|e| RevisionError::Internal(e.to_string()))?;
-    if let Some(cur) = s.store.latest_policy_revision().await?
-        && cur.content_hash == hash
-    {
-        return Ok((cur.rev, hash, set.rule_count(), false));
+    Ok(set)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImpactRequest {
+    files: std::collections::BTreeMap<String, String>,
+    /// Window start, Unix milliseconds (0: every stored record).
+    #[serde(default)]
+    since_ms: i64,
+    /// Only this destination service.
+    #[serde(default)]
+    service: String,
+}
+
+/// What the candidate `files` would change on the stored traffic of the window: newly denied,
+/// newly allowed, and calls decided by another rule (`crate::impact`).
+async fn policy_impact(
+    _c: Caller,
+    State(s): State<Arc<Server>>,
+    Body(b): Body<ImpactRequest>,
+) -> Response {
+    let set = match candidate_set(&s, &b.files) {
+        Ok(set) => set,
+        Err(e) => return e.into_response(),
+    };
+    let t0 = std::time::Instant::now();
+    match crate::impact::replay(&s, &set, b.since_ms, &b.service).await {
+        Ok(r) => {
+            let mut v = r.to_json();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("since_ms".to_owned(), json!(b.since_ms));
+                o.insert(
+                    "elapsed_ms".to_owned(),
+                    json!(t0.elapsed().as_millis() as u64),
+                );
+            }
+            Json(v).into_response()
+        }
+        Err(p) => p.into_response(),
     }
-    let files_json =
-        serde_json::to_string(files).map_err(|e| RevisionError::Internal(e.to_string()))?;
-    let rev = s
-        .store
-        .add_policy_revision(author, unix_now(), &hash, &files_json, comment)
-        .await?;
-    s.changed().await;
-    Ok((rev, hash, set.rule_count(), true))
 }
 
 /// Stores `files` as a revision (see [`store_revision`]) and, when one was created, records
