@@ -9,7 +9,7 @@
 # The system under test (nginx and the decision point) is pinned to core 0, load generators to
 # core 1. CPU per request: utime+stime of the pinned processes from /proc/PID/stat ÷ requests.
 #
-#   cargo build --release -p castellan && cargo bench -p castellan-proxy --bench ext_authz --no-run
+#   cargo build --release -p castellan && cargo build --release -p castellan-proxy --bench ext_authz
 #   benches/decision.sh [SECONDS]
 # Needs: nginx, wrk, h2load (nghttp2-client) from Debian; oha (cargo install oha).
 set -euo pipefail
@@ -78,7 +78,8 @@ http {
 NGINX
 taskset -c 0 nginx -p "$T/nginx" -c nginx.conf
 sleep 0.5
-NGINX_PIDS=$(pgrep -f "nginx.*$T/nginx" | tr '\n' ' ')
+NGINX_MASTER=$(cat "$T/nginx/nginx.pid")
+NGINX_PIDS="$NGINX_MASTER $(pgrep -P "$NGINX_MASTER" | tr '\n' ' ')"
 [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" http://127.0.0.1:18681/orders/42)" = 200 ] || { echo "castellan path not answering 200"; exit 1; }
 [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" http://127.0.0.1:18681/orders/7)" = 403 ] || { echo "castellan path did not deny"; exit 1; }
 
@@ -105,6 +106,8 @@ echo "throughput ratio castellan/free: $(echo "${RPS[castellan]}/${RPS[free]}" |
 
 echo; echo "== ext_authz Check over gRPC (tonic client, 32 streams, one HTTP/2 connection; decision point on core 0)"
 d0=$(ticks $DP)
+# PERF=FILE: also profile the decision point during this run (perf record -g), into FILE.
+[ -n "${PERF:-}" ] && { perf record -F 499 -g -p "$DP" -o "$PERF" -- sleep "$SECS" >/dev/null 2>&1 & }
 out=$(taskset -c 1 "$LOADGEN" 127.0.0.1:18691 32 "$SECS" 0 "Bearer $KEY")
 d1=$(ticks $DP)
 n=$(echo "$out" | sed -E 's/.*checks=([0-9]+).*/\1/')

@@ -219,7 +219,16 @@ impl Head {
         e: Entry,
         lost: u64,
     ) -> AuditRecord {
-        let mut r = AuditRecord {
+        let mut r = self.record(writer, epoch, kind, e, lost);
+        r.hash = r.compute_hash();
+        self.seq = r.seq;
+        self.hash = r.hash.clone();
+        r
+    }
+
+    /// The next record after this head, its `hash` empty.
+    fn record(&self, writer: &str, epoch: &str, kind: Kind, e: Entry, lost: u64) -> AuditRecord {
+        AuditRecord {
             v: FORMAT,
             writer: writer.to_owned(),
             epoch: epoch.to_owned(),
@@ -245,11 +254,38 @@ impl Head {
             origin: e.origin,
             inputs: e.inputs,
             hash: String::new(),
-        };
-        r.hash = r.compute_hash();
+        }
+    }
+
+    /// [`Head::chain`], and the record's JSON line (with its newline) from the one
+    /// serialization that is also hashed: `hash` is the last field, so the line is the hashed
+    /// JSON with the empty `"hash":""` filled in.
+    pub fn chain_line(
+        &mut self,
+        writer: &str,
+        epoch: &str,
+        kind: Kind,
+        e: Entry,
+        lost: u64,
+    ) -> Result<(AuditRecord, Vec<u8>), serde_json::Error> {
+        let mut r = self.record(writer, epoch, kind, e, lost);
+        let mut json = serde_json::to_vec(&r)?;
+        let hash = hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &json).as_ref());
+        const EMPTY_HASH: &[u8] = b"\"hash\":\"\"}";
+        if json.ends_with(EMPTY_HASH) {
+            json.truncate(json.len() - 2);
+            json.extend_from_slice(hash.as_bytes());
+            json.extend_from_slice(b"\"}\n");
+            r.hash = hash;
+        } else {
+            // Not reachable with serde_json's field order; serialize again.
+            r.hash = hash;
+            json = serde_json::to_vec(&r)?;
+            json.push(b'\n');
+        }
         self.seq = r.seq;
         self.hash = r.hash.clone();
-        r
+        Ok((r, json))
     }
 }
 
@@ -475,6 +511,30 @@ pub fn verify_chain<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chain_line_is_the_chained_record_serialized_once() {
+        let (mut a, mut b) = (Head::default(), Head::default());
+        for i in 0..3 {
+            let e = Entry {
+                decision_id: format!("d{i}"),
+                path: "/x?q=\"quoted\"".to_owned(),
+                inputs: Some(Inputs {
+                    roles: vec!["r".to_owned()],
+                    ..Inputs::default()
+                }),
+                ..Entry::default()
+            };
+            let r = a.chain("w", "e", Kind::Decision, e.clone(), 0);
+            let (r2, line) = b.chain_line("w", "e", Kind::Decision, e, 0).unwrap();
+            assert_eq!(r, r2);
+            assert_eq!(line.last(), Some(&b'\n'));
+            let parsed: AuditRecord = serde_json::from_slice(&line).unwrap();
+            assert_eq!(parsed, r);
+            assert_eq!(parsed.compute_hash(), parsed.hash);
+        }
+        assert_eq!(a, b);
+    }
 
     fn chain(n: u64) -> Vec<AuditRecord> {
         let mut h = Head::default();

@@ -189,8 +189,13 @@ impl Spool {
             err: e.into(),
         })?;
         line.push(b'\n');
+        self.write_bytes(inner, r.seq, &line)
+    }
+
+    /// Appends one record line (newline included) of sequence number `seq`.
+    fn write_bytes(&self, inner: &mut Inner, seq: u64, line: &[u8]) -> Result<(), SpoolError> {
         if inner.segment_bytes >= SEGMENT_BYTES {
-            let next = self.dir.join(segment_name(r.seq));
+            let next = self.dir.join(segment_name(seq));
             inner.file = OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -200,7 +205,7 @@ impl Spool {
             inner.segment = next;
             inner.segment_bytes = 0;
         }
-        inner.file.write_all(&line).map_err(io(&inner.segment))?;
+        inner.file.write_all(line).map_err(io(&inner.segment))?;
         inner.segment_bytes += line.len() as u64;
         inner.total_bytes += line.len() as u64;
         Ok(())
@@ -231,10 +236,14 @@ impl Spool {
             self.write_line(&mut inner, &gap)?;
             inner.lost = 0;
         }
-        let r = inner
+        let (r, line) = inner
             .head
-            .chain(&self.writer, &self.epoch, Kind::Decision, e, 0);
-        self.write_line(&mut inner, &r)?;
+            .chain_line(&self.writer, &self.epoch, Kind::Decision, e, 0)
+            .map_err(|e| SpoolError::Io {
+                path: self.dir.display().to_string(),
+                err: e.into(),
+            })?;
+        self.write_bytes(&mut inner, r.seq, &line)?;
         Ok(r)
     }
 

@@ -175,6 +175,22 @@ impl PolicySet {
         set
     }
 
+    /// Every rule, in file order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The services the set has policies for, and their modes.
+    pub fn services(&self) -> Vec<(&str, Mode)> {
+        let mut v: Vec<(&str, Mode)> = self
+            .services
+            .iter()
+            .map(|(k, s)| (k.as_str(), s.mode))
+            .collect();
+        v.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        v
+    }
+
     /// What the set's conditions can read (see [`Reads`]).
     pub fn reads(&self) -> &Reads {
         &self.reads

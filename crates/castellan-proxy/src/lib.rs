@@ -224,6 +224,8 @@ pub(crate) struct Inner {
     limits: ratelimit::Limits,
     /// API keys used since the last report (key id → Unix seconds), for `apikey list`.
     key_uses: Mutex<HashMap<String, i64>>,
+    /// Context tokens minted recently, for reuse.
+    context_tokens: pipeline::ContextCache,
 }
 
 impl std::fmt::Debug for Inner {
@@ -623,6 +625,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         breakers: Mutex::new(HashMap::new()),
         limits: ratelimit::Limits::new(cfg.redis_url.as_deref())?,
         key_uses: Mutex::new(HashMap::new()),
+        context_tokens: pipeline::ContextCache::default(),
         audit,
         audit_leftover: Mutex::new(audit_leftover),
         app: Client::builder(TokioExecutor::new()).build_http(),

@@ -383,6 +383,21 @@ pub(crate) async fn admit(
     })
 }
 
+/// A token is reused while it has at least this many seconds of its lifetime left.
+const CONTEXT_REUSE_LEFT: i64 = CONTEXT_TTL / 2;
+/// Most tokens kept for reuse (the cache is emptied beyond).
+const CONTEXT_CACHE_MAX: usize = 50_000;
+
+/// Context tokens minted recently, by everything they say: the same user (sub, roles, claims,
+/// delegation) calling the same destination through us gets the same token while more than
+/// half its lifetime is left — one ES256 signature per user and destination every 30 s, not
+/// one per request. The token's `txn` then names the first of those requests; each request's
+/// own decision id travels in `x-castellan-decision-id`.
+#[derive(Debug, Default)]
+pub(crate) struct ContextCache {
+    map: std::sync::Mutex<std::collections::HashMap<String, (String, i64, usize)>>,
+}
+
 /// The user-context token for the hop to the destination: it names its destination, so only
 /// we (calling it) or it (calling on once) may present it.
 pub(crate) fn mint_context(inner: &Inner, a: &Admitted, did: &str) -> Result<String, Refusal> {
@@ -390,11 +405,28 @@ pub(crate) fn mint_context(inner: &Inner, a: &Admitted, did: &str) -> Result<Str
     let Some(u) = &a.user else {
         return Err(internal());
     };
+    let signer = inner.identity.signer();
+    // The signer's identity is part of the key: a renewed SVID mints afresh.
+    let signer_id = Arc::as_ptr(&signer) as usize;
+    let key = format!(
+        "{}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}",
+        a.service,
+        u.sub,
+        u.roles,
+        Value::Object(u.claims.clone()),
+        u.act
+    );
+    let now = unix_now();
+    if let Ok(m) = inner.context_tokens.map.lock()
+        && let Some((t, minted, sid)) = m.get(&key)
+        && *sid == signer_id
+        && now - minted < CONTEXT_TTL - CONTEXT_REUSE_LEFT
+    {
+        return Ok(t.clone());
+    }
     let aud =
         SpiffeId::for_service(inner.state.trust_domain(), &a.service).map_err(|_| internal())?;
-    inner
-        .identity
-        .signer()
+    let token = signer
         .mint_with_act(
             aud.as_str(),
             &u.sub,
@@ -402,13 +434,20 @@ pub(crate) fn mint_context(inner: &Inner, a: &Admitted, did: &str) -> Result<Str
             &u.claims,
             &u.act,
             did,
-            unix_now(),
+            now,
             CONTEXT_TTL,
         )
         .map_err(|e| {
             tracing::error!(error = %e, "minting the context token failed");
             internal()
-        })
+        })?;
+    if let Ok(mut m) = inner.context_tokens.map.lock() {
+        if m.len() >= CONTEXT_CACHE_MAX {
+            m.clear();
+        }
+        m.insert(key, (token.clone(), now, signer_id));
+    }
+    Ok(token)
 }
 
 /// The `x-castellan-*` headers an admitted request carries onward: source, decision id, and

@@ -15,6 +15,7 @@ pub mod keys;
 mod oauth;
 mod peer;
 mod problem;
+mod report;
 mod tls;
 
 pub use config::{AlertRule, ConfigError, ExternalIssuer, MayAct, ServerConfig};

@@ -975,6 +975,97 @@ pub fn apikey(cmd: ApiKeyCommand, conn: &Connection, json_out: bool) -> ExitCode
     }
 }
 
+/// Least privilege from real traffic.
+#[derive(Debug, Subcommand)]
+pub enum AccessCommand {
+    /// Rules never matched, wildcards used for few values, callers and users per rule, idle
+    /// services, audit-mode services that would deny.
+    Report {
+        /// Window: 7d, 24h, 90m …
+        #[arg(long, default_value = "7d")]
+        since: String,
+    },
+}
+
+/// Runs `access …`.
+pub fn access(cmd: AccessCommand, conn: &Connection, json_out: bool) -> ExitCode {
+    match cmd {
+        AccessCommand::Report { since } => {
+            let Some(secs) = parse_duration_secs(&since) else {
+                eprintln!("error: --since {since:?}: expected an age such as 7d, 24h, 90m");
+                return ExitCode::from(2);
+            };
+            let since_ms = (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64))
+                - secs.saturating_mul(1000);
+            finish(
+                conn,
+                call(
+                    Method::GET,
+                    format!("/v1/access/report?since_ms={since_ms}"),
+                    None,
+                ),
+                json_out,
+                |v| {
+                    let mut out = format!(
+                        "policy revision {} against {} records since {since}\n\n",
+                        v.get("revision").unwrap_or(&Value::Null),
+                        v.get("scanned").unwrap_or(&Value::Null)
+                    );
+                    out.push_str(&format!(
+                        "{:<44} {:>8} {:>8} {:>8} {:>6}  callers\n",
+                        "rule", "matched", "allowed", "denied", "users"
+                    ));
+                    let empty = Vec::new();
+                    for r in v.get("rules").and_then(Value::as_array).unwrap_or(&empty) {
+                        let callers: Vec<String> = r
+                            .get("callers")
+                            .and_then(Value::as_array)
+                            .unwrap_or(&empty)
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .map(printable)
+                            .collect();
+                        let n = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
+                        out.push_str(&format!(
+                            "{:<44} {:>8} {:>8} {:>8} {:>6}  {}\n",
+                            s(r, "rule"),
+                            n("matched"),
+                            n("allowed"),
+                            n("denied"),
+                            n("users"),
+                            callers.join(", ")
+                        ));
+                    }
+                    out.push_str("\nfindings:\n");
+                    let findings = v
+                        .get("findings")
+                        .and_then(Value::as_array)
+                        .unwrap_or(&empty);
+                    if findings.is_empty() {
+                        out.push_str("  none\n");
+                    }
+                    for f in findings {
+                        let what = if f.get("rule").is_some() {
+                            s(f, "rule")
+                        } else {
+                            s(f, "service")
+                        };
+                        out.push_str(&format!(
+                            "  {:<18} {:<44} {}\n",
+                            s(f, "kind"),
+                            what,
+                            s(f, "detail")
+                        ));
+                    }
+                    out
+                },
+            )
+        }
+    }
+}
+
 /// The audit trail.
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {

@@ -97,6 +97,13 @@ enum Command {
         #[command(flatten)]
         conn: admin_cmd::Connection,
     },
+    /// What the policy in force grants against what traffic used.
+    Access {
+        #[command(subcommand)]
+        cmd: admin_cmd::AccessCommand,
+        #[command(flatten)]
+        conn: admin_cmd::Connection,
+    },
     /// Manage end-user API keys.
     Apikey {
         #[command(subcommand)]
@@ -170,6 +177,7 @@ fn main() -> ExitCode {
             admin_cmd::proxy(cmd, &conn, json)
         }
         Command::Apikey { cmd, conn } => admin_cmd::apikey(cmd, &conn, json),
+        Command::Access { cmd, conn } => admin_cmd::access(cmd, &conn, json),
         Command::Audit { cmd, conn } => admin_cmd::audit(cmd, &conn, json),
     }
 }

@@ -312,3 +312,53 @@ async fn a_candidate_reading_what_records_did_not_keep_is_indeterminate() {
     assert!(v["indeterminate"].as_u64().unwrap() >= 9, "{v}");
     assert_eq!(v["newly_denied"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_report_names_unused_rules_and_over_broad_wildcards() {
+    let m = demo::start_mesh().await.unwrap();
+    drive(&m).await;
+    shipped(&m).await;
+    let (code, out) = cli(&m, &["-o", "json", "access", "report", "--since", "1h"]);
+    assert_eq!(code, 0, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let findings = v["findings"].as_array().unwrap();
+    let has = |kind: &str, rule: &str| {
+        findings
+            .iter()
+            .any(|f| f["kind"] == kind && (f["rule"] == rule || f["service"] == rule))
+    };
+    // Nobody read an item (only reservations were made).
+    assert!(
+        has("unused-rule", "inventory-api/orders-reads-items"),
+        "{v:#}"
+    );
+    // `/admin/{*rest}` was used for one concrete path only.
+    assert!(has("wide-path", "orders-api/admins-use-admin-api"), "{v:#}");
+    let wide = findings
+        .iter()
+        .find(|f| f["kind"] == "wide-path" && f["rule"] == "orders-api/admins-use-admin-api")
+        .unwrap();
+    assert_eq!(wide["used"], serde_json::json!(["/admin/stats"]));
+    // A used rule is not reported unused, and its callers and users are listed.
+    assert!(!has("unused-rule", "orders-api/customers-read-own-orders"));
+    let rule = v["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rule"] == "orders-api/customers-read-own-orders")
+        .unwrap();
+    assert!(rule["matched"].as_u64().unwrap() >= 2, "{rule}");
+    assert!(
+        rule["user_ids"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("alice"))
+    );
+    // The text form names them too.
+    let (code, text) = cli(&m, &["access", "report", "--since", "1h"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("unused-rule") && text.contains("inventory-api/orders-reads-items"),
+        "{text}"
+    );
+}

@@ -59,6 +59,7 @@ pub(crate) fn routes() -> Router<Arc<Server>> {
                 .post(apply_policy)
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_POLICY_BYTES)),
         )
+        .route("/v1/access/report", get(access_report))
         .route(
             "/v1/policy/impact",
             post(policy_impact).layer(axum::extract::DefaultBodyLimit::max(MAX_POLICY_BYTES)),
@@ -753,6 +754,34 @@ fn candidate_set(
         )));
     }
     Ok(set)
+}
+
+#[derive(Debug, Deserialize)]
+struct ReportParams {
+    /// Window start, Unix milliseconds.
+    #[serde(default)]
+    since_ms: i64,
+}
+
+/// The policy in force against the window's traffic (`crate::report`).
+async fn access_report(
+    _c: Caller,
+    State(s): State<Arc<Server>>,
+    Query(q): Query<ReportParams>,
+) -> Result<Json<Value>, Problem> {
+    let cur = s
+        .store
+        .latest_policy_revision()
+        .await?
+        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "no policy applied yet"))?;
+    let files: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&cur.files).map_err(Problem::internal)?;
+    let set = candidate_set(&s, &files).map_err(|e| Problem::internal(format!("{e:?}")))?;
+    let mut v = crate::report::report(&s, &set, q.since_ms).await?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("revision".to_owned(), json!(cur.rev));
+    }
+    Ok(Json(v))
 }
 
 #[derive(Debug, Deserialize)]
