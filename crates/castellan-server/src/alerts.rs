@@ -23,9 +23,30 @@ type WebhookClient = Client<
 /// A client for one rule's webhook: https verified with the rule's CA file or the system
 /// roots (plain http is allowed by the config only to loopback).
 fn client_for(rule: &AlertRule) -> Result<WebhookClient, String> {
+    client_with(rule.ca_file.as_deref())
+}
+
+/// Sends `body` to `webhook` in the background (retried with backoff; a failure is logged).
+pub(crate) fn send(webhook: &str, ca_file: Option<&std::path::Path>, body: String) {
+    let client = match client_with(ca_file) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(%webhook, error = %e, "alert webhook client unusable");
+            return;
+        }
+    };
+    let url = webhook.to_owned();
+    tokio::spawn(async move {
+        if !post(&client, &url, &body).await {
+            tracing::error!(webhook = %url, "alert webhook failed after retries");
+        }
+    });
+}
+
+fn client_with(ca_file: Option<&std::path::Path>) -> Result<WebhookClient, String> {
     use rustls_pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
-    match &rule.ca_file {
+    match ca_file {
         Some(path) => {
             for c in rustls_pki_types::CertificateDer::pem_file_iter(path)
                 .map_err(|e| format!("{}: {e}", path.display()))?

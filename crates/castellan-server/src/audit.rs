@@ -212,6 +212,7 @@ impl Audit for AuditService {
             }
         };
         let mut rows = Vec::with_capacity(batch.records.len());
+        let mut seen = Vec::new();
         for line in &batch.records {
             let r: AuditRecord = serde_json::from_str(line).map_err(|e| {
                 refuse(
@@ -222,6 +223,11 @@ impl Audit for AuditService {
             })?;
             head.accept(&batch.writer, &batch.epoch, &r)
                 .map_err(|e| refuse(&key, "chain", e.to_string()))?;
+            if self.s.cfg.anomalies.is_some()
+                && let Some(x) = crate::anomaly::Seen::of(&r)
+            {
+                seen.push(x);
+            }
             rows.push(AuditRow {
                 writer: key.clone(),
                 seq: i64::try_from(r.seq)
@@ -256,6 +262,10 @@ impl Audit for AuditService {
                 .increment(checkpoints.len() as u64);
         }
         metrics::counter!("castellan_server_audit_records_stored_total").increment(new);
+        // A batch stored now (not a retry of one stored before) is checked for anomalies.
+        if new as usize == rows.len() {
+            crate::anomaly::observe(&self.s, seen).await;
+        }
         tracing::debug!(writer = %key, new, head = head.seq, "audit batch stored");
         Ok(GrpcResponse::new(AuditAck {
             stored_through: head.seq,

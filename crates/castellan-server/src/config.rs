@@ -68,6 +68,46 @@ pub struct AlertRule {
     pub ca_file: Option<PathBuf>,
 }
 
+/// Anomaly alerts (new edge, user first seen on a service, deny spike): where they go and
+/// what a spike is.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalyConfig {
+    /// `https://` URL to POST to (or `http://` to a loopback address).
+    pub webhook: String,
+    /// PEM CA certificates to verify an https webhook with, instead of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// A deny spike needs more denies in one minute (per source or per user) than this…
+    #[serde(default = "default_spike_over")]
+    pub deny_spike_over: u64,
+    /// …and more than this many times the average of the previous minutes.
+    #[serde(default = "default_spike_factor")]
+    pub deny_spike_factor: u64,
+}
+
+fn default_spike_over() -> u64 {
+    20
+}
+
+fn default_spike_factor() -> u64 {
+    5
+}
+
+/// Whether a webhook URL is acceptable: https anywhere, plain http only to loopback (an alert
+/// crossing a network unencrypted and unauthenticated is refused).
+pub fn webhook_ok(webhook: &str) -> bool {
+    AlertRule {
+        service: String::new(),
+        decision: String::new(),
+        over: 0,
+        per: String::new(),
+        webhook: webhook.to_owned(),
+        ca_file: None,
+    }
+    .webhook_ok()
+}
+
 impl AlertRule {
     /// Whether the webhook URL is acceptable: https anywhere, plain http only to loopback
     /// (an alert crossing a network unencrypted and unauthenticated is refused).
@@ -156,6 +196,9 @@ pub struct ServerConfig {
     pub external_issuers: Vec<ExternalIssuer>,
     /// Deny-rate alerts.
     pub alerts: Vec<AlertRule>,
+    /// Anomaly alerts (none when unset).
+    #[serde(default)]
+    pub anomalies: Option<AnomalyConfig>,
     /// Token exchange: besides the client a subject token was issued for (its `aud`), the
     /// clients that may exchange tokens of each audience (e.g. an external IdP's tokens issued
     /// for the control plane).
@@ -199,6 +242,7 @@ impl Default for ServerConfig {
             default_audience: None,
             external_issuers: Vec::new(),
             alerts: Vec::new(),
+            anomalies: None,
             may_act: Vec::new(),
             max_proxies_per_identity: 256,
             proxy_expiry_secs: 3600,
@@ -336,6 +380,14 @@ impl ServerConfig {
                     a.service
                 )));
             }
+        }
+        if let Some(a) = &self.anomalies
+            && (!webhook_ok(&a.webhook) || a.deny_spike_factor < 1)
+        {
+            return Err(ConfigError::Field(
+                "anomalies: webhook an https:// URL (http:// only to loopback), deny_spike_factor at least 1"
+                    .to_owned(),
+            ));
         }
         if self.auth_failures_per_minute == 0 || self.max_body_bytes < 1024 {
             return Err(ConfigError::Field(

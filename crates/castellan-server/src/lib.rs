@@ -5,6 +5,7 @@
 pub mod admin;
 mod admin_audit;
 mod alerts;
+mod anomaly;
 mod audit;
 pub mod config;
 mod dist;
@@ -18,7 +19,7 @@ mod problem;
 mod report;
 mod tls;
 
-pub use config::{AlertRule, ConfigError, ExternalIssuer, MayAct, ServerConfig};
+pub use config::{AlertRule, AnomalyConfig, ConfigError, ExternalIssuer, MayAct, ServerConfig};
 
 use arc_swap::ArcSwap;
 use castellan_identity::{
@@ -172,6 +173,8 @@ pub struct Server {
     hub: dist::Hub,
     /// This process's chain of admin actions.
     admin_chain: admin_audit::AdminChain,
+    /// Anomaly detection over stored audit batches.
+    anomalies: anomaly::Detector,
 }
 
 impl std::fmt::Debug for Server {
@@ -287,6 +290,7 @@ impl Server {
             tokens_issued: std::sync::atomic::AtomicU64::new(0),
             hub: dist::Hub::new(),
             admin_chain: admin_audit::AdminChain::new(),
+            anomalies: anomaly::Detector::default(),
             kek,
             cfg,
         });
