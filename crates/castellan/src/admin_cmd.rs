@@ -1112,9 +1112,13 @@ pub enum AuditCommand {
     },
     /// Every record as JSON lines (for a SIEM).
     Export {
-        /// Output format (jsonl).
-        #[arg(long, default_value = "jsonl")]
+        /// Output format: jsonl (the records as stored and hashed) or ocsf (OCSF 1.1 API
+        /// Activity events, one JSON object per line).
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "ocsf"])]
         format: String,
+        /// Keep running: print records as the control plane stores them (polled every second).
+        #[arg(long)]
+        follow: bool,
     },
     /// Remove records older than --before, each chain up to its last signed checkpoint among
     /// them (verify then starts from that checkpoint). The purge is itself audited.
@@ -1174,6 +1178,80 @@ fn get_text(conn: &Connection, path: &str) -> Result<String, String> {
             Err(format!("{status}: {text}"))
         }
     })
+}
+
+/// A query-string value, percent-encoded.
+fn query_value(v: &str) -> String {
+    v.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Prints stored records (as stored, or as OCSF events); with `follow`, keeps printing each
+/// chain's new records as they are stored.
+fn export(conn: &Connection, ocsf: bool, follow: bool) -> Result<(), String> {
+    use std::io::Write as _;
+    let print = |text: &str| -> Result<Option<(String, u64)>, String> {
+        let mut last = None;
+        let mut out = std::io::stdout().lock();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+            if ocsf {
+                if let Some(e) = crate::ocsf::event(&v) {
+                    writeln!(out, "{e}").map_err(|e| e.to_string())?;
+                }
+            } else {
+                writeln!(out, "{line}").map_err(|e| e.to_string())?;
+            }
+            if let (Some(w), Some(seq)) = (
+                v.get("writer").and_then(Value::as_str),
+                v.get("seq").and_then(Value::as_u64),
+            ) {
+                last = Some((w.to_owned(), seq));
+            }
+        }
+        out.flush().map_err(|e| e.to_string())?;
+        Ok(last)
+    };
+    if !follow {
+        print(&get_text(conn, "/v1/audit/export")?)?;
+        return Ok(());
+    }
+    // Each chain from where we are in it (everything, the first time round).
+    let mut at: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    loop {
+        let heads: Value =
+            serde_json::from_str(&get_text(conn, "/v1/audit/heads")?).map_err(|e| e.to_string())?;
+        for h in heads.as_array().into_iter().flatten() {
+            let (Some(chain), Some(seq)) = (
+                h.get("chain").and_then(Value::as_str),
+                h.get("seq").and_then(Value::as_u64),
+            ) else {
+                continue;
+            };
+            let from = at.get(chain).copied().unwrap_or(0);
+            if seq <= from {
+                continue;
+            }
+            let text = get_text(
+                conn,
+                &format!(
+                    "/v1/audit/export?chain={}&from={}",
+                    query_value(chain),
+                    from + 1
+                ),
+            )?;
+            print(&text)?;
+            at.insert(chain.to_owned(), seq.max(from));
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }
 
 /// Runs `audit …`.
@@ -1295,21 +1373,12 @@ pub fn audit(cmd: AuditCommand, conn: &Connection, json_out: bool) -> ExitCode {
                 },
             )
         }
-        AuditCommand::Export { format } => {
-            if format != "jsonl" {
-                eprintln!("error: --format must be jsonl");
-                return ExitCode::from(2);
+        AuditCommand::Export { format, follow } => match export(conn, format == "ocsf", follow) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {}", printable(&e));
+                ExitCode::FAILURE
             }
-            match get_text(conn, "/v1/audit/export") {
-                Ok(t) => {
-                    print!("{t}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        },
     }
 }

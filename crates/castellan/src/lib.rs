@@ -2,4 +2,5 @@
 
 pub mod demo;
 pub mod demo_apps;
+pub mod ocsf;
 pub mod peers;

@@ -2,7 +2,7 @@
 
 mod admin_cmd;
 mod audit_verify;
-use castellan::demo;
+use castellan::{demo, ocsf};
 mod policy_cmd;
 mod proxy_cmd;
 mod server_cmd;

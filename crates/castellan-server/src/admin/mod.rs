@@ -72,6 +72,7 @@ pub(crate) fn routes() -> Router<Arc<Server>> {
         .route("/v1/audit", get(crate::audit::query))
         .route("/v1/audit/verify", get(crate::audit::verify))
         .route("/v1/audit/export", get(crate::audit::export))
+        .route("/v1/audit/heads", get(crate::audit::heads))
         .route("/v1/audit/purge", post(crate::audit::purge))
 }
 
