@@ -185,7 +185,12 @@ fn header_reads(src: &str, out: &mut std::collections::BTreeSet<String>) -> bool
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            (!name.is_empty()).then_some(name)
+            // `headers.exists(…)`, `headers.all(…)`, `headers.size()`: a macro or method over
+            // every header, not a header named `exists`.
+            let call = r
+                .get(name.len()..)
+                .is_some_and(|rest| rest.trim_start().starts_with('('));
+            (!name.is_empty() && !call).then_some(name)
         } else {
             None
         };

@@ -238,13 +238,37 @@ fn described(
             .map(str::to_owned)
     };
     // We cannot strip headers from the request we are asked about: one that carries our
-    // headers (any spelling) would reach the app with the client's values.
+    // headers (any spelling) would reach the app with the client's values; one that carries a
+    // rewrite or method override would be decided as one request and run as another.
+    // Forward-auth's own description of the request comes in one family (nginx: X-Original-*;
+    // Caddy, Traefik: X-Forwarded-Method/-Uri), set by the proxy: a second family, or any
+    // other spelling of these names, can only come from the client.
+    const NGINX_META: &[&str] = &["x-original-uri", "x-original-method"];
+    const FORWARDED_META: &[&str] = &["x-forwarded-uri", "x-forwarded-method"];
+    let (mut nginx_meta, mut forwarded_meta) = (false, false);
     for name in req.headers().keys() {
-        if h::folded(name.as_str()).starts_with(h::CASTELLAN_PREFIX) {
+        let raw = name.as_str();
+        let f = h::folded(raw);
+        if f.starts_with(h::CASTELLAN_PREFIX) {
             return Err(bad(
                 "the request carries x-castellan-* headers, which a decision point cannot strip: refused",
             ));
         }
+        let meta = kind == HttpKind::ForwardAuth
+            && (NGINX_META.contains(&f.as_ref()) || FORWARDED_META.contains(&f.as_ref()));
+        if meta && raw == f.as_ref() {
+            nginx_meta |= NGINX_META.contains(&raw);
+            forwarded_meta |= FORWARDED_META.contains(&raw);
+        } else if h::REWRITE_HEADERS.contains(&f.as_ref()) {
+            return Err(bad(&format!(
+                "the request carries {raw}, which rewrites the request after the decision: refused"
+            )));
+        }
+    }
+    if nginx_meta && forwarded_meta {
+        return Err(bad(
+            "both X-Original-* and X-Forwarded-Method/-Uri describe the request: refused",
+        ));
     }
     let (method, target) = match kind {
         HttpKind::ForwardAuth => {
@@ -276,7 +300,11 @@ fn described(
     if uri.scheme().is_some() || uri.authority().is_some() {
         return Err(bad("the described target must be a path"));
     }
-    let host = hdr("x-forwarded-host").or_else(|| hdr("host"));
+    // Envoy's HTTP mode passes the client's own X-Forwarded-Host: only Host there.
+    let host = match kind {
+        HttpKind::ForwardAuth => hdr("x-forwarded-host").or_else(|| hdr("host")),
+        HttpKind::ExtAuthz => hdr("host"),
+    };
     let mut b = Request::builder().method(method).uri(uri);
     if let Some(host) = host {
         b = b.header(HOST, host);
@@ -298,6 +326,7 @@ async fn http_question(
     req: Request<Incoming>,
     kind: HttpKind,
     caller: Caller,
+    trusted_proxy: bool,
 ) -> Response<Body> {
     let parts = match described(&req, kind) {
         Ok(p) => p,
@@ -311,7 +340,9 @@ async fn http_question(
     };
     let mut p = Pending::start(&parts.method, &parts.uri, &parts.headers, "");
     p.origin = origin_of(kind);
-    let client_cert = if inner.cfg.decision.client_cert_header {
+    // `Client-Cert` only from a proxy we authenticated (a client could send its own, and
+    // certificates are public).
+    let client_cert = if inner.cfg.decision.client_cert_header && trusted_proxy {
         req.headers()
             .get("client-cert")
             .and_then(|v| v.to_str().ok())
@@ -374,7 +405,7 @@ async fn serve_http(inner: Arc<Inner>, listener: TcpListener, stop: watch::Recei
                 let inner = inner.clone();
                 async move {
                     let resp = match http_kind(req.uri().path()) {
-                        Some(kind) => http_question(inner, req, kind, Caller::Edge).await,
+                        Some(kind) => http_question(inner, req, kind, Caller::Edge, false).await,
                         None => {
                             problem(StatusCode::NOT_FOUND, "no such endpoint", &h::decision_id())
                         }
@@ -470,6 +501,16 @@ impl ExtAuthz {
         } else {
             match SpiffeId::parse(principal) {
                 Ok(id) if id == me => Caller::Edge,
+                Ok(id)
+                    if id
+                        .service_name()
+                        .is_some_and(|s| self.0.state.is_disabled(s)) =>
+                {
+                    return Err(Refusal::new(
+                        StatusCode::FORBIDDEN,
+                        "source principal is a disabled service",
+                    ));
+                }
                 Ok(id) if id.trust_domain() == me.trust_domain() => Caller::Workload(id),
                 _ => {
                     return Err(Refusal::new(
@@ -504,7 +545,15 @@ impl ExtAuthz {
                 return b;
             }
             let f = h::folded(k);
-            if f.starts_with(h::CASTELLAN_PREFIX) || h::REWRITE_HEADERS.contains(&f.as_ref()) {
+            // Ours, rewrites, and what only an edge may say about the client (Envoy sets
+            // X-Forwarded-For/-Proto itself).
+            if f.starts_with(h::CASTELLAN_PREFIX)
+                || h::REWRITE_HEADERS.contains(&f.as_ref())
+                || matches!(
+                    f.as_ref(),
+                    "x-forwarded-host" | "forwarded" | "x-real-ip" | "x-forwarded-port"
+                )
+            {
                 remove.push(k.to_ascii_lowercase());
             }
             b.header(k, v)
@@ -653,16 +702,23 @@ async fn serve_grpc(inner: Arc<Inner>, listener: TcpListener, stop: watch::Recei
 /// Who is on the other end of a TLS connection.
 #[derive(Debug)]
 struct TlsPeer {
-    /// The client's SVID, when it sent a valid one.
-    svid: Option<SpiffeId>,
+    /// The client's SVID, when it sent a valid one (re-checked per request: a revoked or
+    /// disabled caller loses its trust on an open connection too).
+    svid: Option<crate::sidecar::Peer>,
     /// The listener's own address (the AuthZEN PDP identifier).
     local: SocketAddr,
 }
 
 fn trusted(inner: &Inner, peer: &TlsPeer) -> bool {
-    peer.svid
-        .as_ref()
-        .is_some_and(|id| inner.cfg.decision.trusted.iter().any(|t| t == id.as_str()))
+    peer.svid.as_ref().is_some_and(|p| {
+        p.still_valid(&inner.state).is_ok()
+            && inner
+                .cfg
+                .decision
+                .trusted
+                .iter()
+                .any(|t| t == p.id.as_str())
+    })
 }
 
 /// Whether the caller may ask AuthZEN questions: a trusted SVID, or a Castellan token (not
@@ -673,9 +729,9 @@ fn authzen_caller(
     headers: &hyper::HeaderMap,
 ) -> Result<String, Refusal> {
     if trusted(inner, peer)
-        && let Some(id) = &peer.svid
+        && let Some(p) = &peer.svid
     {
-        return Ok(id.as_str().to_owned());
+        return Ok(p.id.as_str().to_owned());
     }
     let unauth = |d: &str| Refusal::new(StatusCode::UNAUTHORIZED, d);
     let token = headers
@@ -736,7 +792,7 @@ async fn tls_request(
         match (&peer.svid, trusted(&inner, &peer)) {
             // A trusted proxy asks on behalf of its clients: decided as for the decision
             // point's own identity, like on the plain listener.
-            (Some(_), true) => http_question(inner.clone(), req, kind, Caller::Edge).await,
+            (Some(_), true) => http_question(inner.clone(), req, kind, Caller::Edge, true).await,
             _ => problem(
                 StatusCode::FORBIDDEN,
                 "only proxies with a trusted SVID may ask here",
@@ -805,6 +861,19 @@ fn workload_id(inner: &Inner, s: &str) -> Option<SpiffeId> {
 
 /// Evaluates one request (AuthZEN §6, mapped as product.md §7 fixes): `Err` is a 400.
 fn evaluate(inner: &Inner, e: &Evaluation<'_>) -> Result<Value, String> {
+    Ok(decide_prepared(inner, prepare(inner, e)?))
+}
+
+/// An evaluation checked and mapped, not yet decided (nor recorded).
+struct Prepared {
+    parts: hyper::http::request::Parts,
+    source: SpiffeId,
+    user: Option<User>,
+    service: Option<String>,
+}
+
+/// Checks and maps one evaluation; `Err` is the 400's detail.
+fn prepare(inner: &Inner, e: &Evaluation<'_>) -> Result<Prepared, String> {
     let subject_type = str_field(e.subject, "type").ok_or("subject.type is required")?;
     let subject_id = str_field(e.subject, "id").ok_or("subject.id is required")?;
     let action = str_field(e.action, "name").ok_or("action.name is required")?;
@@ -874,6 +943,23 @@ fn evaluate(inner: &Inner, e: &Evaluation<'_>) -> Result<Value, String> {
         .map_err(|e| e.to_string())?
         .into_parts()
         .0;
+    let service = str_field(field(e.resource, "properties"), "service").map(str::to_owned);
+    Ok(Prepared {
+        parts,
+        source,
+        user,
+        service,
+    })
+}
+
+/// Decides a prepared evaluation and writes its record.
+fn decide_prepared(inner: &Inner, prep: Prepared) -> Value {
+    let Prepared {
+        parts,
+        source,
+        user,
+        service,
+    } = prep;
     let mut p = Pending::start(&parts.method, &parts.uri, &parts.headers, "");
     p.origin = castellan_audit::ORIGIN_API;
     p.source = source.as_str().to_owned();
@@ -885,12 +971,10 @@ fn evaluate(inner: &Inner, e: &Evaluation<'_>) -> Result<Value, String> {
     let path = target
         .as_deref()
         .map(|t| t.split('?').next().unwrap_or("/"));
-    let service = str_field(field(e.resource, "properties"), "service")
-        .map(str::to_owned)
-        .or_else(|| {
-            path.and_then(|p| crate::pipeline::route(inner, p))
-                .map(str::to_owned)
-        });
+    let service = service.or_else(|| {
+        path.and_then(|p| crate::pipeline::route(inner, p))
+            .map(str::to_owned)
+    });
     let out = match (target, service) {
         (None, _) => {
             p.refusal = Some("malformed-request");
@@ -916,7 +1000,7 @@ fn evaluate(inner: &Inner, e: &Evaluation<'_>) -> Result<Value, String> {
         }
     };
     p.record(inner, StatusCode::OK);
-    Ok(out)
+    out
 }
 
 async fn authzen(
@@ -986,7 +1070,6 @@ async fn authzen(
             );
         }
     };
-    // Every item must be well-formed before any is decided (and recorded).
     let evals: Vec<Evaluation<'_>> = items
         .iter()
         .map(|i| Evaluation {
@@ -996,37 +1079,11 @@ async fn authzen(
             context: i.get("context").or(top.context),
         })
         .collect();
+    // Every item is checked and mapped before any is decided (and recorded).
+    let mut prepared = Vec::with_capacity(evals.len());
     for (n, e) in evals.iter().enumerate() {
-        for (what, ok) in [
-            (
-                "subject",
-                str_field(e.subject, "type").is_some() && str_field(e.subject, "id").is_some(),
-            ),
-            ("action", str_field(e.action, "name").is_some()),
-            (
-                "resource",
-                str_field(e.resource, "type").is_some() && str_field(e.resource, "id").is_some(),
-            ),
-        ] {
-            if !ok {
-                return problem(
-                    StatusCode::BAD_REQUEST,
-                    &format!("evaluations[{n}]: {what} is missing or incomplete"),
-                    &did,
-                );
-            }
-        }
-    }
-    let mut out = Vec::with_capacity(evals.len());
-    for (n, e) in evals.iter().enumerate() {
-        match evaluate(inner, e) {
-            Ok(r) => {
-                let decision = r.get("decision").and_then(Value::as_bool).unwrap_or(false);
-                out.push(r);
-                if stop_on == Some(decision) {
-                    break;
-                }
-            }
+        match prepare(inner, e) {
+            Ok(p) => prepared.push(p),
             Err(why) => {
                 return problem(
                     StatusCode::BAD_REQUEST,
@@ -1034,6 +1091,15 @@ async fn authzen(
                     &did,
                 );
             }
+        }
+    }
+    let mut out = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        let r = decide_prepared(inner, p);
+        let decision = r.get("decision").and_then(Value::as_bool).unwrap_or(false);
+        out.push(r);
+        if stop_on == Some(decision) {
+            break;
         }
     }
     json_response(StatusCode::OK, &json!({ "evaluations": out }))
@@ -1076,14 +1142,7 @@ async fn serve_tls(inner: Arc<Inner>, listener: TcpListener, stop: watch::Receiv
                 .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                 .unwrap_or_default();
             let svid = (!certs.is_empty())
-                .then(|| {
-                    crate::tls::check_client(
-                        &inner.state,
-                        &certs,
-                        rustls_pki_types::UnixTime::now(),
-                    )
-                    .ok()
-                })
+                .then(|| crate::sidecar::Peer::new(&inner.state, certs))
                 .flatten();
             let peer = Arc::new(TlsPeer { svid, local });
             let svc = service_fn(move |req| {

@@ -166,13 +166,20 @@ fn https_client(ca_file: Option<&std::path::Path>) -> Result<HttpsClient, String
 }
 
 async fn get_json(client: &HttpsClient, url: &str) -> Result<Value, String> {
+    // The whole exchange, body included, within 10 s: a slow body must not stall refreshes.
+    tokio::time::timeout(Duration::from_secs(10), get_json_inner(client, url))
+        .await
+        .map_err(|_| format!("{url}: timed out"))?
+}
+
+async fn get_json_inner(client: &HttpsClient, url: &str) -> Result<Value, String> {
     if !url.starts_with("https://") {
         return Err(format!("{url}: not https"));
     }
     let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
+    let resp = client
+        .get(uri)
         .await
-        .map_err(|_| format!("{url}: timed out"))?
         .map_err(|e| format!("{url}: {}", crate::error_chain(&e)))?;
     if !resp.status().is_success() {
         return Err(format!("{url}: {}", resp.status()));

@@ -220,7 +220,7 @@ impl Pending {
             source: String::new(),
             user: String::new(),
             destination: destination.to_owned(),
-            method: method.as_str().chars().take(16).collect(),
+            method: method.as_str().chars().take(32).collect(),
             path: raw.chars().take(1024).collect(),
             trace_id,
             decision: None,
@@ -616,6 +616,7 @@ pub(crate) async fn serve_inbound(
 
 /// The authenticated peer of one inbound connection, re-checked whenever the bundle or the
 /// revocations change and refused once its SVID expires.
+#[derive(Debug)]
 pub(crate) struct Peer {
     pub(crate) id: SpiffeId,
     certs: Vec<rustls_pki_types::CertificateDer<'static>>,
@@ -625,7 +626,7 @@ pub(crate) struct Peer {
 }
 
 impl Peer {
-    fn new(
+    pub(crate) fn new(
         state: &crate::state::State,
         certs: Vec<rustls_pki_types::CertificateDer<'static>>,
     ) -> Option<Peer> {

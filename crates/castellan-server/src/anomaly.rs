@@ -113,6 +113,11 @@ impl Detector {
                         continue;
                     }
                     let c = denies.entry(format!("{what}\0{who}")).or_default();
+                    if minute < c.minute {
+                        // A late record of a closed minute (a spool catching up): it neither
+                        // resets nor inflates the current minute.
+                        continue;
+                    }
                     if c.minute != minute {
                         // Close the minutes between (zeros for quiet ones).
                         let gap = (minute - c.minute).clamp(0, BASELINE_MINUTES as i64);

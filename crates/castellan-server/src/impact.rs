@@ -160,7 +160,8 @@ impl Report {
             }
             return;
         }
-        if indeterminate(r, candidate).is_some() {
+        // What made a request malformed (a bad header name, say) may not be in its inputs.
+        if r.reason == "malformed-request" || indeterminate(r, candidate).is_some() {
             self.indeterminate += 1;
             return;
         }

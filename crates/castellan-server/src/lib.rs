@@ -175,6 +175,8 @@ pub struct Server {
     admin_chain: admin_audit::AdminChain,
     /// Anomaly detection over stored audit batches.
     anomalies: anomaly::Detector,
+    /// One policy impact or access report at a time: each reads a whole window.
+    scans: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for Server {
@@ -291,6 +293,7 @@ impl Server {
             hub: dist::Hub::new(),
             admin_chain: admin_audit::AdminChain::new(),
             anomalies: anomaly::Detector::default(),
+            scans: tokio::sync::Semaphore::new(1),
             kek,
             cfg,
         });

@@ -265,6 +265,32 @@ async fn forward_auth_cases(m: &Mesh, peer: std::net::SocketAddr, name: &str) ->
         );
     }
 
+    // A client describing another request than the one it sends: its own X-Original-URI /
+    // X-Forwarded-Uri (the proxy's family is set by the proxy; a second family is refused), or
+    // a method override the app would obey after the decision.
+    for (k, v) in [
+        ("x-original-uri", "/orders/42"),
+        ("x-forwarded-uri", "/orders/42"),
+        ("x-http-method-override", "GET"),
+        ("x_original_uri", "/orders/42"),
+    ] {
+        let r = http
+            .get(url("/admin/x"))
+            .header("authorization", &alice)
+            .header(k, v)
+            .header("x-original-method", "GET")
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        assert!(
+            status == 400 || status == 403,
+            "{name}: {k}: {v} on /admin/x got {status}: {text}"
+        );
+        assert!(!text.contains("\"service\""), "{name}: {k} reached the app");
+    }
+
     // A client that sends our headers itself: 400 (the decision point cannot strip them).
     for forged in ["x-castellan-user", "X-Castellan-Source"] {
         let r = http
@@ -400,6 +426,45 @@ async fn envoy_ext_authz_grpc_and_http() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert!(r.headers().contains_key("www-authenticate"));
+    // Forward-auth asked directly: two descriptions of the request, a method override, or an
+    // underscore spelling of the proxy's header → 400, before any decision.
+    for headers in [
+        vec![
+            ("x-original-uri", "/orders/42"),
+            ("x-forwarded-uri", "/admin/x"),
+        ],
+        vec![
+            ("x-original-uri", "/orders/42"),
+            ("x-http-method-override", "DELETE"),
+        ],
+        vec![
+            ("x-forwarded-uri", "/orders/42"),
+            ("x_original_uri", "/admin/x"),
+        ],
+        vec![
+            ("x-original-uri", "/orders/42"),
+            ("x-rewrite-url", "/admin/x"),
+        ],
+    ] {
+        let mut req = http
+            .get(format!("http://{}/forward-auth", d.http))
+            .header("authorization", &alice);
+        for (k, v) in &headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 400, "{headers:?}");
+    }
+    // And the honest one is allowed.
+    let r = http
+        .get(format!("http://{}/forward-auth", d.http))
+        .header("authorization", &alice)
+        .header("x-original-uri", "/orders/42")
+        .header("x-original-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 
     if !need_python("grpc, envoy.service.auth.v3.external_auth_pb2") {
         return;
@@ -409,7 +474,7 @@ async fn envoy_ext_authz_grpc_and_http() {
         json!([
             // 0: alice's own order at the edge (no principal): allowed, with headers to add; her
             // forged x-castellan-user (and its underscore spelling) removed.
-            {"path": "/orders/42?x=1", "headers": {"authorization": alice, "x-castellan-user": "bob", "x_castellan_user": "bob", "x-original-url": "/admin/x"}},
+            {"path": "/orders/42?x=1", "headers": {"authorization": alice, "x-castellan-user": "bob", "x_castellan_user": "bob", "x-original-url": "/admin/x", "x-forwarded-host": "evil.test", "x-http-method-override": "DELETE"}},
             // 1: someone else's order: 403 with problem JSON.
             {"path": "/orders/7", "headers": {"authorization": alice}},
             // 2: no credentials: 401 with the challenge.
@@ -450,7 +515,13 @@ async fn envoy_ext_authz_grpc_and_http() {
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    for h in ["x-castellan-user", "x_castellan_user", "x-original-url"] {
+    for h in [
+        "x-castellan-user",
+        "x_castellan_user",
+        "x-original-url",
+        "x-forwarded-host",
+        "x-http-method-override",
+    ] {
         assert!(removed.contains(&h), "{h} not removed: {removed:?}");
     }
     let denied = &res[1];
@@ -528,7 +599,11 @@ async fn envoy_ext_authz_grpc_and_http() {
         .filter(|r| r["writer"] == "decision-point" && r["kind"] == "decision")
         .count() as u64;
     assert_eq!(dp, m.decision.audit_written());
-    assert_eq!(dp, 3 + 8, "3 HTTP-mode questions and 8 checks");
+    assert_eq!(
+        dp,
+        3 + 5 + 8,
+        "3 HTTP-mode questions, 5 forward-auth questions and 8 checks"
+    );
 }
 
 /// A token for the demo's AuthZEN client.

@@ -778,6 +778,12 @@ async fn access_report(
     let files: std::collections::BTreeMap<String, String> =
         serde_json::from_str(&cur.files).map_err(Problem::internal)?;
     let set = candidate_set(&s, &files).map_err(|e| Problem::internal(format!("{e:?}")))?;
+    let _scan = s.scans.try_acquire().map_err(|_| {
+        Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "a policy impact or access report is running; try again when it is done",
+        )
+    })?;
     let mut v = crate::report::report(&s, &set, q.since_ms).await?;
     if let Some(o) = v.as_object_mut() {
         o.insert("revision".to_owned(), json!(cur.rev));
@@ -807,6 +813,13 @@ async fn policy_impact(
     let set = match candidate_set(&s, &b.files) {
         Ok(set) => set,
         Err(e) => return e.into_response(),
+    };
+    let Ok(_scan) = s.scans.try_acquire() else {
+        return Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "a policy impact or access report is running; try again when it is done",
+        )
+        .into_response();
     };
     let t0 = std::time::Instant::now();
     match crate::impact::replay(&s, &set, b.since_ms, &b.service).await {
