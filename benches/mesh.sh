@@ -40,7 +40,7 @@ export CASTELLAN_SERVER="$(python3 -c 'import json,sys;print(json.load(open(sys.
 export CASTELLAN_TOKEN="$(python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))["admin_token"])' "$T/init.json")"
 export CASTELLAN_CA_BUNDLE="$T/cp/bundle.pem"
 join() { "$B" service add "$@" -o json | python3 -c 'import json,sys;print(json.load(sys.stdin)["join_token"])'; }
-J_ORD=$(join orders); J_INV=$(join inventory); J_GW=$(join gateway --dns localhost --dns 127.0.0.1)
+J_ORD=$(join orders); J_INV=$(join inventory); J_GW=$(join gateway --kind gateway --route /orders=orders --dns 127.0.0.2)
 # WITH_LIMIT=1: also a RateLimit on every /orders call (generous, so it counts but never refuses),
 # to measure what a limit check costs on the gateway path.
 mkdir -p "$T/policies" && cp examples/demo/policies/*.yaml "$T/policies/"
@@ -60,14 +60,14 @@ proxy --mode sidecar --id inventory-1 --join-token "$J_INV" --state-dir "$T/inv"
 INV_PID=${PIDS[-1]}
 proxy --mode sidecar --id orders-1 --join-token "$J_ORD" --state-dir "$T/ord" --listen 127.0.0.1:18444 --admin-listen 127.0.0.1:18502 --app 127.0.0.1:18080 --upstream inventory=127.0.0.1:18090
 ORD_PID=${PIDS[-1]}
-proxy --mode gateway --id gateway-1 --join-token "$J_GW" --state-dir "$T/gw" --listen 127.0.0.1:18445 --admin-listen 127.0.0.1:18503 --route /orders=orders
+proxy --mode gateway --id gateway-1 --join-token "$J_GW" --state-dir "$T/gw" --listen 127.0.0.2:18445 --admin-listen 127.0.0.1:18503 --route /orders=orders
 GW_PID=${PIDS[-1]}
 for port in 18501 18502 18503; do
   for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.05; done
 done
 # Endpoints are pushed after the sidecars report; wait until both paths answer 200.
 for _ in $(seq 200); do [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:18090/items/7)" = 200 ] && break; sleep 0.05; done
-for _ in $(seq 200); do [ "$(curl -s -o /dev/null -w '%{http_code}' --cacert "$CASTELLAN_CA_BUNDLE" -H "Authorization: Bearer $KEY" https://127.0.0.1:18445/orders/42)" = 200 ] && break; sleep 0.05; done
+for _ in $(seq 200); do [ "$(curl -s -o /dev/null -w '%{http_code}' --cacert "$CASTELLAN_CA_BUNDLE" -H "Authorization: Bearer $KEY" https://127.0.0.2:18445/orders/42)" = 200 ] && break; sleep 0.05; done
 
 cat > "$T/auth.lua" <<LUA
 wrk.headers["Authorization"] = "Bearer $KEY"
@@ -78,7 +78,7 @@ declare -A URL=(
   [nginx]="http://127.0.0.1:18081/items/7"
   [sidecar]="https://127.0.0.1:18443/items/7"
   [sidecar-pair]="http://127.0.0.1:18090/items/7"
-  [gateway+sidecar]="https://127.0.0.1:18445/orders/42"
+  [gateway+sidecar]="https://127.0.0.2:18445/orders/42"
 )
 echo "| path | oha max rps (32 conns, ${SECS}s) | wrk max rps (1 thread, 32 conns) | oha @1000 rps p50 | p99 | non-2xx | proxy RSS at 1000 rps |"
 echo "|---|---:|---:|---:|---:|---:|---|"
