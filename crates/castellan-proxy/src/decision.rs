@@ -742,23 +742,9 @@ fn authzen_caller(
         .ok_or_else(|| {
             unauth("AuthZEN callers present a trusted SVID or a token with scope authzen:evaluate")
         })?;
-    let verifier = inner.castellan_tokens.load();
-    let t = verifier
-        .as_ref()
-        .as_ref()
-        .ok_or_else(|| unauth("token keys not loaded yet"))?
-        .verify(token, unix_now())
-        .map_err(|_| unauth("invalid token"))?;
+    let t = crate::pipeline::castellan_token(inner, token, None, unix_now())
+        .ok_or_else(|| unauth("invalid token"))??;
     let claim = |k: &str| t.claims.get(k).and_then(Value::as_str);
-    if inner
-        .state
-        .is_token_revoked(claim("jti"), claim("client_id"))
-    {
-        return Err(unauth("token revoked"));
-    }
-    if t.claims.contains_key("cnf") {
-        return Err(unauth("certificate-bound tokens are not accepted here"));
-    }
     if !claim("scope").is_some_and(|s| s.split(' ').any(|x| x == AUTHZEN_SCOPE)) {
         return Err(Refusal::new(
             StatusCode::FORBIDDEN,

@@ -236,29 +236,8 @@ fn authenticate(
         };
     }
     let now = unix_now();
-    if let Some(v) = inner.castellan_tokens.load().as_ref()
-        && let Ok(t) = v.verify(cred, now)
-    {
-        let claim = |k: &str| t.claims.get(k).and_then(Value::as_str);
-        // Revocation and disabled clients, as pushed: checked on every request.
-        if inner
-            .state
-            .is_token_revoked(claim("jti"), claim("client_id"))
-        {
-            return Err(Refusal::unauthorized("token revoked"));
-        }
-        // RFC 8705 §3: a certificate-bound token only with its certificate.
-        if let Some(bound) = t
-            .claims
-            .get("cnf")
-            .and_then(|c| c.get("x5t#S256"))
-            .and_then(Value::as_str)
-            && client_cert != Some(bound)
-        {
-            return Err(Refusal::unauthorized(
-                "certificate-bound token presented without its certificate",
-            ));
-        }
+    if let Some(t) = castellan_token(inner, cred, client_cert, now) {
+        let t = t?;
         return match user_from_claims(&t.claims) {
             Some(u) => Ok((u, None)),
             None => Err(Refusal::unauthorized("invalid token")),
@@ -271,6 +250,44 @@ fn authenticate(
         };
     }
     Err(Refusal::unauthorized("invalid token"))
+}
+
+/// `token` as a Castellan OAuth2 token: `None` when our keys do not verify it (it may be
+/// another issuer's); else it is refused when revoked, of a disabled client (both as pushed,
+/// checked on every use), or certificate-bound (RFC 8705 §3) to another certificate than
+/// `client_cert`.
+pub(crate) fn castellan_token(
+    inner: &Inner,
+    token: &str,
+    client_cert: Option<&str>,
+    now: i64,
+) -> Option<Result<castellan_identity::VerifiedToken, Refusal>> {
+    let t = inner
+        .castellan_tokens
+        .load()
+        .as_ref()
+        .as_ref()?
+        .verify(token, now)
+        .ok()?;
+    let claim = |k: &str| t.claims.get(k).and_then(Value::as_str);
+    if inner
+        .state
+        .is_token_revoked(claim("jti"), claim("client_id"))
+    {
+        return Some(Err(Refusal::unauthorized("token revoked")));
+    }
+    if let Some(bound) = t
+        .claims
+        .get("cnf")
+        .and_then(|c| c.get("x5t#S256"))
+        .and_then(Value::as_str)
+        && client_cert != Some(bound)
+    {
+        return Some(Err(Refusal::unauthorized(
+            "certificate-bound token presented without its certificate",
+        )));
+    }
+    Some(Ok(t))
 }
 
 /// Where the request goes.
@@ -413,7 +430,7 @@ pub(crate) fn mint_context(inner: &Inner, a: &Admitted, did: &str) -> Result<Str
         a.service,
         u.sub,
         u.roles,
-        Value::Object(u.claims.clone()),
+        serde_json::to_string(&u.claims).unwrap_or_default(),
         u.act
     );
     let now = unix_now();

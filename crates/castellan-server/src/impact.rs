@@ -236,15 +236,14 @@ impl Report {
     }
 }
 
-/// Replays the window's stored records (`since_ms` on, of `service` when not empty) against
-/// `candidate`, page by page.
-pub async fn replay(
+/// Calls `f` with every stored record of the window (`since_ms` on, of `service` when not
+/// empty) in (time, writer, seq) order, page by page; `None` for a row that is not a record.
+pub(crate) async fn scan_window(
     s: &Server,
-    candidate: &PolicySet,
     since_ms: i64,
     service: &str,
-) -> Result<Report, Problem> {
-    let mut report = Report::default();
+    mut f: impl FnMut(Option<AuditRecord>),
+) -> Result<(), Problem> {
     let mut cursor: Option<(i64, String, i64)> = None;
     loop {
         let rows = s
@@ -257,20 +256,33 @@ pub async fn replay(
             )
             .await?;
         for row in &rows {
-            match serde_json::from_str::<AuditRecord>(&row.record) {
-                Ok(r) => report.add(&r, candidate),
-                Err(_) => {
-                    report.scanned += 1;
-                    report.indeterminate += 1;
-                }
-            }
+            f(serde_json::from_str::<AuditRecord>(&row.record).ok());
         }
         match rows.last() {
             Some(last) if rows.len() as i64 == PAGE => {
                 cursor = Some((last.time_ms, last.writer.clone(), last.seq));
             }
-            _ => break,
+            _ => return Ok(()),
         }
     }
+}
+
+/// Replays the window's stored records (`since_ms` on, of `service` when not empty) against
+/// `candidate`.
+pub async fn replay(
+    s: &Server,
+    candidate: &PolicySet,
+    since_ms: i64,
+    service: &str,
+) -> Result<Report, Problem> {
+    let mut report = Report::default();
+    scan_window(s, since_ms, service, |r| match r {
+        Some(r) => report.add(&r, candidate),
+        None => {
+            report.scanned += 1;
+            report.indeterminate += 1;
+        }
+    })
+    .await?;
     Ok(report)
 }

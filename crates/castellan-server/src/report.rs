@@ -6,15 +6,12 @@
 
 use crate::Server;
 use crate::problem::Problem;
-use castellan_audit::AuditRecord;
 use castellan_policy::PolicySet;
 use castellan_policy::principal::ServicePattern;
 use castellan_policy::template::Segment;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Records fetched per page.
-const PAGE: i64 = 5000;
 /// Distinct values kept per rule and kind.
 const MAX_DISTINCT: usize = 200;
 /// A wildcard used for at most this many concrete values is reported as over-broad.
@@ -42,52 +39,31 @@ pub async fn report(s: &Server, set: &PolicySet, since_ms: i64) -> Result<Value,
     let mut traffic: BTreeMap<String, u64> = BTreeMap::new();
     let mut would_deny: BTreeMap<String, u64> = BTreeMap::new();
     let mut scanned = 0u64;
-    let mut cursor: Option<(i64, String, i64)> = None;
-    loop {
-        let rows = s
-            .store
-            .audit_window(
-                since_ms,
-                "",
-                cursor.as_ref().map(|(t, w, q)| (*t, w.as_str(), *q)),
-                PAGE,
-            )
-            .await?;
-        for row in &rows {
-            scanned += 1;
-            let Ok(r) = serde_json::from_str::<AuditRecord>(&row.record) else {
-                continue;
-            };
-            if !r.is_traffic() {
-                continue;
-            }
-            *traffic.entry(r.destination.clone()).or_default() += 1;
-            if r.mode == "audit"
-                && matches!(r.reason.as_str(), "no-matching-allow" | "matched-deny")
-            {
-                *would_deny.entry(r.destination.clone()).or_default() += 1;
-            }
-            if r.rule.is_empty() || matches!(r.reason.as_str(), "rate-limited") {
-                continue;
-            }
-            let u = uses.entry(r.rule.clone()).or_default();
-            if r.decision == "allow" {
-                u.allowed += 1;
-            } else {
-                u.denied += 1;
-            }
-            insert_capped(&mut u.callers, &r.source);
-            insert_capped(&mut u.users, &r.user);
-            insert_capped(&mut u.paths, r.path.split('?').next().unwrap_or(""));
-            insert_capped(&mut u.methods, &r.method);
+    crate::impact::scan_window(s, since_ms, "", |r| {
+        scanned += 1;
+        let Some(r) = r else { return };
+        if !r.is_traffic() {
+            return;
         }
-        match rows.last() {
-            Some(last) if rows.len() as i64 == PAGE => {
-                cursor = Some((last.time_ms, last.writer.clone(), last.seq));
-            }
-            _ => break,
+        *traffic.entry(r.destination.clone()).or_default() += 1;
+        if r.mode == "audit" && matches!(r.reason.as_str(), "no-matching-allow" | "matched-deny") {
+            *would_deny.entry(r.destination.clone()).or_default() += 1;
         }
-    }
+        if r.rule.is_empty() || matches!(r.reason.as_str(), "rate-limited") {
+            return;
+        }
+        let u = uses.entry(r.rule.clone()).or_default();
+        if r.decision == "allow" {
+            u.allowed += 1;
+        } else {
+            u.denied += 1;
+        }
+        insert_capped(&mut u.callers, &r.source);
+        insert_capped(&mut u.users, &r.user);
+        insert_capped(&mut u.paths, r.path.split('?').next().unwrap_or(""));
+        insert_capped(&mut u.methods, &r.method);
+    })
+    .await?;
     let empty = RuleUse::default();
     let mut rules = Vec::new();
     let mut findings = Vec::new();

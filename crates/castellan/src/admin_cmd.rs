@@ -638,10 +638,7 @@ pub fn policy_impact(
     junit: Option<&std::path::Path>,
     fail_on_newly_denied: bool,
 ) -> ExitCode {
-    let since_ms = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64))
-        - since_secs.saturating_mul(1000);
+    let since_ms = ms_ago(since_secs);
     let body = json!({"files": files, "since_ms": since_ms, "service": service});
     let v = match send(conn, call(Method::POST, "/v1/policy/impact", Some(body))) {
         Ok(v) => v,
@@ -753,6 +750,14 @@ pub fn policy_impact(
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS
+}
+
+/// Unix milliseconds `secs` seconds ago.
+fn ms_ago(secs: i64) -> i64 {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    now_ms.saturating_sub(secs.saturating_mul(1000))
 }
 
 /// `--since` values: `24h`, `7d`, `90m`, seconds.
@@ -995,10 +1000,7 @@ pub fn access(cmd: AccessCommand, conn: &Connection, json_out: bool) -> ExitCode
                 eprintln!("error: --since {since:?}: expected an age such as 7d, 24h, 90m");
                 return ExitCode::from(2);
             };
-            let since_ms = (std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64))
-                - secs.saturating_mul(1000);
+            let since_ms = ms_ago(secs);
             finish(
                 conn,
                 call(
@@ -1345,12 +1347,7 @@ pub fn audit(cmd: AuditCommand, conn: &Connection, json_out: bool) -> ExitCode {
             let before_ms = match before.parse::<i64>() {
                 Ok(ms) if ms > 0 => ms,
                 _ => match parse_duration_secs(&before) {
-                    Some(age) => {
-                        let now_ms = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-                        now_ms.saturating_sub(age.saturating_mul(1000))
-                    }
+                    Some(age) => ms_ago(age),
                     None => {
                         eprintln!("error: --before expects Unix milliseconds or an age (90d, 12h)");
                         return ExitCode::from(2);
