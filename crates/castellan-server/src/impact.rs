@@ -286,3 +286,94 @@ pub async fn replay(
     .await?;
     Ok(report)
 }
+
+/// Distinct callers / paths kept per rule by [`usage`]; past this a rule is reported truncated
+/// (and `policy suggest` leaves that part of it as written).
+const MAX_USED: usize = 1000;
+
+/// What the window's allowed traffic used of one candidate rule.
+#[derive(Debug, Default)]
+struct RuleUsage {
+    calls: u64,
+    callers: BTreeSet<String>,
+    no_caller: bool,
+    methods: BTreeSet<String>,
+    paths: BTreeSet<String>,
+    truncated: bool,
+    indeterminate: u64,
+}
+
+/// Which candidate rule decides each call the window allowed, and what those calls were
+/// (callers, methods, paths without query): the evidence `castellan policy suggest` narrows a
+/// policy set to. Calls that cannot be replayed are counted against the rule that allowed them
+/// then (or their service, when the candidate has no such rule), so suggest leaves those alone.
+pub async fn usage(
+    s: &Server,
+    candidate: &PolicySet,
+    since_ms: i64,
+    service: &str,
+) -> Result<Value, Problem> {
+    let known: BTreeSet<&str> = candidate.rules().iter().map(|r| &*r.id).collect();
+    let mut rules: BTreeMap<String, RuleUsage> = BTreeMap::new();
+    let mut services: BTreeMap<String, u64> = BTreeMap::new();
+    let mut scanned = 0u64;
+    let mut replayed = 0u64;
+    scan_window(s, since_ms, service, |r| {
+        scanned += 1;
+        let Some(r) = r else { return };
+        // Only calls that were served count as used.
+        if !r.is_traffic() || r.decision != "allow" || r.reason != "matched-allow" {
+            return;
+        }
+        let req = if r.inputs.is_none() || indeterminate(&r, candidate).is_some() {
+            None
+        } else {
+            request_of(&r)
+        };
+        let Some(req) = req else {
+            if known.contains(r.rule.as_str()) {
+                rules.entry(r.rule.clone()).or_default().indeterminate += 1;
+            } else {
+                *services.entry(r.destination.clone()).or_default() += 1;
+            }
+            return;
+        };
+        replayed += 1;
+        let d = candidate.decide(&req);
+        let (true, Some(rule)) = (d.is_allowed(), d.rule.as_deref()) else {
+            return;
+        };
+        let u = rules.entry(rule.to_owned()).or_default();
+        u.calls += 1;
+        if r.source.is_empty() {
+            u.no_caller = true;
+        } else if u.callers.len() < MAX_USED {
+            u.callers.insert(r.source.clone());
+        } else if !u.callers.contains(&r.source) {
+            u.truncated = true;
+        }
+        u.methods.insert(r.method.clone());
+        let path = r.path.split('?').next().unwrap_or_default();
+        if u.paths.len() < MAX_USED {
+            u.paths.insert(path.to_owned());
+        } else if !u.paths.contains(path) {
+            u.truncated = true;
+        }
+    })
+    .await?;
+    let rules: BTreeMap<String, Value> = rules
+        .into_iter()
+        .map(|(id, u)| {
+            let v = json!({
+                "calls": u.calls, "callers": u.callers, "no_caller": u.no_caller,
+                "methods": u.methods, "paths": u.paths, "truncated": u.truncated,
+                "indeterminate": u.indeterminate,
+            });
+            (id, v)
+        })
+        .collect();
+    Ok(json!({
+        "since_ms": since_ms, "scanned": scanned, "replayed": replayed,
+        "rules": rules, "indeterminate_services": services,
+    }))
+}

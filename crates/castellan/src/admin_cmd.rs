@@ -209,6 +209,11 @@ impl Connection {
     }
 }
 
+/// `POST path` with a JSON body on the admin API.
+pub(crate) fn post(conn: &Connection, path: &str, body: Value) -> Result<Value, String> {
+    send(conn, call(Method::POST, path, Some(body)))
+}
+
 fn send(conn: &Connection, c: Call) -> Result<Value, String> {
     let (client, server, token) = conn.client()?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -753,7 +758,7 @@ pub fn policy_impact(
 }
 
 /// Unix milliseconds `secs` seconds ago.
-fn ms_ago(secs: i64) -> i64 {
+pub(crate) fn ms_ago(secs: i64) -> i64 {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));

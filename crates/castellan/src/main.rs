@@ -6,6 +6,7 @@ use castellan::{demo, ocsf};
 mod policy_cmd;
 mod proxy_cmd;
 mod server_cmd;
+mod suggest;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;

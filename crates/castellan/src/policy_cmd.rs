@@ -75,6 +75,24 @@ pub enum PolicyCommand {
         #[command(flatten)]
         conn: crate::admin_cmd::Connection,
     },
+    /// Write a tightened copy of DIR to OUT: allow rules narrowed to the callers, methods and
+    /// paths the window's traffic used, unused ones dropped (each change commented); checked
+    /// to deny no call the window made, with the `policy test` cases it would break reported.
+    Suggest {
+        /// Directory of policy and test files.
+        dir: PathBuf,
+        /// Where to write the suggestion (a new or empty directory).
+        #[arg(long)]
+        out: PathBuf,
+        /// Window: 24h, 7d, 90m …
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// Never remove or narrow what a `policy test` case allows.
+        #[arg(long)]
+        keep_tested: bool,
+        #[command(flatten)]
+        conn: crate::admin_cmd::Connection,
+    },
     /// List stored revisions, newest first.
     History {
         #[command(flatten)]
@@ -144,6 +162,28 @@ pub fn run(cmd: PolicyCommand, output: Output) -> ExitCode {
                     fail_on.is_some(),
                 ),
             }
+        }
+        PolicyCommand::Suggest {
+            dir,
+            out,
+            since,
+            keep_tested,
+            conn,
+        } => {
+            let Some(since_secs) = crate::admin_cmd::parse_since(&since) else {
+                eprintln!("error: --since {since:?}: expected an age such as 24h, 7d, 90m");
+                return ExitCode::from(EXIT_INVALID);
+            };
+            crate::suggest::run(
+                &crate::suggest::Options {
+                    dir: &dir,
+                    out: &out,
+                    since_secs,
+                    keep_tested,
+                    json: output == Output::Json,
+                },
+                &conn,
+            )
         }
         PolicyCommand::History { conn } => {
             crate::admin_cmd::policy_history(&conn, output == Output::Json)

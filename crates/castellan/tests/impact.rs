@@ -460,3 +460,162 @@ async fn audit_export_as_ocsf_validates_with_py_ocsf_models() {
     let _ = follow.kill();
     let _ = follow.wait();
 }
+
+/// `policy eval` of one request on a policy directory: (decision, rule).
+fn eval(dir: &std::path::Path, input: &str) -> (String, String) {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), input).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_castellan"))
+        .args(["policy", "eval", "--policy"])
+        .arg(dir)
+        .arg("--input")
+        .arg(f.path())
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!("{}", String::from_utf8_lossy(&out.stderr));
+    });
+    (
+        v["decision"].as_str().unwrap_or_default().to_owned(),
+        v["rule"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suggest_narrows_to_the_traffic_denies_nothing_it_made_and_keeps_tests() {
+    let m = demo::start_mesh().await.unwrap();
+    drive(&m).await;
+    shipped(&m).await;
+    let policy_dir = m.policy_dir.to_str().unwrap().to_owned();
+
+    // --keep-tested: nothing a test allows is narrowed away.
+    let kept = tempfile::tempdir().unwrap();
+    let out_dir = kept.path().join("suggested");
+    let out_s = out_dir.to_str().unwrap();
+    let (code, out) = cli(
+        &m,
+        &[
+            "-o",
+            "json",
+            "policy",
+            "suggest",
+            &policy_dir,
+            "--out",
+            out_s,
+            "--since",
+            "1h",
+            "--keep-tested",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let v: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["newly_denied"], 0, "{v:#}");
+    assert_eq!(v["broken_tests"], serde_json::json!([]), "{v:#}");
+    // It is a policy directory `policy check` and `policy test` accept…
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_castellan"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let check = run(&["policy", "check", out_s]);
+    assert!(check.status.success(), "{check:?}");
+    let test = run(&["policy", "test", out_s]);
+    assert!(test.status.success(), "{test:?}");
+    // …that denies none of the window's calls (impact over the same window)…
+    let (code, out) = cli(
+        &m,
+        &[
+            "-o",
+            "json",
+            "policy",
+            "impact",
+            out_s,
+            "--since",
+            "1h",
+            "--fail-on",
+            "newly-denied",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let imp: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(imp["newly_denied"], 0, "{imp:#}");
+    assert!(imp["replayed"].as_u64().unwrap() >= 6, "{imp:#}");
+    // …and is strictly narrower: calls never made, allowed before, are denied now.
+    let admin = |method: &str, path: &str| {
+        format!(
+            r#"{{"source": {{"service": "gateway"}}, "user": {{"sub": "bob", "roles": ["admin"], "claims": {{}}}}, "destination": {{"service": "orders"}}, "request": {{"method": "{method}", "path": "{path}", "host": "orders", "headers": {{}}}}}}"#
+        )
+    };
+    for (method, path) in [("GET", "/admin/config"), ("POST", "/admin/stats")] {
+        let before = eval(&m.policy_dir, &admin(method, path));
+        assert_eq!(before.0, "allow", "{method} {path} before");
+        let after = eval(&out_dir, &admin(method, path));
+        assert_eq!(after.0, "deny", "{method} {path} after: {after:?}");
+    }
+    // What was used, and what the tests exercise, still is allowed.
+    for (method, path) in [("GET", "/admin/stats"), ("DELETE", "/admin/users/9")] {
+        assert_eq!(
+            eval(&out_dir, &admin(method, path)).0,
+            "allow",
+            "{method} {path}"
+        );
+    }
+    // `{param}` templates are kept, never narrowed to the ids seen.
+    let orders = std::fs::read_to_string(out_dir.join("orders.yaml")).unwrap();
+    assert!(orders.contains(r#"paths: ["/orders/{id}"]"#), "{orders}");
+    assert!(orders.contains("# suggest: "), "{orders}");
+    assert!(
+        orders.contains(r#"when: "params.id == user.claims.customer_id""#),
+        "{orders}"
+    );
+
+    // Without --keep-tested: the unused rule is dropped and the tests it breaks are named.
+    let plain = kept.path().join("plain");
+    let (code, out) = cli(
+        &m,
+        &[
+            "-o",
+            "json",
+            "policy",
+            "suggest",
+            &policy_dir,
+            "--out",
+            plain.to_str().unwrap(),
+            "--since",
+            "1h",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let v: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["newly_denied"], 0, "{v:#}");
+    let broken: Vec<&str> = v["broken_tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["test"].as_str().unwrap())
+        .collect();
+    assert!(broken.contains(&"orders reads an item"), "{v:#}");
+    assert!(broken.contains(&"bob uses the admin API"), "{v:#}");
+    let inv = std::fs::read_to_string(plain.join("inventory.yaml")).unwrap();
+    assert!(
+        inv.contains("dropped allow rule \"inventory-api/orders-reads-items\""),
+        "{inv}"
+    );
+    assert!(!inv.contains("name: \"orders-reads-items\""), "{inv}");
+
+    // A suggestion is never written over an existing directory.
+    let (code, out) = cli(
+        &m,
+        &[
+            "policy",
+            "suggest",
+            &policy_dir,
+            "--out",
+            &policy_dir,
+            "--since",
+            "1h",
+        ],
+    );
+    assert_eq!(code, 2, "{out}");
+}

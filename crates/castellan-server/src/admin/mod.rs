@@ -64,6 +64,10 @@ pub(crate) fn routes() -> Router<Arc<Server>> {
             "/v1/policy/impact",
             post(policy_impact).layer(axum::extract::DefaultBodyLimit::max(MAX_POLICY_BYTES)),
         )
+        .route(
+            "/v1/policy/usage",
+            post(policy_usage).layer(axum::extract::DefaultBodyLimit::max(MAX_POLICY_BYTES)),
+        )
         .route("/v1/policy/history", get(policy_history))
         .route("/v1/policy/rollback/{rev}", post(rollback_policy))
         .route("/v1/proxies", get(list_proxies))
@@ -778,12 +782,7 @@ async fn access_report(
     let files: std::collections::BTreeMap<String, String> =
         serde_json::from_str(&cur.files).map_err(Problem::internal)?;
     let set = candidate_set(&s, &files).map_err(|e| Problem::internal(format!("{e:?}")))?;
-    let _scan = s.scans.try_acquire().map_err(|_| {
-        Problem::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "a policy impact or access report is running; try again when it is done",
-        )
-    })?;
+    let _scan = s.scans.try_acquire().map_err(|_| scan_busy())?;
     let mut v = crate::report::report(&s, &set, q.since_ms).await?;
     if let Some(o) = v.as_object_mut() {
         o.insert("revision".to_owned(), json!(cur.rev));
@@ -815,11 +814,7 @@ async fn policy_impact(
         Err(e) => return e.into_response(),
     };
     let Ok(_scan) = s.scans.try_acquire() else {
-        return Problem::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "a policy impact or access report is running; try again when it is done",
-        )
-        .into_response();
+        return scan_busy().into_response();
     };
     let t0 = std::time::Instant::now();
     match crate::impact::replay(&s, &set, b.since_ms, &b.service).await {
@@ -836,6 +831,34 @@ async fn policy_impact(
         }
         Err(p) => p.into_response(),
     }
+}
+
+/// Which rule of the candidate `files` decides each call the window allowed, with the callers,
+/// methods and paths used (`crate::impact::usage`, for `castellan policy suggest`).
+async fn policy_usage(
+    _c: Caller,
+    State(s): State<Arc<Server>>,
+    Body(b): Body<ImpactRequest>,
+) -> Response {
+    let set = match candidate_set(&s, &b.files) {
+        Ok(set) => set,
+        Err(e) => return e.into_response(),
+    };
+    let Ok(_scan) = s.scans.try_acquire() else {
+        return scan_busy().into_response();
+    };
+    match crate::impact::usage(&s, &set, b.since_ms, &b.service).await {
+        Ok(v) => Json(v).into_response(),
+        Err(p) => p.into_response(),
+    }
+}
+
+/// The answer while another window scan runs.
+fn scan_busy() -> Problem {
+    Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "a policy impact, usage or access report is running; try again when it is done",
+    )
 }
 
 /// Stores `files` as a revision (see [`store_revision`]) and, when one was created, records
