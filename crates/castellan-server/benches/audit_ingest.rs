@@ -1,7 +1,7 @@
 //! Audit ingest: chained records shipped over gRPC (mTLS, batches of 2000, several writers in
 //! parallel) into SQLite and into PostgreSQL, then `audit verify` over all of them, then
 //! `policy impact` (every record replayed against a candidate) and `access report` over all of
-//! them; and the cost a proxy pays per request to append one record to its disk spool.
+//! them, then the dashboard's pages with all of them stored; and the cost a proxy pays per request to append one record to its disk spool.
 //!
 //! `cargo bench -p castellan-server --bench audit_ingest [-- RECORDS_PER_WRITER WRITERS]`
 
@@ -263,6 +263,36 @@ async fn run(label: &str, database_url: Option<String>, per_writer: u64, writers
         rss0 / 1024,
         rss_kib() / 1024
     );
+    // Dashboard pages with every record stored: server time (the page's own timer is in the
+    // HTML; this is the round trip on loopback, median of 5).
+    for path in [
+        "/dashboard",
+        "/dashboard/decisions",
+        "/dashboard/decisions?decision=deny",
+        "/dashboard/decisions?source=gateway&destination=orders",
+        "/dashboard/fleet",
+        "/dashboard/policy",
+        "/dashboard/anomalies",
+    ] {
+        let mut ms = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let r = http
+                .get(format!("{}{path}", running.url))
+                .bearer_auth(&init.admin_token)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{path}: {}", r.status());
+            let _ = r.text().await.unwrap();
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms.sort_by(f64::total_cmp);
+        println!(
+            "{label}: dashboard {path} over {total} records: median {:.1} ms, max {:.1} ms",
+            ms[2], ms[4]
+        );
+    }
     running.shutdown().await;
 }
 

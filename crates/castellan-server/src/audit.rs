@@ -213,6 +213,7 @@ impl Audit for AuditService {
         };
         let mut rows = Vec::with_capacity(batch.records.len());
         let mut seen = Vec::new();
+        let mut rollup = Rollup::default();
         for line in &batch.records {
             let r: AuditRecord = serde_json::from_str(line).map_err(|e| {
                 refuse(
@@ -223,6 +224,7 @@ impl Audit for AuditService {
             })?;
             head.accept(&batch.writer, &batch.epoch, &r)
                 .map_err(|e| refuse(&key, "chain", e.to_string()))?;
+            rollup.add(&r);
             if self.s.cfg.anomalies.is_some()
                 && let Some(x) = crate::anomaly::Seen::of(&r)
             {
@@ -265,11 +267,88 @@ impl Audit for AuditService {
         // A batch stored now (not a retry of one stored before) is checked for anomalies.
         if new as usize == rows.len() {
             crate::anomaly::observe(&self.s, seen).await;
+            let (edges, minutes) = rollup.rows();
+            if let Err(e) = self.s.store.add_audit_rollups(&edges, &minutes).await {
+                // The records are stored; only the dashboard's counts lag.
+                metrics::counter!("castellan_server_audit_rollup_failures_total").increment(1);
+                tracing::warn!(writer = %key, error = %e, "dashboard rollups not updated for a stored batch");
+            }
         }
         tracing::debug!(writer = %key, new, head = head.seq, "audit batch stored");
         Ok(GrpcResponse::new(AuditAck {
             stored_through: head.seq,
         }))
+    }
+}
+
+/// A batch's enforced traffic, summed for the dashboard's rollups (`audit_edges`,
+/// `audit_minutes`): one upsert per distinct key, not per record.
+#[derive(Debug, Default)]
+struct Rollup {
+    edges: std::collections::BTreeMap<(String, String, String), (i64, i64, i64)>,
+    minutes: std::collections::BTreeMap<(i64, String), (i64, i64)>,
+}
+
+impl Rollup {
+    fn add(&mut self, r: &AuditRecord) {
+        if !r.is_traffic() {
+            return;
+        }
+        let denied = r.decision != "allow";
+        let (a, d) = if denied { (0, 1) } else { (1, 0) };
+        let e = self
+            .edges
+            .entry((r.source.clone(), r.destination.clone(), r.origin.clone()))
+            .or_default();
+        e.0 += a;
+        e.1 += d;
+        e.2 = e.2.max(r.time_ms);
+        let m = self
+            .minutes
+            .entry((
+                r.time_ms - r.time_ms.rem_euclid(60_000),
+                r.destination.clone(),
+            ))
+            .or_default();
+        m.0 += a;
+        m.1 += d;
+    }
+
+    fn rows(
+        self,
+    ) -> (
+        Vec<castellan_store::EdgeRow>,
+        Vec<castellan_store::MinuteRow>,
+    ) {
+        let edges = self
+            .edges
+            .into_iter()
+            .map(
+                |((source, destination, origin), (allowed, denied, last_ms))| {
+                    castellan_store::EdgeRow {
+                        source,
+                        destination,
+                        origin,
+                        allowed,
+                        denied,
+                        last_ms,
+                    }
+                },
+            )
+            .collect();
+        let minutes = self
+            .minutes
+            .into_iter()
+            .map(
+                |((minute_ms, destination), (allowed, denied))| castellan_store::MinuteRow {
+                    minute_ms,
+                    destination,
+                    allowed,
+                    denied,
+                },
+            )
+            .collect();
+        (edges, minutes)
     }
 }
 

@@ -86,6 +86,20 @@ pub struct AnomalyConfig {
     pub deny_spike_factor: u64,
 }
 
+/// The dashboard on its own address with the operator's certificate (e.g. one a browser
+/// trusts): only `/dashboard` pages are served there. The dashboard is always also on the main
+/// listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key (a file readable only by its owner).
+    pub key_file: PathBuf,
+}
+
 fn default_spike_over() -> u64 {
     20
 }
@@ -199,6 +213,9 @@ pub struct ServerConfig {
     /// Anomaly alerts (none when unset).
     #[serde(default)]
     pub anomalies: Option<AnomalyConfig>,
+    /// The dashboard's own listener and certificate (none when unset).
+    #[serde(default)]
+    pub dashboard: Option<DashboardConfig>,
     /// Token exchange: besides the client a subject token was issued for (its `aud`), the
     /// clients that may exchange tokens of each audience (e.g. an external IdP's tokens issued
     /// for the control plane).
@@ -243,6 +260,7 @@ impl Default for ServerConfig {
             external_issuers: Vec::new(),
             alerts: Vec::new(),
             anomalies: None,
+            dashboard: None,
             may_act: Vec::new(),
             max_proxies_per_identity: 256,
             proxy_expiry_secs: 3600,

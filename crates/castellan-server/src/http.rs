@@ -46,6 +46,7 @@ pub(crate) fn router(s: Arc<Server>) -> Router {
         )
         .merge(oauth::routes())
         .merge(crate::admin::routes())
+        .merge(crate::dashboard::routes())
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(s)
         .merge(grpc)
@@ -243,8 +244,34 @@ fn secs(v: i64) -> Duration {
 
 /// Accepts connections until `stop` turns true. Every connection is bounded: a slot (total and
 /// per source), a handshake deadline, an idle timeout, a maximum age.
-pub(crate) async fn serve(s: Arc<Server>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn serve(s: Arc<Server>, listener: TcpListener, stop: watch::Receiver<bool>) {
     let app = router(s.clone());
+    serve_with(s, listener, stop, app, None).await;
+}
+
+/// The dashboard alone, on its own listener with the operator's certificate.
+pub(crate) async fn serve_dashboard(
+    s: Arc<Server>,
+    listener: TcpListener,
+    stop: watch::Receiver<bool>,
+    tls: Arc<rustls::ServerConfig>,
+) {
+    let app = crate::dashboard::routes()
+        .with_state(s.clone())
+        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(middleware::from_fn(track_activity));
+    serve_with(s, listener, stop, app, Some(tls)).await;
+}
+
+/// Accepts TLS connections (with the control plane's serving configuration, or `tls`) and
+/// serves `app` on them.
+async fn serve_with(
+    s: Arc<Server>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    app: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let slots = Arc::new(Slots::default());
     let max_total = usize::try_from(s.cfg.max_connections).unwrap_or(usize::MAX);
     let max_per = usize::try_from(s.cfg.max_connections_per_source).unwrap_or(usize::MAX);
@@ -280,7 +307,8 @@ pub(crate) async fn serve(s: Arc<Server>, listener: TcpListener, mut stop: watch
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = tokio_rustls::TlsAcceptor::from(s.tls.load_full());
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(tls.clone().unwrap_or_else(|| s.tls.load_full()));
         let app = app.clone();
         let (handshake, idle, max_age) = (
             secs(s.cfg.handshake_timeout_secs),

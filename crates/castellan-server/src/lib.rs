@@ -8,6 +8,7 @@ mod alerts;
 mod anomaly;
 mod audit;
 pub mod config;
+mod dashboard;
 mod dist;
 mod grpc;
 mod http;
@@ -177,6 +178,8 @@ pub struct Server {
     anomalies: anomaly::Detector,
     /// One policy impact or access report at a time: each reads a whole window.
     scans: tokio::sync::Semaphore,
+    /// Signed-in dashboard browsers.
+    sessions: dashboard::Sessions,
 }
 
 impl std::fmt::Debug for Server {
@@ -294,6 +297,7 @@ impl Server {
             admin_chain: admin_audit::AdminChain::new(),
             anomalies: anomaly::Detector::default(),
             scans: tokio::sync::Semaphore::new(1),
+            sessions: dashboard::Sessions::default(),
             kek,
             cfg,
         });
@@ -313,6 +317,18 @@ impl Server {
                 .await
                 .map_err(|e| ServerError::Config(format!("metrics_listen {addr}: {e}")))?;
             tokio::spawn(http::serve_metrics(server.clone(), l, stop_rx.clone()));
+        }
+        if let Some(d) = &server.cfg.dashboard {
+            let tls = tls::dashboard_config(&d.cert_file, &d.key_file)?;
+            let l = tokio::net::TcpListener::bind(d.listen)
+                .await
+                .map_err(|e| ServerError::Config(format!("dashboard.listen {}: {e}", d.listen)))?;
+            tokio::spawn(http::serve_dashboard(
+                server.clone(),
+                l,
+                stop_rx.clone(),
+                tls,
+            ));
         }
         let task = tokio::spawn(http::serve(server.clone(), listener, stop_rx.clone()));
         tokio::spawn(reload_loop(Arc::downgrade(&server), stop_rx.clone()));

@@ -138,3 +138,45 @@ pub(crate) fn rebuild(
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }
+
+/// The dashboard's own listener: the operator's certificate and key (PEM files; the key must
+/// be readable by its owner only), no client certificates (browsers sign in with a credential).
+pub(crate) fn dashboard_config(
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+    use rustls_pki_types::pem::PemObject as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let bad = |f: &std::path::Path, e: String| {
+        ServerError::Config(format!("dashboard: {}: {e}", f.display()))
+    };
+    let mode = std::fs::metadata(key_file)
+        .map_err(|e| bad(key_file, e.to_string()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(bad(
+            key_file,
+            format!(
+                "key file mode {:o} lets others read it (chmod 600)",
+                mode & 0o777
+            ),
+        ));
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .map_err(|e| bad(cert_file, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(cert_file, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(bad(cert_file, "no certificate".to_owned()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| bad(key_file, e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(cert_file, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| bad(cert_file, e.to_string()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}

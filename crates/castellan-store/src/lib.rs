@@ -279,6 +279,36 @@ pub struct ProxyRow {
     pub last_contact: i64,
 }
 
+/// One caller→callee edge of the traffic rollup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EdgeRow {
+    /// Calling workload's SPIFFE ID (empty: no calling workload).
+    pub source: String,
+    /// Destination service.
+    pub destination: String,
+    /// Where the decisions were asked (empty: a Castellan proxy enforced them).
+    pub origin: String,
+    /// Calls allowed.
+    pub allowed: i64,
+    /// Calls denied.
+    pub denied: i64,
+    /// Last call, Unix ms.
+    pub last_ms: i64,
+}
+
+/// Allow/deny counts of one minute (and destination, when grouped by it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MinuteRow {
+    /// Start of the minute, Unix ms.
+    pub minute_ms: i64,
+    /// Destination service (empty when summed over all).
+    pub destination: String,
+    /// Calls allowed.
+    pub allowed: i64,
+    /// Calls denied.
+    pub denied: i64,
+}
+
 /// `(rev, author, created_at, content_hash, files, comment)`.
 type RevisionTuple = (i64, String, i64, String, String, String);
 /// `(key_id, key_hash, username, roles, claims, revoked_at, services, prefixes, expires_at)`.
@@ -1094,6 +1124,77 @@ impl Store {
             n
         });
         Ok(n)
+    }
+
+    /// Adds a stored batch's traffic to the dashboard's rollups (counts are added; last use is
+    /// the latest seen).
+    pub async fn add_audit_rollups(
+        &self,
+        edges: &[EdgeRow],
+        minutes: &[MinuteRow],
+    ) -> Result<(), StoreError> {
+        let greatest = match &self.backend {
+            Backend::Postgres(_) => "GREATEST",
+            Backend::Sqlite(_) => "MAX",
+        };
+        let edge_sql = format!(
+            "INSERT INTO audit_edges (source, destination, origin, allowed, denied, last_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (source, destination, origin) DO UPDATE SET allowed = audit_edges.allowed + excluded.allowed, \
+             denied = audit_edges.denied + excluded.denied, last_ms = {greatest}(audit_edges.last_ms, excluded.last_ms)"
+        );
+        let minute_sql = "INSERT INTO audit_minutes (minute_ms, destination, allowed, denied) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (minute_ms, destination) DO UPDATE SET allowed = audit_minutes.allowed + excluded.allowed, \
+             denied = audit_minutes.denied + excluded.denied";
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            for e in edges {
+                sqlx::query(&edge_sql).bind(&e.source).bind(&e.destination).bind(&e.origin).bind(e.allowed)
+                    .bind(e.denied).bind(e.last_ms).execute(&mut *tx).await?;
+            }
+            for m in minutes {
+                sqlx::query(minute_sql).bind(m.minute_ms).bind(&m.destination).bind(m.allowed).bind(m.denied)
+                    .execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        })?;
+        Ok(())
+    }
+
+    /// Every caller→callee edge of the rollup, most recently used first.
+    pub async fn audit_edges(&self) -> Result<Vec<EdgeRow>, StoreError> {
+        let sql = "SELECT source, destination, origin, allowed, denied, last_ms FROM audit_edges ORDER BY last_ms DESC LIMIT 2000";
+        let rows: Vec<(String, String, String, i64, i64, i64)> =
+            on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(source, destination, origin, allowed, denied, last_ms)| EdgeRow {
+                    source,
+                    destination,
+                    origin,
+                    allowed,
+                    denied,
+                    last_ms,
+                },
+            )
+            .collect())
+    }
+
+    /// Allow/deny counts per minute from `since_ms` on, all destinations together.
+    pub async fn audit_minutes(&self, since_ms: i64) -> Result<Vec<MinuteRow>, StoreError> {
+        let sql = "SELECT minute_ms, CAST(SUM(allowed) AS BIGINT), CAST(SUM(denied) AS BIGINT) FROM audit_minutes \
+                   WHERE minute_ms >= $1 GROUP BY minute_ms ORDER BY minute_ms";
+        let rows: Vec<(i64, i64, i64)> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(since_ms).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(minute_ms, allowed, denied)| MinuteRow {
+                minute_ms,
+                destination: String::new(),
+                allowed,
+                denied,
+            })
+            .collect())
     }
 
     /// The record JSON at the head of `writer`'s chain (highest `seq`), if any.

@@ -859,6 +859,7 @@ fn write_state(m: &Mesh, file: &Path) -> DemoResult<()> {
     let state = json!({
         "gateway_url": format!("https://{}", m.gateway.inbound),
         "admin_url": m.server.url,
+        "dashboard_url": format!("{}/dashboard", m.server.url),
         "ca_bundle": m.bundle_path,
         "admin_token": m.admin_token,
         "policy_dir": m.policy_dir,
@@ -880,11 +881,19 @@ fn write_state(m: &Mesh, file: &Path) -> DemoResult<()> {
         })),
     });
     let tmp = file.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(&state).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    // It holds credentials: owner-only.
+    let write = || -> std::io::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?)
+    };
+    write().map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, file).map_err(|e| format!("{}: {e}", file.display()))
 }
 
@@ -916,8 +925,8 @@ pub fn run(serve: bool, state_file: Option<PathBuf>, json_out: bool) -> ExitCode
                 return ExitCode::FAILURE;
             }
             eprintln!(
-                "castellan demo is serving; gateway https://{}; interrupt to stop",
-                mesh.gateway.inbound
+                "castellan demo is serving; gateway https://{}; dashboard {}/dashboard (sign in with the admin token); interrupt to stop",
+                mesh.gateway.inbound, mesh.server.url
             );
             let _ = tokio::signal::ctrl_c().await;
             return ExitCode::SUCCESS;

@@ -148,6 +148,11 @@ impl Caller {
         &self.name
     }
 
+    /// What it may do.
+    pub(crate) fn role(&self) -> Role {
+        self.role
+    }
+
     pub(crate) fn require_admin(&self) -> Result<(), Problem> {
         match self.role {
             Role::Admin => Ok(()),
@@ -170,35 +175,42 @@ impl FromRequestParts<Arc<Server>> for Caller {
             .and_then(|v| v.strip_prefix("Bearer "))
             .filter(|t| t.starts_with(ADMIN_TOKEN_PREFIX) && t.len() < 256)
             .ok_or_else(|| Problem::unauthorized("expected Authorization: Bearer cadm_…"))?;
-        match s.store.admin_token(&credential_hash(token)).await {
-            Ok(row) => {
-                // INVARIANT: a row is honoured only with the MAC only KEK holders can make; a
-                // credential inserted straight into the database is refused.
-                let authentic = row.mac.as_deref().is_some_and(|mac| {
-                    s.kek.verify_mac(
-                        ADMIN_TOKEN_MAC,
-                        &admin_token_mac_input(&row.token_hash, &row.name, &row.role, false),
-                        mac,
-                    )
-                });
-                if !authentic {
-                    metrics::counter!("castellan_server_admin_auth_failures_total").increment(1);
-                    tracing::error!(name = %row.name, "admin credential refused: its row fails the integrity check (written outside the API?)");
-                    return Err(Problem::unauthorized("unknown or revoked admin credential"));
-                }
-                let role = Role::parse(&row.role)
-                    .ok_or_else(|| Problem::internal("stored role is unknown"))?;
-                Ok(Caller {
-                    name: row.name,
-                    role,
-                })
-            }
-            Err(castellan_store::StoreError::NotFound(_)) => {
+        authenticate(s, &credential_hash(token)).await
+    }
+}
+
+/// The admin caller whose credential hashes to `hash`: a stored, unrevoked credential whose
+/// row carries its MAC (checked on every request, so revoking a credential takes effect at once,
+/// for dashboard sessions too).
+pub(crate) async fn authenticate(s: &Server, hash: &[u8]) -> Result<Caller, Problem> {
+    match s.store.admin_token(hash).await {
+        Ok(row) => {
+            // INVARIANT: a row is honoured only with the MAC only KEK holders can make; a
+            // credential inserted straight into the database is refused.
+            let authentic = row.mac.as_deref().is_some_and(|mac| {
+                s.kek.verify_mac(
+                    ADMIN_TOKEN_MAC,
+                    &admin_token_mac_input(&row.token_hash, &row.name, &row.role, false),
+                    mac,
+                )
+            });
+            if !authentic {
                 metrics::counter!("castellan_server_admin_auth_failures_total").increment(1);
-                Err(Problem::unauthorized("unknown or revoked admin credential"))
+                tracing::error!(name = %row.name, "admin credential refused: its row fails the integrity check (written outside the API?)");
+                return Err(Problem::unauthorized("unknown or revoked admin credential"));
             }
-            Err(e) => Err(e.into()),
+            let role = Role::parse(&row.role)
+                .ok_or_else(|| Problem::internal("stored role is unknown"))?;
+            Ok(Caller {
+                name: row.name,
+                role,
+            })
         }
+        Err(castellan_store::StoreError::NotFound(_)) => {
+            metrics::counter!("castellan_server_admin_auth_failures_total").increment(1);
+            Err(Problem::unauthorized("unknown or revoked admin credential"))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

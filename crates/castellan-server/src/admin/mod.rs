@@ -727,6 +727,18 @@ async fn store_revision(
     Ok((rev, hash, set.rule_count(), true))
 }
 
+/// `files` compiled as a policy set of this server's trust domain, or every reason it is not
+/// one (one per line), for the dashboard.
+pub(crate) fn candidate_set_text(
+    s: &Server,
+    files: &std::collections::BTreeMap<String, String>,
+) -> Result<castellan_policy::PolicySet, String> {
+    candidate_set(s, files).map_err(|e| match e {
+        RevisionError::Bad(m) | RevisionError::Internal(m) => m,
+        RevisionError::Invalid(errors) => errors.join("\n"),
+    })
+}
+
 /// `files` compiled as a policy set of this server's trust domain.
 fn candidate_set(
     s: &Server,
