@@ -417,6 +417,19 @@ impl Head {
         if r.hash != r.compute_hash() {
             return Err(IngestError::BadHash { seq: r.seq });
         }
+        // Fields read by views and rollups are from closed sets (no markup, no surprises).
+        if !matches!(
+            r.origin.as_str(),
+            "" | "ext_authz" | "forward_auth" | ORIGIN_API
+        ) {
+            return Err(field(format!("unknown origin {:?}", r.origin)));
+        }
+        if r.kind == Kind::Decision && !matches!(r.decision.as_str(), "allow" | "deny") {
+            return Err(field(format!(
+                "decision {:?} is not allow or deny",
+                r.decision
+            )));
+        }
         self.seq = r.seq;
         self.hash.clone_from(&r.hash);
         Ok(())
@@ -429,6 +442,24 @@ pub fn is_plain_id(s: &str) -> bool {
     (1..=128).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The prefix of a pseudonymised `user`.
+pub const PSEUDONYM_PREFIX: &str = "hmac:";
+
+/// Keyed pseudonym of an end user (`hmac:` + 128 bits of HMAC-SHA256, hex): the same user
+/// always maps to the same pseudonym under one key, so an auditor holding the key can find a
+/// user's records (`castellan audit pseudonym`) and correlate without reading identities.
+pub fn pseudonym(key: &[u8], user: &str) -> String {
+    let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key);
+    let mut msg = Vec::with_capacity(user.len() + 32);
+    msg.extend_from_slice(b"castellan user pseudonym\0");
+    msg.extend_from_slice(user.as_bytes());
+    let tag = aws_lc_rs::hmac::sign(&k, &msg);
+    format!(
+        "{PSEUDONYM_PREFIX}{}",
+        hex(tag.as_ref().get(..16).unwrap_or_default())
+    )
 }
 
 /// A fresh epoch: the start time (ms, hex, so epochs sort by start) and 64 random bits.
@@ -546,6 +577,7 @@ mod tests {
                     Kind::Decision,
                     Entry {
                         decision_id: format!("d{i}"),
+                        decision: "allow".to_owned(),
                         status: 200,
                         ..Entry::default()
                     },

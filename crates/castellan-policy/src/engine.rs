@@ -98,6 +98,9 @@ pub struct Reads {
     pub any_header: bool,
     /// Some condition may read the query string.
     pub query: bool,
+    /// Some rule matches on the user's id (`users.subjects`, or a condition naming `sub`): a
+    /// record whose user was pseudonymised cannot be judged on it.
+    pub user_sub: bool,
 }
 
 /// Settings that apply to the whole set.
@@ -168,7 +171,13 @@ impl PolicySet {
                 if let Some(c) = &rule.when {
                     set.reads.any_header |= !c.header_reads(&mut set.reads.headers);
                     set.reads.query |= c.reads_query();
+                    set.reads.user_sub |= c.source().contains("sub");
                 }
+                set.reads.user_sub |= rule
+                    .from
+                    .users
+                    .as_ref()
+                    .is_some_and(|u| u.subjects.is_some());
                 set.rules.push(rule);
             }
         }

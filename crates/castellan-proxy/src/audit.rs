@@ -62,7 +62,12 @@ pub(crate) fn redact_target(target: &str, names: &[String]) -> String {
 }
 
 /// Appends one record to the spool.
-pub(crate) fn write(inner: &Inner, e: Entry) {
+pub(crate) fn write(inner: &Inner, mut e: Entry) {
+    if let Some(k) = &inner.cfg.pseudonymize_users
+        && !e.user.is_empty()
+    {
+        e.user = castellan_audit::pseudonym(&k.0, &e.user);
+    }
     match inner.audit.append(e) {
         Ok(_) => {}
         Err(castellan_audit::spool::SpoolError::Full) => {

@@ -86,6 +86,40 @@ impl Mode {
     }
 }
 
+/// The key audit records pseudonymise users with (never printed).
+#[derive(Clone)]
+pub struct PseudonymKey(pub std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for PseudonymKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PseudonymKey(…)")
+    }
+}
+
+impl PseudonymKey {
+    /// Reads a key file: at least 32 bytes, readable by its owner only.
+    pub fn from_file(path: &std::path::Path) -> Result<PseudonymKey, String> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(format!(
+                "{}: mode {:o} lets others read the pseudonymisation key (chmod 600)",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            ));
+        }
+        let key = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if key.len() < 32 {
+            return Err(format!(
+                "{}: a pseudonymisation key needs at least 32 bytes, got {}",
+                path.display(),
+                key.len()
+            ));
+        }
+        Ok(PseudonymKey(key.into()))
+    }
+}
+
 /// Everything a proxy needs.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -116,6 +150,9 @@ pub struct ProxyConfig {
     /// Query parameters whose values are masked in audit records (default:
     /// [`audit::DEFAULT_REDACTED`]).
     pub redact_query: Vec<String>,
+    /// When set, audit records keep a keyed pseudonym of the end user instead of the user
+    /// (`castellan_audit::pseudonym`).
+    pub pseudonymize_users: Option<PseudonymKey>,
     /// Gateway and decision point: path prefix → service.
     pub routes: Vec<(String, String)>,
     /// Gateway and decision point: external OIDC issuers.
@@ -176,6 +213,7 @@ impl ProxyConfig {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
+            pseudonymize_users: None,
             checkpoint_records: 1000,
             checkpoint_interval: Duration::from_secs(10),
             max_staleness_secs: 24 * 3600,

@@ -214,6 +214,7 @@ impl Audit for AuditService {
         let mut rows = Vec::with_capacity(batch.records.len());
         let mut seen = Vec::new();
         let mut rollup = Rollup::default();
+        let now_ms = crate::unix_now().saturating_mul(1000);
         for line in &batch.records {
             let r: AuditRecord = serde_json::from_str(line).map_err(|e| {
                 refuse(
@@ -224,7 +225,7 @@ impl Audit for AuditService {
             })?;
             head.accept(&batch.writer, &batch.epoch, &r)
                 .map_err(|e| refuse(&key, "chain", e.to_string()))?;
-            rollup.add(&r);
+            rollup.add(&r, now_ms);
             if self.s.cfg.anomalies.is_some()
                 && let Some(x) = crate::anomaly::Seen::of(&r)
             {
@@ -289,9 +290,16 @@ struct Rollup {
     minutes: std::collections::BTreeMap<(i64, String), (i64, i64)>,
 }
 
+/// Records dated further ahead than this (a writer's clock, or a forgery) do not count in the
+/// rollups; an edge's last use is never later than now.
+const ROLLUP_FUTURE_MS: i64 = 5 * 60_000;
+/// Per-minute counts are kept for records at most this old when stored (the dashboard charts
+/// the last hour; late records older than this only add rows).
+const ROLLUP_MINUTES_MS: i64 = 2 * 24 * 3_600_000;
+
 impl Rollup {
-    fn add(&mut self, r: &AuditRecord) {
-        if !r.is_traffic() {
+    fn add(&mut self, r: &AuditRecord, now_ms: i64) {
+        if !r.is_traffic() || r.time_ms > now_ms.saturating_add(ROLLUP_FUTURE_MS) {
             return;
         }
         let denied = r.decision != "allow";
@@ -302,13 +310,13 @@ impl Rollup {
             .or_default();
         e.0 += a;
         e.1 += d;
-        e.2 = e.2.max(r.time_ms);
+        e.2 = e.2.max(r.time_ms.min(now_ms));
+        if r.time_ms < now_ms.saturating_sub(ROLLUP_MINUTES_MS) {
+            return;
+        }
         let m = self
             .minutes
-            .entry((
-                r.time_ms - r.time_ms.rem_euclid(60_000),
-                r.destination.clone(),
-            ))
+            .entry((r.time_ms.div_euclid(60_000) * 60_000, r.destination.clone()))
             .or_default();
         m.0 += a;
         m.1 += d;
@@ -381,6 +389,7 @@ pub(crate) async fn query(
     let f = AuditFilter {
         service: q.service,
         source: q.source,
+        source_exact: false,
         user: q.user,
         decision: q.decision,
         rule: q.rule,

@@ -36,8 +36,10 @@ const COOKIE: &str = "__Host-castellan_session";
 const SESSION_MAX: Duration = Duration::from_secs(8 * 3600);
 /// …or after this long unused.
 const SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
-/// Most sessions kept at once (the oldest go first).
+/// Most sessions kept at once (the oldest go first)…
 const MAX_SESSIONS: usize = 10_000;
+/// …and per credential (its own oldest go first: one credential cannot end others' sessions).
+const MAX_SESSIONS_PER_CREDENTIAL: usize = 16;
 /// Rows per decisions page.
 const DECISIONS: i64 = 100;
 
@@ -66,10 +68,21 @@ impl Sessions {
         let mut m = self.0.lock().ok()?;
         let now = Instant::now();
         m.retain(|_, s| live(s, now));
-        if m.len() >= MAX_SESSIONS
-            && let Some(oldest) = m.iter().min_by_key(|(_, s)| s.born).map(|(k, _)| k.clone())
-        {
-            m.remove(&oldest);
+        let own = m
+            .values()
+            .filter(|s| s.credential_hash == credential_hash)
+            .count();
+        let evict = if own >= MAX_SESSIONS_PER_CREDENTIAL {
+            m.iter()
+                .filter(|(_, s)| s.credential_hash == credential_hash)
+                .min_by_key(|(_, s)| s.born)
+        } else if m.len() >= MAX_SESSIONS {
+            m.iter().min_by_key(|(_, s)| s.born)
+        } else {
+            None
+        };
+        if let Some(k) = evict.map(|(k, _)| k.clone()) {
+            m.remove(&k);
         }
         m.insert(
             id.clone(),
@@ -175,14 +188,18 @@ impl FromRequestParts<Arc<Server>> for Viewer {
     }
 }
 
-/// Refuses a cross-site POST when the browser says it is one.
-fn same_origin(headers: &HeaderMap) -> bool {
+/// Refuses a cross-site POST when the browser says it is one. `authority` is the request's
+/// (HTTP/2 `:authority`), used when there is no `Host` header.
+fn same_origin(headers: &HeaderMap, authority: Option<&str>) -> bool {
     if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
         return matches!(site, "same-origin" | "none");
     }
     match (
         headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
-        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
+        headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or(authority),
     ) {
         (Some(origin), Some(host)) => origin.strip_prefix("https://") == Some(host),
         (Some(_), None) => false,
@@ -224,6 +241,10 @@ async fn secure_headers(mut r: Response) -> Response {
         HeaderValue::from_static(CSP),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=31536000"),
+    );
     h.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
@@ -394,9 +415,10 @@ struct LoginForm {
 async fn login(
     State(s): State<Arc<Server>>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     Form(f): Form<LoginForm>,
 ) -> Response {
-    if !same_origin(&headers) {
+    if !same_origin(&headers, uri.authority().map(|a| a.as_str())) {
         return error_page(StatusCode::FORBIDDEN, "cross-site sign-in refused");
     }
     let cred = f.credential.trim();
@@ -428,9 +450,10 @@ async fn logout(
     State(s): State<Arc<Server>>,
     v: Viewer,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    if !same_origin(&headers) || !v.check_csrf(&f.csrf) {
+    if !same_origin(&headers, uri.authority().map(|a| a.as_str())) || !v.check_csrf(&f.csrf) {
         return error_page(StatusCode::FORBIDDEN, "missing or wrong CSRF token");
     }
     if let Some(id) = &v.session {
@@ -488,7 +511,7 @@ fn graph_svg(s: &Server, edges: &[castellan_store::EdgeRow]) -> String {
         let colour = if e.denied > 0 { "#c0392b" } else { "#2e7d32" };
         let _ = write!(
             svg,
-            "<a href=\"/dashboard/decisions?source={}&amp;destination={}\"><line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-width=\"2\" marker-end=\"url(#arrow)\"><title>{} → {}: {} allowed, {} denied</title></line></a>",
+            "<a href=\"/dashboard/decisions?exact=1&amp;source={}&amp;destination={}\"><line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-width=\"2\" marker-end=\"url(#arrow)\"><title>{} → {}: {} allowed, {} denied</title></line></a>",
             qv(&e.source),
             qv(&e.destination),
             x1 + dx * k,
@@ -553,7 +576,7 @@ async fn overview(State(s): State<Arc<Server>>, v: Viewer) -> Response {
     };
     let hour_ago = now_ms() - 3_600_000;
     let since = hour_ago - hour_ago.rem_euclid(60_000);
-    let minutes = match s.store.audit_minutes(since).await {
+    let minutes = match s.store.audit_minutes(since, since + 61 * 60_000).await {
         Ok(m) => m,
         Err(e) => return internal(e),
     };
@@ -580,12 +603,12 @@ async fn overview(State(s): State<Arc<Server>>, v: Viewer) -> Response {
         let transport = match e.origin.as_str() {
             "" if e.source.starts_with("spiffe://") => "mTLS".to_owned(),
             "" => "edge".to_owned(),
-            o => format!("via {o}"),
+            o => format!("via {}", esc(o)),
         };
         let _ = write!(
             b,
             "<tr class=\"edge\" data-caller=\"{caller}\" data-callee=\"{callee}\"><td title=\"{src}\">{caller}</td><td>{callee}</td><td>{transport}</td>\
-             <td>{}</td><td class=\"{}\">{}</td><td>{}</td><td><a class=\"edge-link\" href=\"/dashboard/decisions?source={}&amp;destination={}\">decisions</a></td></tr>",
+             <td>{}</td><td class=\"{}\">{}</td><td>{}</td><td><a class=\"edge-link\" href=\"/dashboard/decisions?exact=1&amp;source={}&amp;destination={}\">decisions</a></td></tr>",
             e.allowed,
             if e.denied > 0 { "deny" } else { "" },
             e.denied,
@@ -615,12 +638,7 @@ async fn overview(State(s): State<Arc<Server>>, v: Viewer) -> Response {
             .ok()
             .flatten()
             .and_then(|j| serde_json::from_str::<castellan_audit::AuditRecord>(&j).ok());
-        let cp = s
-            .store
-            .audit_checkpoints(w)
-            .await
-            .ok()
-            .and_then(|c| c.last().map(|c| (c.seq, c.time_ms)));
+        let cp = s.store.audit_last_checkpoint(w).await.ok().flatten();
         let _ = write!(
             b,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -654,6 +672,9 @@ struct Search {
     decision: String,
     #[serde(default)]
     rule: String,
+    /// `1`: `source` is the whole SPIFFE ID (empty: no calling workload), as edges link.
+    #[serde(default)]
+    exact: u8,
 }
 
 async fn decisions(State(s): State<Arc<Server>>, v: Viewer, Query(q): Query<Search>) -> Response {
@@ -664,6 +685,7 @@ async fn decisions(State(s): State<Arc<Server>>, v: Viewer, Query(q): Query<Sear
         user: q.user.clone(),
         decision: q.decision.clone(),
         rule: q.rule.clone(),
+        source_exact: q.exact == 1,
         since_ms: 0,
         until_ms: 0,
         limit: DECISIONS,
@@ -679,7 +701,12 @@ async fn decisions(State(s): State<Arc<Server>>, v: Viewer, Query(q): Query<Sear
         )
     };
     let mut b = format!(
-        "<form method=\"get\" action=\"/dashboard/decisions\" class=\"search\">{}{}{}{}{}<button type=\"submit\">Search</button></form>",
+        "<form method=\"get\" action=\"/dashboard/decisions\" class=\"search\">{}{}{}{}{}{}<button type=\"submit\">Search</button></form>",
+        if q.exact == 1 {
+            "<input type=\"hidden\" name=\"exact\" value=\"1\">"
+        } else {
+            ""
+        },
         field("source", "Caller (part of its SPIFFE ID)", &q.source),
         field("destination", "Callee", &q.destination),
         field("user", "User", &q.user),
@@ -953,9 +980,10 @@ async fn impact(
     State(s): State<Arc<Server>>,
     v: Viewer,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     Form(f): Form<ImpactForm>,
 ) -> Response {
-    if !same_origin(&headers) || !v.check_csrf(&f.csrf) {
+    if !same_origin(&headers, uri.authority().map(|a| a.as_str())) || !v.check_csrf(&f.csrf) {
         return error_page(StatusCode::FORBIDDEN, "missing or wrong CSRF token");
     }
     let hours = f.hours.unwrap_or(24).clamp(1, 2160);
@@ -1164,16 +1192,20 @@ mod tests {
     fn cross_site_posts_are_refused() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("cp:8443"));
-        assert!(same_origin(&h));
+        assert!(same_origin(&h, None));
         h.insert(
             header::ORIGIN,
             HeaderValue::from_static("https://evil.example"),
         );
-        assert!(!same_origin(&h));
+        assert!(!same_origin(&h, None));
         h.insert(header::ORIGIN, HeaderValue::from_static("https://cp:8443"));
-        assert!(same_origin(&h));
+        assert!(same_origin(&h, None));
+        // HTTP/2: no Host header, the request's authority instead.
+        h.remove(header::HOST);
+        assert!(same_origin(&h, Some("cp:8443")));
+        assert!(!same_origin(&h, Some("other:8443")));
         h.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
-        assert!(!same_origin(&h));
+        assert!(!same_origin(&h, Some("cp:8443")));
     }
 
     #[test]

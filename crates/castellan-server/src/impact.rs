@@ -98,6 +98,9 @@ fn indeterminate(r: &AuditRecord, candidate: &PolicySet) -> Option<&'static str>
             return Some("the candidate reads a header the record did not keep");
         }
     }
+    if reads.user_sub && r.user.starts_with(castellan_audit::PSEUDONYM_PREFIX) {
+        return Some("the candidate reads the user's id, which the record pseudonymised");
+    }
     if reads.query && r.path.contains("=REDACTED") {
         return Some("the candidate reads the query, whose values the record masked");
     }
@@ -238,31 +241,49 @@ impl Report {
 
 /// Calls `f` with every stored record of the window (`since_ms` on, of `service` when not
 /// empty) in (time, writer, seq) order, page by page; `None` for a row that is not a record.
+/// The next page is read while this one is parsed and replayed (two cores: the database's
+/// worker and this task).
 pub(crate) async fn scan_window(
     s: &Server,
     since_ms: i64,
     service: &str,
     mut f: impl FnMut(Option<AuditRecord>),
 ) -> Result<(), Problem> {
-    let mut cursor: Option<(i64, String, i64)> = None;
+    /// The page being read; dropped (a request given up) it stops reading.
+    struct Prefetch<T>(tokio::task::JoinHandle<T>);
+    impl<T> Drop for Prefetch<T> {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let fetch = |cursor: Option<(i64, String, i64)>| {
+        let (store, service) = (s.store.clone(), service.to_owned());
+        Prefetch(tokio::spawn(async move {
+            store
+                .audit_window(
+                    since_ms,
+                    &service,
+                    cursor.as_ref().map(|(t, w, q)| (*t, w.as_str(), *q)),
+                    PAGE,
+                )
+                .await
+        }))
+    };
+    let mut pending = fetch(None);
     loop {
-        let rows = s
-            .store
-            .audit_window(
-                since_ms,
-                service,
-                cursor.as_ref().map(|(t, w, q)| (*t, w.as_str(), *q)),
-                PAGE,
-            )
-            .await?;
+        let rows = (&mut pending.0).await.map_err(Problem::internal)??;
+        let next = match rows.last() {
+            Some(last) if rows.len() as i64 == PAGE => {
+                Some(fetch(Some((last.time_ms, last.writer.clone(), last.seq))))
+            }
+            _ => None,
+        };
         for row in &rows {
             f(serde_json::from_str::<AuditRecord>(&row.record).ok());
         }
-        match rows.last() {
-            Some(last) if rows.len() as i64 == PAGE => {
-                cursor = Some((last.time_ms, last.writer.clone(), last.seq));
-            }
-            _ => return Ok(()),
+        match next {
+            Some(n) => pending = n,
+            None => return Ok(()),
         }
     }
 }
@@ -353,7 +374,12 @@ pub async fn usage(
             u.truncated = true;
         }
         u.methods.insert(r.method.clone());
-        let path = r.path.split('?').next().unwrap_or_default();
+        // The path as the engine matched it (a record's raw path is the writer's word).
+        let Ok(target) = castellan_policy::normalize_target(&r.path) else {
+            u.truncated = true;
+            return;
+        };
+        let path: &str = &target.path;
         if u.paths.len() < MAX_USED {
             u.paths.insert(path.to_owned());
         } else if !u.paths.contains(path) {

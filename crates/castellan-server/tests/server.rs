@@ -2148,6 +2148,7 @@ async fn audit_and_reports_are_bound_to_the_callers_identity_and_verified_on_ing
     let rec = |head: &mut Head, i: u64| {
         let e = Entry {
             decision_id: format!("d{i}"),
+            decision: "allow".to_owned(),
             status: 200,
             ..Entry::default()
         };
@@ -2971,4 +2972,149 @@ async fn anomalies_reach_the_webhook_once() {
     )
     .await
     .unwrap();
+}
+
+/// The operator gives the dashboard its own listener and certificate: browsers trusting that
+/// certificate reach the dashboard (and only it); a key file others can read is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_on_its_own_listener_with_the_operators_certificate() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["dashboard.test".to_owned()]).unwrap();
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_file, key_file) = (dir.path().join("dash.pem"), dir.path().join("dash-key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = ServerConfig {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dashboard: Some(castellan_server::config::DashboardConfig {
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+        }),
+        ..ServerConfig::default()
+    };
+    let init = castellan_server::init(&cfg, TD, None).await.unwrap();
+    let err = Server::start(cfg.clone(), None).await.err().unwrap();
+    assert!(err.to_string().contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let running = Server::start(cfg, None).await.unwrap();
+    let browser = tls_client(&[cert.der().clone()], None);
+    let base = format!("https://127.0.0.1:{port}");
+    let r = browser
+        .get(format!("{base}/dashboard/login"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.text().await.unwrap().contains("Sign in"));
+    let r = browser
+        .get(format!("{base}/dashboard/fleet"))
+        .bearer_auth(&init.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Only the dashboard is served there.
+    for path in ["/v1/proxies", "/oauth2/token", "/healthz"] {
+        let r = browser
+            .get(format!("{base}{path}"))
+            .bearer_auth(&init.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+    }
+    running.shutdown().await;
+}
+
+/// Whatever a workload writes into its records reaches the dashboard as inert text: markup in
+/// users, paths and rules is escaped, an origin outside the known set is refused at ingest, and
+/// a record dated in the future does not count in the rollups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_renders_hostile_records_inert() {
+    let h = start_td("demo.castellan", None).await;
+    let gw = "spiffe://demo.castellan/svc/gateway";
+    let ident = certified(&h, "gateway").await;
+    let bundle = h.running.server.bundle();
+    let mut head = castellan_audit::Head::default();
+    let mut hostile = traffic_entry(0, gw, "<script>alert(1)</script>", "deny");
+    hostile.path = "/orders/\"><img src=//evil.example/x>".to_owned();
+    hostile.rule = "r<b>x</b>".to_owned();
+    let mut future = traffic_entry(1, gw, "mallory", "deny");
+    future.time_ms = (castellan_server::unix_now() + 10 * 365 * 24 * 3600) * 1000;
+    ship_entries(
+        &h.running.url,
+        &bundle,
+        &ident,
+        "gw-1",
+        &mut head,
+        vec![hostile, future],
+    )
+    .await;
+    // An origin outside the known set is refused, naming the field.
+    let mut audit = castellan_proto::v1::audit_client::AuditClient::new(
+        channel_to(&h.running.url, &bundle, &ident.0, &ident.1).await,
+    );
+    let mut e = traffic_entry(2, gw, "alice", "allow");
+    e.origin = "<meta http-equiv=refresh content=0;url=https://evil.example/>".to_owned();
+    let mut h2 = head.clone();
+    let rec = serde_json::to_string(&h2.chain("gw-1", "e1", castellan_audit::Kind::Decision, e, 0))
+        .unwrap();
+    let err = audit
+        .ship(castellan_proto::v1::AuditBatch {
+            writer: "gw-1".to_owned(),
+            epoch: "e1".to_owned(),
+            records: vec![rec],
+            checkpoints: Vec::new(),
+        })
+        .await
+        .err()
+        .unwrap();
+    assert!(err.message().contains("origin"), "{err:?}");
+    for path in [
+        "/dashboard",
+        "/dashboard/decisions",
+        "/dashboard/decisions?decision=deny",
+        "/dashboard/anomalies",
+    ] {
+        let r = h
+            .http
+            .get(h.url(path))
+            .bearer_auth(&h.admin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        let body = r.text().await.unwrap();
+        for bad in [
+            "<script>alert",
+            "<img src=//evil",
+            "<b>x</b>",
+            "<meta http-equiv",
+        ] {
+            assert!(!body.contains(bad), "{path} renders {bad:?} as markup");
+        }
+        if path == "/dashboard" {
+            // Only the record dated now counts in the last hour.
+            assert!(body.contains("id=\"denied-hour\">1<"), "{body}");
+        } else if path == "/dashboard/decisions" {
+            assert!(
+                body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+                "{body}"
+            );
+        }
+    }
 }

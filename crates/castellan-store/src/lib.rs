@@ -386,6 +386,8 @@ pub struct AuditFilter {
     pub service: String,
     /// Source (substring of the SPIFFE ID).
     pub source: String,
+    /// `source` is the whole SPIFFE ID (empty: records without a calling workload).
+    pub source_exact: bool,
     /// User.
     pub user: String,
     /// allow / deny.
@@ -1180,12 +1182,15 @@ impl Store {
             .collect())
     }
 
-    /// Allow/deny counts per minute from `since_ms` on, all destinations together.
-    pub async fn audit_minutes(&self, since_ms: i64) -> Result<Vec<MinuteRow>, StoreError> {
+    /// Allow/deny counts per minute in [`since_ms`, `until_ms`), all destinations together.
+    pub async fn audit_minutes(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<MinuteRow>, StoreError> {
         let sql = "SELECT minute_ms, CAST(SUM(allowed) AS BIGINT), CAST(SUM(denied) AS BIGINT) FROM audit_minutes \
-                   WHERE minute_ms >= $1 GROUP BY minute_ms ORDER BY minute_ms";
-        let rows: Vec<(i64, i64, i64)> =
-            on_pool!(self, p => sqlx::query_as(sql).bind(since_ms).fetch_all(p).await)?;
+                   WHERE minute_ms >= $1 AND minute_ms < $2 GROUP BY minute_ms ORDER BY minute_ms";
+        let rows: Vec<(i64, i64, i64)> = on_pool!(self, p => sqlx::query_as(sql).bind(since_ms).bind(until_ms).fetch_all(p).await)?;
         Ok(rows
             .into_iter()
             .map(|(minute_ms, allowed, denied)| MinuteRow {
@@ -1275,9 +1280,23 @@ impl Store {
             .collect())
     }
 
+    /// One chain's latest signed checkpoint: (seq, time_ms).
+    pub async fn audit_last_checkpoint(
+        &self,
+        writer: &str,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let sql = "SELECT seq, time_ms FROM audit_checkpoints WHERE writer = $1 ORDER BY seq DESC LIMIT 1";
+        Ok(on_pool!(self, p => sqlx::query_as(sql).bind(writer).fetch_optional(p).await)?)
+    }
+
     /// Every writer with records or checkpoints.
     pub async fn audit_writers(&self) -> Result<Vec<String>, StoreError> {
-        let sql = "SELECT writer FROM audit_records UNION SELECT writer FROM audit_checkpoints ORDER BY writer";
+        // Distinct writers by skipping along the primary key (one index probe per writer), not
+        // by reading every record: the dashboard asks on every overview.
+        let sql = "WITH RECURSIVE w(x) AS ( \
+                     SELECT MIN(writer) FROM audit_records \
+                     UNION ALL SELECT (SELECT MIN(writer) FROM audit_records WHERE writer > w.x) FROM w WHERE w.x IS NOT NULL) \
+                   SELECT x FROM w WHERE x IS NOT NULL UNION SELECT writer FROM audit_checkpoints ORDER BY 1";
         let rows: Vec<(String,)> = on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await)?;
         Ok(rows.into_iter().map(|(w,)| w).collect())
     }
@@ -1330,10 +1349,10 @@ impl Store {
     /// Records matching `f`, newest first.
     pub async fn audit_query(&self, f: &AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
         let sql = "SELECT writer, seq, record, time_ms, source, user_sub, destination, decision, rule FROM audit_records \
-                   WHERE ($1 = '' OR destination = $1) AND ($2 = '' OR source LIKE '%' || $2 || '%') AND ($3 = '' OR user_sub = $3) \
+                   WHERE ($1 = '' OR destination = $1) AND (CASE WHEN $9 THEN source = $2 ELSE ($2 = '' OR source LIKE '%' || $2 || '%') END) AND ($3 = '' OR user_sub = $3) \
                    AND ($4 = '' OR decision = $4) AND ($5 = '' OR rule = $5) AND time_ms >= $6 AND ($7 = 0 OR time_ms < $7) \
-                   ORDER BY time_ms DESC, writer, seq DESC LIMIT $8";
-        let rows: Vec<AuditTuple> = on_pool!(self, p => sqlx::query_as(sql).bind(&f.service).bind(&f.source).bind(&f.user).bind(&f.decision).bind(&f.rule).bind(f.since_ms).bind(f.until_ms).bind(f.limit).fetch_all(p).await)?;
+                   ORDER BY time_ms DESC, writer DESC, seq DESC LIMIT $8";
+        let rows: Vec<AuditTuple> = on_pool!(self, p => sqlx::query_as(sql).bind(&f.service).bind(&f.source).bind(&f.user).bind(&f.decision).bind(&f.rule).bind(f.since_ms).bind(f.until_ms).bind(f.limit).bind(f.source_exact).fetch_all(p).await)?;
         Ok(rows.into_iter().map(audit_row).collect())
     }
 

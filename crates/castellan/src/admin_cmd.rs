@@ -1134,6 +1134,15 @@ pub enum AuditCommand {
         #[arg(long)]
         before: String,
     },
+    /// Print the pseudonym proxies running with `--pseudonymize-users KEY_FILE` record for a
+    /// user, to find that user's records (`audit query --user`) without anyone else's name.
+    Pseudonym {
+        /// The proxies' key file.
+        #[arg(long)]
+        key_file: PathBuf,
+        /// The user (`sub`).
+        user: String,
+    },
 }
 
 fn put_text(conn: &Connection, path: &str, body: String) -> Result<Value, String> {
@@ -1264,6 +1273,18 @@ fn export(conn: &Connection, ocsf: bool, follow: bool) -> Result<(), String> {
 /// Runs `audit …`.
 pub fn audit(cmd: AuditCommand, conn: &Connection, json_out: bool) -> ExitCode {
     match cmd {
+        AuditCommand::Pseudonym { key_file, user } => {
+            match castellan_proxy::PseudonymKey::from_file(&key_file) {
+                Ok(k) => {
+                    println!("{}", castellan_audit::pseudonym(&k.0, &user));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         AuditCommand::Query {
             service,
             source,

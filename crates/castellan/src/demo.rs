@@ -154,8 +154,20 @@ pub fn tls_roots(bundle: &[CertificateDer<'static>]) -> DemoResult<rustls::Clien
     )
 }
 
+/// Settings the demo mesh can be started with (tests).
+#[derive(Debug, Clone, Default)]
+pub struct MeshOptions {
+    /// Every proxy pseudonymises users in its audit records with this key.
+    pub pseudonymize_users: Option<castellan_proxy::PseudonymKey>,
+}
+
 /// Starts the whole demo mesh and waits until every proxy enforces the policy.
 pub async fn start_mesh() -> DemoResult<Mesh> {
+    start_mesh_with(&MeshOptions::default()).await
+}
+
+/// [`start_mesh`] with options.
+pub async fn start_mesh_with(opts: &MeshOptions) -> DemoResult<Mesh> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let policy_dir = dir.path().join("policies");
     std::fs::create_dir_all(&policy_dir).map_err(|e| e.to_string())?;
@@ -256,6 +268,7 @@ pub async fn start_mesh() -> DemoResult<Mesh> {
             dir.path().join("proxies").join(id),
         );
         c.join_token = joins.get(svc).cloned();
+        c.pseudonymize_users = opts.pseudonymize_users.clone();
         // The demo is short: sign audit checkpoints every second so its verify shows them.
         c.checkpoint_interval = Duration::from_secs(1);
         c

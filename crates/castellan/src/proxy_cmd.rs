@@ -58,6 +58,11 @@ pub struct RunArgs {
     /// api_key, password, secret and the like always are).
     #[arg(long = "redact")]
     redact: Vec<String>,
+    /// Audit records keep a keyed pseudonym (HMAC-SHA256) of each end user instead of the
+    /// user: a key file of at least 32 bytes, mode 0600 (`castellan audit pseudonym` maps a
+    /// user to it for an auditor holding the key).
+    #[arg(long)]
+    pseudonymize_users: Option<std::path::PathBuf>,
     /// Gateway, decision: a route, PREFIX=SERVICE (repeatable).
     #[arg(long = "route")]
     routes: Vec<String>,
@@ -129,6 +134,9 @@ fn config(a: RunArgs) -> Result<ProxyConfig, String> {
     c.dangerous_outbound_non_loopback = a.dangerous_outbound_non_loopback;
     c.redact_query
         .extend(a.redact.iter().map(|r| r.to_ascii_lowercase()));
+    if let Some(f) = &a.pseudonymize_users {
+        c.pseudonymize_users = Some(castellan_proxy::PseudonymKey::from_file(f)?);
+    }
     for u in &a.upstreams {
         let (svc, addr) =
             pair(u).ok_or_else(|| format!("--upstream {u:?}: expected SERVICE=ADDR"))?;

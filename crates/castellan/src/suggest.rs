@@ -690,16 +690,6 @@ pub fn run(o: &Options<'_>, conn: &Connection) -> ExitCode {
         .get("newly_denied")
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    for (name, text) in &out_files {
-        let path = o.out.join(name);
-        let written = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&path, text));
-        if let Err(e) = written {
-            return fail(format!("{}: {e}", path.display()));
-        }
-    }
     let summary = json!({
         "out": o.out.display().to_string(), "changes": changes, "broken_tests": broken,
         "newly_denied": newly_denied, "replayed": v.get("replayed"),
@@ -731,7 +721,7 @@ pub fn run(o: &Options<'_>, conn: &Connection) -> ExitCode {
             );
         }
         println!(
-            "wrote {} ({} rule change(s), {} test(s) it would break, {} call(s) of the window newly denied)",
+            "suggestion for {}: {} rule change(s), {} test(s) it would break, {} call(s) of the window newly denied",
             o.out.display(),
             changes.len(),
             broken.len(),
@@ -739,8 +729,20 @@ pub fn run(o: &Options<'_>, conn: &Connection) -> ExitCode {
         );
     }
     if newly_denied > 0 {
-        eprintln!("error: the suggestion would deny calls the window made; it is not safe");
+        eprintln!(
+            "error: the suggestion would deny {newly_denied} call(s) the window made; it is not safe and was not written"
+        );
         return ExitCode::FAILURE;
+    }
+    for (name, text) in &out_files {
+        let path = o.out.join(name);
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&path, text));
+        if let Err(e) = written {
+            return fail(format!("{}: {e}", path.display()));
+        }
     }
     ExitCode::SUCCESS
 }

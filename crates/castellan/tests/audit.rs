@@ -1337,3 +1337,116 @@ async fn purge_keeps_verify_working_from_the_signed_checkpoint() {
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("missing"), "{text}");
 }
+
+/// Proxies given a key record a keyed pseudonym of each user instead of the user: the same
+/// user maps to the same pseudonym (an auditor with the key finds them with `audit
+/// pseudonym`), the name reaches no record, and a candidate policy matching on user ids counts
+/// those records as indeterminate instead of guessing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_are_pseudonymised_with_a_keyed_hmac() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("pseudonym.key");
+    std::fs::write(&key_file, [7u8; 32]).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = castellan_proxy::PseudonymKey::from_file(&key_file).unwrap_err();
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let key = castellan_proxy::PseudonymKey::from_file(&key_file).unwrap();
+    let m = castellan::demo::start_mesh_with(&castellan::demo::MeshOptions {
+        pseudonymize_users: Some(key),
+    })
+    .await
+    .unwrap();
+    let tls = Arc::new(tls_roots(&m.bundle).unwrap());
+    for (path, want) in [("/orders/42", 200), ("/orders/42", 200), ("/orders/7", 403)] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", m.alice_key).into_bytes();
+        let (st, _) = raw(m.gateway.inbound, Some(tls.clone()), &req)
+            .await
+            .unwrap();
+        assert_eq!(st, want, "{path}");
+    }
+    drained(
+        &[&m.gateway, m.sidecar("orders").unwrap()],
+        Duration::from_secs(10),
+    )
+    .await;
+    let (url, tok, bundle, kf) = (
+        m.server.url.clone(),
+        m.admin_token.clone(),
+        m.bundle_path.clone(),
+        key_file.clone(),
+    );
+    let (export, pseudonym) = tokio::task::spawn_blocking(move || {
+        let x = cli(&url, &tok, &bundle, &["audit", "export"]);
+        let p = cli(
+            &url,
+            &tok,
+            &bundle,
+            &[
+                "audit",
+                "pseudonym",
+                "--key-file",
+                kf.to_str().unwrap(),
+                "alice",
+            ],
+        );
+        assert!(p.status.success(), "{p:?}");
+        (
+            String::from_utf8_lossy(&x.stdout).into_owned(),
+            String::from_utf8_lossy(&p.stdout).trim().to_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(pseudonym, castellan_audit::pseudonym(&[7u8; 32], "alice"));
+    assert!(pseudonym.starts_with("hmac:") && pseudonym.len() == 5 + 32);
+    let users: Vec<String> = export
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["kind"] == "decision" && r["destination"] == "orders")
+        .map(|r| r["user"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    // The gateway records the three calls, the sidecar the two it was sent (the gateway
+    // denied the third), all under one pseudonym.
+    assert!(users.len() >= 5, "{export}");
+    assert!(users.iter().all(|u| *u == pseudonym), "{users:?}");
+    assert!(!export.contains("\"alice\""), "{export}");
+    // Replay: a candidate matching on the user id cannot judge these records.
+    let cand = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&m.policy_dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.ends_with("_test.yaml") {
+            continue;
+        }
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        if name == "orders.yaml" {
+            text = text.replacen("roles: [customer]", "subjects: [alice]", 1);
+        }
+        std::fs::write(cand.path().join(&name), text).unwrap();
+    }
+    let (url, tok, bundle) = (
+        m.server.url.clone(),
+        m.admin_token.clone(),
+        m.bundle_path.clone(),
+    );
+    let cand_dir = cand.path().to_str().unwrap().to_owned();
+    let impact = tokio::task::spawn_blocking(move || {
+        cli(
+            &url,
+            &tok,
+            &bundle,
+            &["-o", "json", "policy", "impact", &cand_dir, "--since", "1h"],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(impact.status.success(), "{impact:?}");
+    let v: Value = serde_json::from_slice(&impact.stdout).unwrap();
+    assert!(v["indeterminate"].as_u64().unwrap() >= 5, "{v:#}");
+    assert_eq!(v["newly_denied"], 0, "{v:#}");
+}
