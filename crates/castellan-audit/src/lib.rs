@@ -99,6 +99,10 @@ pub struct AuditRecord {
     /// (graph, reports, anomalies, replay) leave these out.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub origin: String,
+    /// Format 2, decisions asked through an API: the identity that asked (the PEP's SPIFFE ID
+    /// or OAuth client id), so every answer names who relied on it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub asked_by: String,
     /// Format 2: what the decision read beyond the fields above, so it can be replayed against
     /// another policy (`castellan policy impact`). Absent on refusals before a decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -142,6 +146,8 @@ pub struct Entry {
     pub act: Vec<String>,
     /// Where the decision was asked (see [`AuditRecord::origin`]).
     pub origin: String,
+    /// Who asked (see [`AuditRecord::asked_by`]).
+    pub asked_by: String,
     /// What the decision read (see [`AuditRecord::inputs`]).
     pub inputs: Option<Inputs>,
 }
@@ -252,6 +258,7 @@ impl Head {
             lost,
             act: e.act,
             origin: e.origin,
+            asked_by: e.asked_by,
             inputs: e.inputs,
             hash: String::new(),
         }

@@ -846,8 +846,8 @@ fn workload_id(inner: &Inner, s: &str) -> Option<SpiffeId> {
 }
 
 /// Evaluates one request (AuthZEN §6, mapped as product.md §7 fixes): `Err` is a 400.
-fn evaluate(inner: &Inner, e: &Evaluation<'_>) -> Result<Value, String> {
-    Ok(decide_prepared(inner, prepare(inner, e)?))
+fn evaluate(inner: &Inner, e: &Evaluation<'_>, pep: &str) -> Result<Value, String> {
+    Ok(decide_prepared(inner, prepare(inner, e)?, pep))
 }
 
 /// An evaluation checked and mapped, not yet decided (nor recorded).
@@ -939,7 +939,7 @@ fn prepare(inner: &Inner, e: &Evaluation<'_>) -> Result<Prepared, String> {
 }
 
 /// Decides a prepared evaluation and writes its record.
-fn decide_prepared(inner: &Inner, prep: Prepared) -> Value {
+fn decide_prepared(inner: &Inner, prep: Prepared, pep: &str) -> Value {
     let Prepared {
         parts,
         source,
@@ -948,6 +948,7 @@ fn decide_prepared(inner: &Inner, prep: Prepared) -> Value {
     } = prep;
     let mut p = Pending::start(&parts.method, &parts.uri, &parts.headers, "");
     p.origin = castellan_audit::ORIGIN_API;
+    p.asked_by = pep.to_owned();
     p.source = source.as_str().to_owned();
     if let Some(u) = &user {
         p.user = u.sub.clone().unwrap_or_default();
@@ -996,10 +997,30 @@ async fn authzen(
     boxcar: bool,
 ) -> Response<Body> {
     let did = h::decision_id();
-    if let Err(r) = authzen_caller(inner, peer, req.headers()) {
-        return r.response(&did);
-    }
+    // A refused caller, or a question refused because policy is stale, is recorded too: who
+    // asked, and why they got no answer.
+    let refused = |status: StatusCode, reason: &'static str, asked_by: String| {
+        let mut p = Pending::start(req.method(), req.uri(), req.headers(), "");
+        p.did.clone_from(&did);
+        p.origin = castellan_audit::ORIGIN_API;
+        p.asked_by = asked_by;
+        p.refusal = Some(reason);
+        p.record(inner, status);
+    };
+    let pep = match authzen_caller(inner, peer, req.headers()) {
+        Ok(pep) => pep,
+        Err(r) => {
+            let who = peer
+                .svid
+                .as_ref()
+                .map(|p| p.id.as_str().to_owned())
+                .unwrap_or_default();
+            refused(r.status, "caller-refused", who);
+            return r.response(&did);
+        }
+    };
     if let Some(age) = inner.staleness() {
+        refused(StatusCode::SERVICE_UNAVAILABLE, "policy-stale", pep);
         let why = format!("policy is stale (no control-plane contact for {age} s): failing closed");
         return problem(StatusCode::SERVICE_UNAVAILABLE, &why, &did);
     }
@@ -1029,7 +1050,7 @@ async fn authzen(
         .filter(|a| !a.is_empty());
     let (Some(items), true) = (items, boxcar) else {
         // A single evaluation (or a boxcar without `evaluations`, which AuthZEN answers as one).
-        return match evaluate(inner, &top) {
+        return match evaluate(inner, &top, &pep) {
             Ok(out) => json_response(StatusCode::OK, &out),
             Err(why) => problem(StatusCode::BAD_REQUEST, &why, &did),
         };
@@ -1081,7 +1102,7 @@ async fn authzen(
     }
     let mut out = Vec::with_capacity(prepared.len());
     for p in prepared {
-        let r = decide_prepared(inner, p);
+        let r = decide_prepared(inner, p, &pep);
         let decision = r.get("decision").and_then(Value::as_bool).unwrap_or(false);
         out.push(r);
         if stop_on == Some(decision) {

@@ -165,6 +165,8 @@ pub(crate) struct Pending {
     pub(crate) refusal: Option<&'static str>,
     /// Where the decision was asked (the audit record's `origin`; empty: our own traffic).
     pub(crate) origin: &'static str,
+    /// Who asked, for decisions asked through an API (the record's `asked_by`).
+    pub(crate) asked_by: String,
     /// What the decision read, for replay (set by [`decide`]).
     pub(crate) inputs: Option<castellan_audit::Inputs>,
 }
@@ -229,6 +231,7 @@ impl Pending {
             act: Vec::new(),
             refusal: None,
             origin: "",
+            asked_by: String::new(),
             inputs: None,
         }
     }
@@ -289,6 +292,7 @@ impl Pending {
             latency_us: u64::try_from(self.t0.elapsed().as_micros()).unwrap_or(u64::MAX),
             act: self.act,
             origin: self.origin.to_owned(),
+            asked_by: self.asked_by,
             inputs: self.inputs,
         };
         crate::audit::write(inner, entry);

@@ -41,6 +41,7 @@ fn entry(i: u64) -> Entry {
         latency_us: 150,
         act: Vec::new(),
         origin: String::new(),
+        asked_by: String::new(),
         inputs: Some(castellan_audit::Inputs {
             roles: vec!["customer".to_owned()],
             claims: [("customer_id".to_owned(), json!(format!("{}", i % 100)))]

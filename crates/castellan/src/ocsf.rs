@@ -97,7 +97,7 @@ pub fn event(record: &Value) -> Option<Value> {
         "dst_endpoint": {"svc_name": s("destination")},
         "unmapped": {
             "kind": kind, "decision": s("decision"), "rule": s("rule"), "reason": s("reason"),
-            "mode": s("mode"), "origin": s("origin"), "epoch": s("epoch"),
+            "mode": s("mode"), "origin": s("origin"), "asked_by": s("asked_by"), "epoch": s("epoch"),
             "latency_us": record.get("latency_us").cloned().unwrap_or(Value::Null),
             "act": record.get("act").cloned().unwrap_or(json!([])),
             "seq": record.get("seq").cloned().unwrap_or(Value::Null),

@@ -878,8 +878,27 @@ async fn authzen_evaluations() {
         .filter(|r| r["writer"] == "decision-point" && r["kind"] == "decision")
         .collect::<Vec<_>>();
     assert!(dp.iter().all(|r| r["origin"] == "authzen"));
-    // 2 single + 2 compared + 1 workload + 3+3+2+1 boxcars + 1 + 100.
-    assert_eq!(dp.len(), 2 + 2 + 1 + 9 + 1 + 100);
+    // Every answer names who asked: the OAuth client (or the trusted SVID).
+    assert_eq!(r[0]["asked_by"], m.authzen_client.0.as_str(), "{}", r[0]);
+    assert!(
+        dp.iter()
+            .all(|r| r["asked_by"].as_str().is_some_and(|a| !a.is_empty())
+                || r["reason"] == "caller-refused"),
+        "{dp:#?}"
+    );
+    // The two refused callers are recorded too (401, no answer given).
+    let refused: Vec<_> = dp
+        .iter()
+        .filter(|r| r["reason"] == "caller-refused")
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    assert!(
+        refused
+            .iter()
+            .all(|r| r["status"] == 401 && r["decision"] == "deny")
+    );
+    // 2 refused + 2 single + 2 compared + 1 workload + 3+3+2+1 boxcars + 1 + 100.
+    assert_eq!(dp.len(), 2 + 2 + 2 + 1 + 9 + 1 + 100);
 }
 
 /// The OIDC provider: its issuer URL and CA file, and a line-based control channel.
