@@ -1072,33 +1072,90 @@ struct HoursQuery {
     hours: Option<i64>,
 }
 
+/// Access reports computed for the dashboard, per window, with the revision and time they were
+/// computed at: the page renders the last one at once and refreshes it in the background (a
+/// report scans the window: seconds per million records).
+#[derive(Debug, Default)]
+pub(crate) struct Reports(Mutex<Reports0>);
+
+#[derive(Debug, Default)]
+struct Reports0 {
+    done: HashMap<i64, (i64, i64, Value)>,
+    running: BTreeSet<i64>,
+}
+
+/// A report older than this is recomputed (shown meanwhile).
+const REPORT_FRESH_MS: i64 = 5 * 60_000;
+
+/// Computes the report of `hours` for the revision in force and keeps it.
+async fn compute_report(s: Arc<Server>, hours: i64) {
+    let result = async {
+        let rev = s
+            .store
+            .latest_policy_revision()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no policy applied yet")?;
+        let set = crate::admin::candidate_set_text(&s, &files_of(&rev))?;
+        let _scan = s.scans.acquire().await.map_err(|e| e.to_string())?;
+        let r = crate::report::report(&s, &set, now_ms() - hours * 3_600_000)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        Ok::<_, String>((rev.rev, r))
+    }
+    .await;
+    if let Ok(mut m) = s.reports.0.lock() {
+        m.running.remove(&hours);
+        match result {
+            Ok((rev, r)) => {
+                m.done.insert(hours, (now_ms(), rev, r));
+            }
+            Err(e) => tracing::warn!(error = %e, "dashboard access report failed"),
+        }
+    }
+}
+
 async fn report(State(s): State<Arc<Server>>, v: Viewer, Query(q): Query<HoursQuery>) -> Response {
     let hours = q.hours.unwrap_or(24).clamp(1, 2160);
-    let files = match s.store.latest_policy_revision().await {
-        Ok(Some(r)) => files_of(&r),
+    let current = match s.store.latest_policy_revision().await {
+        Ok(Some(r)) => r.rev,
         Ok(None) => return page(&v, "Access report", "<p>No policy applied yet.</p>"),
         Err(e) => return internal(e),
     };
-    let set = match crate::admin::candidate_set_text(&s, &files) {
-        Ok(set) => set,
-        Err(m) => return internal(m),
+    let (cached, start) = {
+        let Ok(mut m) = s.reports.0.lock() else {
+            return internal("report cache poisoned");
+        };
+        let cached = m.done.get(&hours).cloned();
+        let stale = cached
+            .as_ref()
+            .is_none_or(|(at, rev, _)| *rev != current || now_ms() - at > REPORT_FRESH_MS);
+        let start = stale && m.running.insert(hours);
+        (cached, start)
     };
-    let Ok(_scan) = s.scans.try_acquire() else {
+    if start {
+        tokio::spawn(compute_report(s.clone(), hours));
+    }
+    let Some((at, rev, r)) = cached else {
         return page(
             &v,
             "Access report",
-            "<p class=\"error\">Another impact or report scan is running; reload when it is done.</p>",
+            "<meta http-equiv=\"refresh\" content=\"2\"><p id=\"report-pending\">Computing the report over the window \
+             (it scans the stored records); this page reloads.</p>",
         );
     };
-    let r = match crate::report::report(&s, &set, now_ms() - hours * 3_600_000).await {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
+    let note = if rev == current && now_ms() - at <= REPORT_FRESH_MS {
+        String::new()
+    } else {
+        " <em>(refreshing in the background; reload for the new one)</em>".to_owned()
     };
     let mut b = format!(
-        "<p>The policy in force against the last {hours} h of traffic ({} records; <a href=\"/dashboard/report?hours=168\">7 days</a>). \
+        "<p>Revision {rev} against the last {hours} h of traffic ({} records), computed {} UTC{note}. \
+         <a href=\"/dashboard/report?hours=168\">7 days</a>. \
          <code>castellan policy suggest</code> writes a tightened policy from the same evidence.</p>\
          <table id=\"findings\"><thead><tr><th>Finding</th><th>Rule / service</th><th>Detail</th><th>Used</th></tr></thead><tbody>",
-        r.get("scanned").and_then(Value::as_u64).unwrap_or(0)
+        r.get("scanned").and_then(Value::as_u64).unwrap_or(0),
+        when(at)
     );
     for f in r
         .get("findings")

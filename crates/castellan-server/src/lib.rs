@@ -180,6 +180,8 @@ pub struct Server {
     scans: tokio::sync::Semaphore,
     /// Signed-in dashboard browsers.
     sessions: dashboard::Sessions,
+    /// The dashboard's access reports.
+    reports: dashboard::Reports,
 }
 
 impl std::fmt::Debug for Server {
@@ -298,6 +300,7 @@ impl Server {
             anomalies: anomaly::Detector::default(),
             scans: tokio::sync::Semaphore::new(1),
             sessions: dashboard::Sessions::default(),
+            reports: dashboard::Reports::default(),
             kek,
             cfg,
         });

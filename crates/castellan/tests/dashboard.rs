@@ -176,6 +176,21 @@ async fn sessions_csrf_and_revocation() {
         html.contains("data-caller=\"orders\" data-callee=\"inventory\""),
         "{html}"
     );
+    // The access report is computed in the background, then shown with its findings.
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, _, html) = page(&m, "/dashboard/report", &cookie).await;
+        if html.contains("id=\"findings\"") {
+            assert!(html.contains("unused-rule"), "{html}");
+            break;
+        }
+        assert!(html.contains("report-pending"), "{html}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the report never came"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (_, _, fleet) = page(&m, "/dashboard/fleet", &cookie).await;
     assert!(
         fleet.contains("inventory") && fleet.contains("gateway"),
