@@ -402,6 +402,29 @@ pub struct AuditFilter {
     pub limit: i64,
 }
 
+/// The lines of an aggregated SQLite page (`group_concat` of tab-separated fields, one line
+/// per row; the last field, a record's JSON, has no raw tab or newline), each split into `n`
+/// fields.
+fn page_lines(page: &str, n: usize) -> Result<Vec<Vec<&str>>, StoreError> {
+    page.split('\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.splitn(n, '\t').collect();
+            if f.len() == n { Ok(f) } else { Err(bad_page()) }
+        })
+        .collect()
+}
+
+fn bad_page() -> StoreError {
+    StoreError::Database(sqlx::Error::Protocol(
+        "audit page: a line without its fields".to_owned(),
+    ))
+}
+
+fn number(s: &str) -> Result<i64, StoreError> {
+    s.parse().map_err(|_| bad_page())
+}
+
 type AuditTuple = (
     String,
     i64,
@@ -1106,9 +1129,9 @@ impl Store {
 
     /// Stores records (one chain's, in order, already checked to continue its head). A row
     /// that exists already fails the whole batch (a concurrent writer of the same chain):
-    /// nothing is ever silently dropped. Returns how many were stored. Rows go in multi-row INSERTs of 100, in one transaction.
+    /// nothing is ever silently dropped. Returns how many were stored. Rows go in multi-row INSERTs of 500, in one transaction.
     pub async fn insert_audit(&self, rows: &[AuditRow]) -> Result<u64, StoreError> {
-        const CHUNK: usize = 100;
+        const CHUNK: usize = 500;
         let n = on_pool!(self, p => {
             let mut tx = p.begin().await?;
             let mut n = 0;
@@ -1308,6 +1331,31 @@ impl Store {
         from: i64,
         limit: i64,
     ) -> Result<Vec<AuditRow>, StoreError> {
+        if let Backend::Sqlite(p) = &self.backend {
+            // One aggregated row per page (see `audit_window`): rows carry writer, seq, time
+            // and the record.
+            let sql = "SELECT COALESCE(group_concat(time_ms || char(9) || seq || char(9) || record, char(10) ORDER BY seq), '') FROM ( \
+                       SELECT time_ms, seq, record FROM audit_records WHERE writer = $1 AND seq >= $2 ORDER BY seq LIMIT $3)";
+            let (page,): (String,) = sqlx::query_as(sql)
+                .bind(writer)
+                .bind(from)
+                .bind(limit)
+                .fetch_one(p)
+                .await?;
+            return page_lines(&page, 3)?
+                .into_iter()
+                .map(|f| match f.as_slice() {
+                    [t, q, r] => Ok(AuditRow {
+                        writer: writer.to_owned(),
+                        seq: number(q)?,
+                        record: (*r).to_owned(),
+                        time_ms: number(t)?,
+                        ..AuditRow::default()
+                    }),
+                    _ => Err(bad_page()),
+                })
+                .collect();
+        }
         let sql = "SELECT writer, seq, record, time_ms, source, user_sub, destination, decision, rule FROM audit_records \
                    WHERE writer = $1 AND seq >= $2 ORDER BY seq LIMIT $3";
         let rows: Vec<AuditTuple> = on_pool!(self, p => sqlx::query_as(sql).bind(writer).bind(from).bind(limit).fetch_all(p).await)?;
@@ -1368,21 +1416,11 @@ impl Store {
                     .fetch_one(p)
                     .await?;
                 let mut rows = Vec::new();
-                for line in page.split('\n').filter(|l| !l.is_empty()) {
-                    let mut f = line.splitn(4, '\t');
-                    let (Some(t), Some(w), Some(q), Some(r)) =
-                        (f.next(), f.next(), f.next(), f.next())
-                    else {
-                        return Err(StoreError::Database(sqlx::Error::Protocol(
-                            "audit page: a line without its key".to_owned(),
-                        )));
+                for f in page_lines(&page, 4)? {
+                    let [t, w, q, r] = f.as_slice() else {
+                        return Err(bad_page());
                     };
-                    let (Ok(t), Ok(q)) = (t.parse(), q.parse()) else {
-                        return Err(StoreError::Database(sqlx::Error::Protocol(
-                            "audit page: a key that is not a number".to_owned(),
-                        )));
-                    };
-                    rows.push((t, w.to_owned(), q, r.to_owned()));
+                    rows.push((number(t)?, (*w).to_owned(), number(q)?, (*r).to_owned()));
                 }
                 rows
             }
