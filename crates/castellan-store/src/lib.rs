@@ -1324,7 +1324,8 @@ impl Store {
         Ok(rows.into_iter().map(|(w,)| w).collect())
     }
 
-    /// Up to `limit` of one writer's records from `seq` `from` on, in sequence order.
+    /// Up to `limit` of one writer's records from `seq` `from` on, in sequence order (rows carry
+    /// writer, seq, time and the record; the other columns are left empty).
     pub async fn audit_chain(
         &self,
         writer: &str,
@@ -1356,10 +1357,19 @@ impl Store {
                 })
                 .collect();
         }
-        let sql = "SELECT writer, seq, record, time_ms, source, user_sub, destination, decision, rule FROM audit_records \
+        let sql = "SELECT time_ms, seq, record FROM audit_records \
                    WHERE writer = $1 AND seq >= $2 ORDER BY seq LIMIT $3";
-        let rows: Vec<AuditTuple> = on_pool!(self, p => sqlx::query_as(sql).bind(writer).bind(from).bind(limit).fetch_all(p).await)?;
-        Ok(rows.into_iter().map(audit_row).collect())
+        let rows: Vec<(i64, i64, String)> = on_pool!(self, p => sqlx::query_as(sql).bind(writer).bind(from).bind(limit).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(time_ms, seq, record)| AuditRow {
+                writer: writer.to_owned(),
+                seq,
+                record,
+                time_ms,
+                ..AuditRow::default()
+            })
+            .collect())
     }
 
     /// One page of the records with `time_ms` at or after `since_ms` (and of `destination`, when
