@@ -410,98 +410,128 @@ pub(crate) async fn verify(
     _c: Caller,
     State(s): State<Arc<Server>>,
 ) -> Result<Json<Value>, Problem> {
-    let mut writers = Vec::new();
-    let mut all_ok = true;
-    for w in s.store.audit_writers().await? {
-        let mut v = ChainVerifier::default();
-        let mut from = 1;
-        let mut error = None;
-        let mut stored = 0;
-        let mut head = 0;
-        // Signed checkpoints, with the hash of the record each covers as stored now: the CLI
-        // checks the signatures against the operator's bundle and compares.
-        let checkpoints = s.store.audit_checkpoints(&w).await?;
-        // The first record no checkpoint covers: the CLI flags old uncovered records (their
-        // checkpoints deleted, or never made).
-        let last_checkpoint = checkpoints.iter().map(|c| c.seq).max().unwrap_or(0);
-        let mut uncovered_from_ms: Option<i64> = None;
-        let mut stored_hashes: std::collections::HashMap<i64, String> =
-            std::collections::HashMap::new();
-        // A chain purged up to a signed checkpoint starts right after it.
-        let first = s.store.audit_chain(&w, 1, 1).await?;
-        let mut purged_through = 0;
-        let resume_at = match first.first() {
-            // Purged up to the checkpoint just before its first record.
-            Some(start) if start.seq > 1 => checkpoints.iter().find(|c| c.seq == start.seq - 1),
-            Some(_) => None,
-            // Purged entirely, up to its last checkpoint.
-            None => checkpoints.last(),
-        };
-        if let Some(cp) = resume_at {
-            v = ChainVerifier::resume(u64::try_from(cp.seq).unwrap_or(0), &cp.hash);
-            from = cp.seq + 1;
-            purged_through = cp.seq;
-            head = cp.seq;
-            stored_hashes.insert(cp.seq, cp.hash.clone());
+    // Chains are independent: two are verified at a time (parsing and hashing is the work).
+    let mut chains = tokio::task::JoinSet::new();
+    let mut writers: Vec<(usize, Value)> = Vec::new();
+    for (i, w) in s.store.audit_writers().await?.into_iter().enumerate() {
+        if chains.len() >= 2
+            && let Some(done) = chains.join_next().await
+        {
+            writers.push(done.map_err(Problem::internal)??);
         }
-        loop {
-            let rows = s.store.audit_chain(&w, from, PAGE).await?;
-            for row in &rows {
-                stored += 1;
-                head = row.seq;
-                if uncovered_from_ms.is_none() && row.seq > last_checkpoint {
-                    uncovered_from_ms = Some(row.time_ms);
-                }
-                if checkpoints.iter().any(|c| c.seq == row.seq)
-                    && let Ok(r) = serde_json::from_str::<AuditRecord>(&row.record)
-                {
-                    stored_hashes.insert(row.seq, r.hash);
-                }
-                if error.is_some() {
-                    continue; // still counted, no longer verified
-                }
-                let res = match serde_json::from_str::<AuditRecord>(&row.record) {
-                    Ok(r) if r.seq == u64::try_from(row.seq).unwrap_or(0) => {
-                        v.push(&r).map_err(|e| e.to_string())
-                    }
-                    Ok(r) => Err(format!(
-                        "row {} holds record {} (reordered)",
-                        row.seq, r.seq
-                    )),
-                    Err(e) => Err(format!("row {} is not a record: {e}", row.seq)),
-                };
-                if let Err(e) = res {
-                    error = Some(e);
-                }
-            }
-            match rows.last() {
-                Some(last) if rows.len() as i64 == PAGE => from = last.seq + 1,
-                _ => break,
-            }
-        }
-        all_ok &= error.is_none();
-        // Chain keys are "<proxy id> <SPIFFE ID> <epoch>"; records of format 1 have the
-        // proxy id alone.
-        let mut parts = w.splitn(3, ' ');
-        let (proxy_id, identity, epoch) = (parts.next(), parts.next(), parts.next());
-        let checkpoints: Vec<Value> = checkpoints
-            .iter()
-            .map(|c| {
-                json!({"seq": c.seq, "hash": c.hash, "time_ms": c.time_ms, "signature": c.signature,
-                       "cert_chain": serde_json::from_str::<Value>(&c.cert_chain).unwrap_or(Value::Null),
-                       "stored_hash": stored_hashes.get(&c.seq)})
-            })
-            .collect();
-        writers.push(
-            json!({"writer": w, "proxy_id": proxy_id, "identity": identity, "epoch": epoch,
-            "records": stored, "head": head, "purged_through": purged_through, "uncovered_from_ms": uncovered_from_ms,
-            "verified": v.count(), "ok": error.is_none(),
-            "first_error": error, "checkpoints": checkpoints}),
-        );
+        let s = s.clone();
+        chains.spawn(async move { verify_chain(&s, w).await.map(|v| (i, v)) });
     }
+    while let Some(done) = chains.join_next().await {
+        writers.push(done.map_err(Problem::internal)??);
+    }
+    writers.sort_by_key(|(i, _)| *i);
+    let all_ok = writers.iter().all(|(_, w)| w["ok"] == true);
+    let writers: Vec<Value> = writers.into_iter().map(|(_, w)| w).collect();
     Ok(Json(
         json!({"ok": all_ok, "writers": writers, "checked_at": unix_now()}),
     ))
+}
+
+/// Verifies one stored chain (see [`verify`]).
+async fn verify_chain(s: &Server, w: String) -> Result<Value, Problem> {
+    let mut v = ChainVerifier::default();
+    let mut from = 1;
+    let mut error = None;
+    let mut stored = 0;
+    let mut head = 0;
+    // Signed checkpoints, with the hash of the record each covers as stored now: the CLI
+    // checks the signatures against the operator's bundle and compares.
+    let checkpoints = s.store.audit_checkpoints(&w).await?;
+    // The first record no checkpoint covers: the CLI flags old uncovered records (their
+    // checkpoints deleted, or never made).
+    let last_checkpoint = checkpoints.iter().map(|c| c.seq).max().unwrap_or(0);
+    let mut uncovered_from_ms: Option<i64> = None;
+    let mut stored_hashes: std::collections::HashMap<i64, String> =
+        std::collections::HashMap::new();
+    // A chain purged up to a signed checkpoint starts right after it.
+    let first = s.store.audit_chain(&w, 1, 1).await?;
+    let mut purged_through = 0;
+    let resume_at = match first.first() {
+        // Purged up to the checkpoint just before its first record.
+        Some(start) if start.seq > 1 => checkpoints.iter().find(|c| c.seq == start.seq - 1),
+        Some(_) => None,
+        // Purged entirely, up to its last checkpoint.
+        None => checkpoints.last(),
+    };
+    if let Some(cp) = resume_at {
+        v = ChainVerifier::resume(u64::try_from(cp.seq).unwrap_or(0), &cp.hash);
+        from = cp.seq + 1;
+        purged_through = cp.seq;
+        head = cp.seq;
+        stored_hashes.insert(cp.seq, cp.hash.clone());
+    }
+    let checkpointed: std::collections::HashSet<i64> = checkpoints.iter().map(|c| c.seq).collect();
+    // The next page is read while this one is verified.
+    let fetch = |from: i64| {
+        let (store, w) = (s.store.clone(), w.clone());
+        crate::impact::Prefetch(tokio::spawn(async move {
+            store.audit_chain(&w, from, PAGE).await
+        }))
+    };
+    let mut pending = fetch(from);
+    loop {
+        let rows = (&mut pending.0).await.map_err(Problem::internal)??;
+        let next = match rows.last() {
+            Some(last) if rows.len() as i64 == PAGE => Some(fetch(last.seq + 1)),
+            _ => None,
+        };
+        for row in &rows {
+            stored += 1;
+            head = row.seq;
+            if uncovered_from_ms.is_none() && row.seq > last_checkpoint {
+                uncovered_from_ms = Some(row.time_ms);
+            }
+            if checkpointed.contains(&row.seq)
+                && let Ok(r) = serde_json::from_str::<AuditRecord>(&row.record)
+            {
+                stored_hashes.insert(row.seq, r.hash);
+            }
+            if error.is_some() {
+                continue; // still counted, no longer verified
+            }
+            let res = match serde_json::from_str::<AuditRecord>(&row.record) {
+                Ok(r) if r.seq == u64::try_from(row.seq).unwrap_or(0) => {
+                    v.push(&r).map_err(|e| e.to_string())
+                }
+                Ok(r) => Err(format!(
+                    "row {} holds record {} (reordered)",
+                    row.seq, r.seq
+                )),
+                Err(e) => Err(format!("row {} is not a record: {e}", row.seq)),
+            };
+            if let Err(e) = res {
+                error = Some(e);
+            }
+        }
+        match next {
+            Some(n) => pending = n,
+            None => break,
+        }
+    }
+    // Chain keys are "<proxy id> <SPIFFE ID> <epoch>"; records of format 1 have the
+    // proxy id alone.
+    let mut parts = w.splitn(3, ' ');
+    let (proxy_id, identity, epoch) = (parts.next(), parts.next(), parts.next());
+    let checkpoints: Vec<Value> = checkpoints
+        .iter()
+        .map(|c| {
+            json!({"seq": c.seq, "hash": c.hash, "time_ms": c.time_ms, "signature": c.signature,
+                   "cert_chain": serde_json::from_str::<Value>(&c.cert_chain).unwrap_or(Value::Null),
+                   "stored_hash": stored_hashes.get(&c.seq)})
+        })
+        .collect();
+    Ok(
+        json!({"writer": w, "proxy_id": proxy_id, "identity": identity, "epoch": epoch,
+        "records": stored, "head": head, "purged_through": purged_through, "uncovered_from_ms": uncovered_from_ms,
+        "verified": v.count(), "ok": error.is_none(),
+        "first_error": error, "checkpoints": checkpoints}),
+    )
 }
 
 #[derive(Debug, Deserialize)]

@@ -239,6 +239,16 @@ impl Report {
     }
 }
 
+/// A page being read while the previous one is processed; dropped (a request given up), it
+/// stops reading.
+pub(crate) struct Prefetch<T>(pub(crate) tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Prefetch<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Calls `f` with every stored record of the window (`since_ms` on, of `service` when not
 /// empty) in (time, writer, seq) order, page by page; `None` for a row that is not a record.
 /// The next page is read while this one is parsed and replayed (two cores: the database's
@@ -249,13 +259,6 @@ pub(crate) async fn scan_window(
     service: &str,
     mut f: impl FnMut(Option<AuditRecord>),
 ) -> Result<(), Problem> {
-    /// The page being read; dropped (a request given up) it stops reading.
-    struct Prefetch<T>(tokio::task::JoinHandle<T>);
-    impl<T> Drop for Prefetch<T> {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
     let fetch = |cursor: Option<(i64, String, i64)>| {
         let (store, service) = (s.store.clone(), service.to_owned());
         Prefetch(tokio::spawn(async move {
