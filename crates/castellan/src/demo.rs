@@ -101,6 +101,31 @@ impl Mesh {
             .find(|(n, _)| *n == service)
             .map(|(_, p)| p)
     }
+
+    /// Every proxy of the mesh, by name.
+    pub fn proxies(&self) -> Vec<(&str, &RunningProxy)> {
+        self.sidecars
+            .iter()
+            .map(|(n, p)| (*n, p))
+            .chain([
+                ("gateway", &self.gateway),
+                ("decision-point", &self.decision),
+            ])
+            .collect()
+    }
+
+    /// Waits (at most `limit`) until every proxy's audit records are stored by the control
+    /// plane (a batch is acknowledged once stored); whether they all were.
+    pub async fn audit_shipped(&self, limit: Duration) -> bool {
+        let t0 = std::time::Instant::now();
+        while self.proxies().iter().any(|(_, p)| p.audit_backlog() > 0) {
+            if t0.elapsed() >= limit {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
 }
 
 /// A demo step's failure.
@@ -792,18 +817,8 @@ async fn nginx_rows(m: &Mesh) -> Result<Vec<Row>, String> {
 
 /// Waits until every proxy's audit spool is stored, then verifies every chain.
 async fn verify_audit(m: &Mesh, json_out: bool) -> bool {
-    let proxies: Vec<(&str, &RunningProxy)> = m
-        .sidecars
-        .iter()
-        .map(|(n, p)| (*n, p))
-        .chain([("gateway", &m.gateway), ("decision-point", &m.decision)])
-        .collect();
-    let t0 = std::time::Instant::now();
-    while proxies.iter().any(|(_, p)| p.audit_backlog() > 0)
-        && t0.elapsed() < Duration::from_secs(20)
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let proxies = m.proxies();
+    m.audit_shipped(Duration::from_secs(20)).await;
     let verdict: DemoResult<Value> = async {
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(control_plane_tls(&m.bundle)?)

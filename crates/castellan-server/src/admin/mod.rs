@@ -820,29 +820,21 @@ async fn policy_impact(
     _c: Caller,
     State(s): State<Arc<Server>>,
     Body(b): Body<ImpactRequest>,
-) -> Response {
-    let set = match candidate_set(&s, &b.files) {
-        Ok(set) => set,
-        Err(e) => return e.into_response(),
-    };
-    let Ok(_scan) = s.scans.try_acquire() else {
-        return scan_busy().into_response();
-    };
+) -> Result<Json<Value>, Response> {
+    let (set, _scan) = window_scan(&s, &b).map_err(|r| *r)?;
     let t0 = std::time::Instant::now();
-    match crate::impact::replay(&s, &set, b.since_ms, &b.service).await {
-        Ok(r) => {
-            let mut v = r.to_json();
-            if let Some(o) = v.as_object_mut() {
-                o.insert("since_ms".to_owned(), json!(b.since_ms));
-                o.insert(
-                    "elapsed_ms".to_owned(),
-                    json!(t0.elapsed().as_millis() as u64),
-                );
-            }
-            Json(v).into_response()
-        }
-        Err(p) => p.into_response(),
+    let mut v = crate::impact::replay(&s, &set, b.since_ms, &b.service)
+        .await
+        .map_err(IntoResponse::into_response)?
+        .to_json();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("since_ms".to_owned(), json!(b.since_ms));
+        o.insert(
+            "elapsed_ms".to_owned(),
+            json!(t0.elapsed().as_millis() as u64),
+        );
     }
+    Ok(Json(v))
 }
 
 /// Which rule of the candidate `files` decides each call the window allowed, with the callers,
@@ -851,18 +843,31 @@ async fn policy_usage(
     _c: Caller,
     State(s): State<Arc<Server>>,
     Body(b): Body<ImpactRequest>,
-) -> Response {
-    let set = match candidate_set(&s, &b.files) {
-        Ok(set) => set,
-        Err(e) => return e.into_response(),
-    };
-    let Ok(_scan) = s.scans.try_acquire() else {
-        return scan_busy().into_response();
-    };
-    match crate::impact::usage(&s, &set, b.since_ms, &b.service).await {
-        Ok(v) => Json(v).into_response(),
-        Err(p) => p.into_response(),
-    }
+) -> Result<Json<Value>, Response> {
+    let (set, _scan) = window_scan(&s, &b).map_err(|r| *r)?;
+    crate::impact::usage(&s, &set, b.since_ms, &b.service)
+        .await
+        .map(Json)
+        .map_err(IntoResponse::into_response)
+}
+
+/// The candidate of a window-scan request, compiled, and the one scan slot it runs in.
+fn window_scan<'a>(
+    s: &'a Server,
+    b: &ImpactRequest,
+) -> Result<
+    (
+        castellan_policy::PolicySet,
+        tokio::sync::SemaphorePermit<'a>,
+    ),
+    Box<Response>,
+> {
+    let set = candidate_set(s, &b.files).map_err(|e| Box::new(e.into_response()))?;
+    let permit = s
+        .scans
+        .try_acquire()
+        .map_err(|_| Box::new(scan_busy().into_response()))?;
+    Ok((set, permit))
 }
 
 /// The answer while another window scan runs.
