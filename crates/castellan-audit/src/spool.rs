@@ -47,8 +47,23 @@ struct Inner {
     total_bytes: u64,
     lost: u64,
     acked: u64,
-    /// Read position for shipping: (segment, byte offset).
+    /// Read position for shipping from files: (segment, byte offset).
     cursor: Option<(PathBuf, u64)>,
+    /// The last record handed out for shipping.
+    shipped: u64,
+    /// Lines written and not yet acknowledged, newest last, up to [`RECENT_BYTES`]: shipping
+    /// reads them from here, and from the files only after a restart or a backlog.
+    recent: std::collections::VecDeque<(u64, String)>,
+    recent_bytes: usize,
+}
+
+/// Most bytes of unacknowledged lines kept in memory for shipping.
+const RECENT_BYTES: usize = 2 * 1024 * 1024;
+
+/// The one field shipping reads from a line of the files.
+#[derive(serde::Deserialize)]
+struct SeqOnly {
+    seq: u64,
 }
 
 /// A writer's spool.
@@ -179,6 +194,9 @@ impl Spool {
                 lost: 0,
                 acked,
                 cursor: None,
+                shipped: acked,
+                recent: std::collections::VecDeque::new(),
+                recent_bytes: 0,
             }),
         })
     }
@@ -208,6 +226,15 @@ impl Spool {
         inner.file.write_all(line).map_err(io(&inner.segment))?;
         inner.segment_bytes += line.len() as u64;
         inner.total_bytes += line.len() as u64;
+        let text = String::from_utf8_lossy(line.strip_suffix(b"\n").unwrap_or(line)).into_owned();
+        inner.recent_bytes += text.len();
+        inner.recent.push_back((seq, text));
+        while inner.recent_bytes > RECENT_BYTES {
+            let Some((_, old)) = inner.recent.pop_front() else {
+                break;
+            };
+            inner.recent_bytes -= old.len();
+        }
         Ok(())
     }
 
@@ -311,14 +338,34 @@ impl Spool {
         let mut inner = self.inner.lock().map_err(|_| SpoolError::Full)?;
         if from_acked {
             inner.cursor = None;
+            inner.shipped = inner.acked;
+        }
+        let after = inner.shipped.max(inner.acked);
+        // From memory when it holds the next record to ship (the usual case).
+        if inner
+            .recent
+            .front()
+            .is_some_and(|(first, _)| *first <= after + 1)
+        {
+            let out: Vec<(u64, String)> = inner
+                .recent
+                .iter()
+                .filter(|(seq, _)| *seq > after)
+                .take(max)
+                .cloned()
+                .collect();
+            if let Some((last, _)) = out.last() {
+                inner.shipped = *last;
+            }
+            return Ok(out.into_iter().map(|(_, l)| l).collect());
         }
         let segs = segments(&self.dir)?;
         let (mut seg_idx, mut offset) = match &inner.cursor {
             Some((p, off)) => (segs.iter().position(|s| s == p).unwrap_or(0), *off),
             None => (0, 0),
         };
-        let acked = inner.acked;
         let mut out = Vec::new();
+        let mut last = after;
         while out.len() < max {
             let Some(path) = segs.get(seg_idx) else { break };
             let mut f = File::open(path).map_err(io(path))?;
@@ -332,12 +379,10 @@ impl Spool {
                     break; // end, or a line still being written
                 }
                 offset += n as u64;
-                let seq = serde_json::from_str::<serde_json::Value>(&line)
-                    .ok()
-                    .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64))
-                    .unwrap_or(0);
-                if seq > acked {
+                let seq = serde_json::from_str::<SeqOnly>(&line).map_or(0, |s| s.seq);
+                if seq > after {
                     out.push(line.trim_end().to_owned());
+                    last = last.max(seq);
                     if out.len() >= max {
                         break;
                     }
@@ -352,6 +397,7 @@ impl Spool {
         if let Some(p) = segs.get(seg_idx) {
             inner.cursor = Some((p.clone(), offset));
         }
+        inner.shipped = last;
         Ok(out)
     }
 
@@ -363,6 +409,11 @@ impl Spool {
             return Ok(());
         }
         inner.acked = seq;
+        while inner.recent.front().is_some_and(|(s, _)| *s <= seq) {
+            if let Some((_, old)) = inner.recent.pop_front() {
+                inner.recent_bytes -= old.len();
+            }
+        }
         let acked_path = self.dir.join(ACKED_FILE);
         write_private(&acked_path, seq.to_string().as_bytes())?;
         let head_path = self.dir.join(HEAD_FILE);

@@ -89,6 +89,12 @@ pub struct UserContext {
 }
 
 impl UserContext {
+    /// Whether the token is past its expiry, with the leeway its verification allows: a
+    /// verified token kept in a cache is used only until then.
+    pub fn expired(&self, now: i64) -> bool {
+        now > self.exp + LEEWAY
+    }
+
     /// Binds the token to the connection it arrived on (product.md §3): accepted from its
     /// signer calling the audience (`me`) — a direct call, empty `act` — or from the audience
     /// itself making one onward call on the user's behalf — `act` = [the audience]. Anyone

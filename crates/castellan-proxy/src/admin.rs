@@ -23,6 +23,60 @@ pub fn use_metrics_handle(handle: PrometheusHandle) {
     let _ = METRICS.set(Some(handle));
 }
 
+/// Metric handles of the request path, resolved once: looking a metric up by name and labels
+/// allocates the labels and hashes them, per request.
+pub(crate) struct RequestMetrics {
+    proxy: String,
+    decision_seconds: metrics::Histogram,
+    /// `castellan_proxy_decisions_total` by rule (`-`: none): allow, deny.
+    decisions: std::sync::RwLock<std::collections::HashMap<String, [metrics::Counter; 2]>>,
+}
+
+/// Most rules with their own counters kept (policies are bounded; this bounds a bug).
+const MAX_RULE_COUNTERS: usize = 10_000;
+
+impl RequestMetrics {
+    /// Handles for `proxy`'s metrics (installs the recorder first, if nobody did).
+    pub(crate) fn new(proxy: &str) -> RequestMetrics {
+        let _ = metrics_handle();
+        RequestMetrics {
+            proxy: proxy.to_owned(),
+            decision_seconds: metrics::histogram!("castellan_proxy_decision_seconds", "proxy" => proxy.to_owned()),
+            decisions: std::sync::RwLock::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Counts one decision (`rule` empty: none).
+    pub(crate) fn decision(&self, allowed: bool, rule: &str, seconds: f64) {
+        self.decision_seconds.record(seconds);
+        let rule = if rule.is_empty() { "-" } else { rule };
+        let i = usize::from(!allowed);
+        if let Ok(m) = self.decisions.read()
+            && let Some(c) = m.get(rule).and_then(|c| c.get(i))
+        {
+            c.increment(1);
+            return;
+        }
+        let pair = ["allow", "deny"].map(|d| {
+            metrics::counter!("castellan_proxy_decisions_total", "proxy" => self.proxy.clone(), "decision" => d, "rule" => rule.to_owned())
+        });
+        if let Some(c) = pair.get(i) {
+            c.increment(1);
+        }
+        if let Ok(mut m) = self.decisions.write()
+            && m.len() < MAX_RULE_COUNTERS
+        {
+            m.insert(rule.to_owned(), pair);
+        }
+    }
+}
+
+impl std::fmt::Debug for RequestMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestMetrics").finish_non_exhaustive()
+    }
+}
+
 fn metrics_handle() -> Option<&'static PrometheusHandle> {
     METRICS
         .get_or_init(|| {

@@ -88,6 +88,21 @@ fn analyze(head: &[u8]) -> (bool, State) {
     }
 }
 
+/// Whether `prev` followed by `seg` (which ends in a line feed) ends a head: `\r\n\r\n` or
+/// `\n\n`.
+fn ends_head(prev: &[u8], seg: &[u8]) -> bool {
+    let mut tail = [0u8; 4];
+    let mut n = 0;
+    for &b in seg.iter().rev().chain(prev.iter().rev()).take(4) {
+        n += 1;
+        if let Some(t) = tail.get_mut(4 - n) {
+            *t = b;
+        }
+    }
+    let tail = tail.get(4 - n..).unwrap_or_default();
+    tail.ends_with(b"\r\n\r\n") || tail.ends_with(b"\n\n")
+}
+
 impl Scanner {
     pub(crate) fn new() -> Scanner {
         Scanner {
@@ -104,21 +119,44 @@ impl Scanner {
             match self.state {
                 State::Off => return None,
                 State::Head => {
-                    let &b = bytes.get(i)?;
-                    i += 1;
-                    if self.buf.is_empty() && (b == b'\r' || b == b'\n') {
-                        continue; // empty lines before a request line
-                    }
-                    self.buf.push(b);
-                    if self.buf.len() > MAX_HEAD {
-                        self.state = State::Off;
-                    } else if self.buf.ends_with(b"\r\n\r\n") || self.buf.ends_with(b"\n\n") {
-                        let (bad, next) = analyze(&self.buf);
-                        self.buf.clear();
-                        self.state = next;
-                        if bad {
-                            return Some(i - 1);
+                    let mut rest = bytes.get(i..)?;
+                    if self.buf.is_empty() {
+                        // Empty lines before a request line.
+                        let skip = rest
+                            .iter()
+                            .take_while(|b| **b == b'\r' || **b == b'\n')
+                            .count();
+                        i += skip;
+                        rest = rest.get(skip..)?;
+                        if rest.is_empty() {
+                            return None;
                         }
+                    }
+                    // The head ends at the first line feed that closes an empty line.
+                    let end = memchr::memchr_iter(b'\n', rest)
+                        .take_while(|&p| self.buf.len() + p < MAX_HEAD)
+                        .find(|&p| ends_head(&self.buf, rest.get(..=p).unwrap_or_default()));
+                    let Some(p) = end else {
+                        self.buf.extend_from_slice(rest);
+                        if self.buf.len() > MAX_HEAD {
+                            self.state = State::Off;
+                        }
+                        return None;
+                    };
+                    let head = rest.get(..=p).unwrap_or_default();
+                    i += p + 1;
+                    // Most heads arrive in one read: analyzed where they lie, not copied.
+                    let (bad, next) = if self.buf.is_empty() {
+                        analyze(head)
+                    } else {
+                        self.buf.extend_from_slice(head);
+                        let r = analyze(&self.buf);
+                        self.buf.clear();
+                        r
+                    };
+                    self.state = next;
+                    if bad {
+                        return Some(i - 1);
                     }
                 }
                 State::Body(n) => {

@@ -69,7 +69,10 @@ async fn handle_inner(
         Err(r) => return r.response(&did),
     };
     let Admitted {
-        service, target, ..
+        service,
+        target,
+        permit,
+        ..
     } = admitted;
     let body = match h::read_body(body, inner.cfg.max_body_bytes).await {
         Ok(b) => b,
@@ -110,11 +113,19 @@ async fn handle_inner(
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), &did),
     };
     let idempotent = crate::is_idempotent(&parts.method);
-    crate::forward(inner, &service, &client, idempotent, &did, |attempt| {
-        let ep = eps.get(attempt % eps.len())?;
-        let uri = format!("https://{ep}{target}").parse::<hyper::Uri>().ok()?;
-        h::upstream_request(&parts, uri, headers.clone(), body.clone()).ok()
-    })
+    crate::forward(
+        inner,
+        &permit,
+        &service,
+        &client,
+        idempotent,
+        &did,
+        |attempt| {
+            let ep = eps.get(attempt % eps.len())?;
+            let uri = format!("https://{ep}{target}").parse::<hyper::Uri>().ok()?;
+            h::upstream_request(&parts, uri, headers.clone(), body.clone()).ok()
+        },
+    )
     .await
 }
 

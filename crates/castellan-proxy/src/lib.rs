@@ -237,6 +237,14 @@ pub(crate) fn unix_now() -> i64 {
 
 type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
+/// TCP for upstream connections, with TCP_NODELAY: a request is written whole, and waiting to
+/// coalesce it with the next only adds latency.
+fn plain_connector() -> HttpConnector {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    c
+}
+
 /// Shared by every task of one proxy.
 pub(crate) struct Inner {
     cfg: ProxyConfig,
@@ -264,6 +272,8 @@ pub(crate) struct Inner {
     key_uses: Mutex<HashMap<String, i64>>,
     /// Context tokens minted recently, for reuse.
     context_tokens: pipeline::ContextCache,
+    /// Metric handles of the request path.
+    metrics: admin::RequestMetrics,
 }
 
 impl std::fmt::Debug for Inner {
@@ -276,8 +286,10 @@ impl std::fmt::Debug for Inner {
 
 /// Sends a request upstream with the upstream timeout, the circuit breaker of `key`, and — for
 /// idempotent methods — one retry (`build` gets the attempt number, to pick another endpoint).
+/// Only an allowed request has a [`pipeline::Permit`].
 pub(crate) async fn forward<C>(
     inner: &Inner,
+    _permit: &pipeline::Permit,
     key: &str,
     client: &Client<C, Body>,
     idempotent: bool,
@@ -492,7 +504,12 @@ impl Inner {
             .with_tls_config(cfg)
             .https_only()
             .enable_http1()
-            .build();
+            .wrap_connector({
+                // TLS is layered on top: the URIs are https.
+                let mut c = plain_connector();
+                c.enforce_http(false);
+                c
+            });
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(conn);
@@ -600,6 +617,23 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// A single-threaded runtime on its own thread for the control tasks, until `stop`.
+fn control_runtime(stop: watch::Receiver<bool>) -> Result<tokio::runtime::Handle, ProxyError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("castellan-control".to_owned())
+        .spawn(move || {
+            let mut stop = stop;
+            rt.block_on(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+        })?;
+    Ok(handle)
+}
+
 /// Starts a proxy: identity, listeners, the watch stream and renewal.
 pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     if cfg.mode == Mode::Sidecar && cfg.app.is_none() {
@@ -664,9 +698,10 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         limits: ratelimit::Limits::new(cfg.redis_url.as_deref())?,
         key_uses: Mutex::new(HashMap::new()),
         context_tokens: pipeline::ContextCache::default(),
+        metrics: admin::RequestMetrics::new(&cfg.proxy_id),
         audit,
         audit_leftover: Mutex::new(audit_leftover),
-        app: Client::builder(TokioExecutor::new()).build_http(),
+        app: Client::builder(TokioExecutor::new()).build(plain_connector()),
         upstreams: Mutex::new(HashMap::new()),
         oidc,
         castellan_tokens: ArcSwap::from_pointee(None),
@@ -688,10 +723,14 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         stop,
         inner: inner.clone(),
     };
-    // Upkeep off the request path: drain metric histograms, forget refilled rate-limit keys.
+    // The control tasks run on a thread of their own (as linkerd2-proxy and ztunnel keep them
+    // apart): encoding an audit batch, syncing the spool to disk or applying a pushed policy
+    // never holds up a request, even on one core.
+    let control = control_runtime(stop_rx.clone())?;
+    // Upkeep: drain metric histograms, forget refilled rate-limit keys.
     {
         let (inner, mut stop) = (inner.clone(), stop_rx.clone());
-        tokio::spawn(async move {
+        control.spawn(async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {
@@ -703,9 +742,9 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             }
         });
     }
-    tokio::spawn(watch_loop(inner.clone(), stop_rx.clone()));
-    tokio::spawn(renew_loop(inner.clone(), stop_rx.clone()));
-    tokio::spawn(audit::ship_loop(inner.clone(), stop_rx.clone()));
+    control.spawn(watch_loop(inner.clone(), stop_rx.clone()));
+    control.spawn(renew_loop(inner.clone(), stop_rx.clone()));
+    control.spawn(audit::ship_loop(inner.clone(), stop_rx.clone()));
     tokio::spawn(admin::serve(inner.clone(), admin, stop_rx.clone()));
     match inner.cfg.mode {
         Mode::Sidecar => {

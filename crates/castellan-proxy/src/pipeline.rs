@@ -1,8 +1,11 @@
 //! The steps every enforcement point runs on a request, in one order: fail closed when stale →
 //! normalize the headers and the target → route → authenticate the end user → check the API
-//! key's scope → decide → rate-limit. The gateway then forwards; a decision point answers with
-//! the headers to add. A step that refuses says so as a [`Refusal`], which each front end turns
-//! into its own response (HTTP problem JSON, an ext_authz `DeniedHttpResponse`).
+//! key's scope → decide → rate-limit. The gateway and the sidecar's inbound side then validate
+//! and forward; a decision point answers with the headers to add. A step that refuses says so
+//! as a [`Refusal`], which each front end turns into its own response (HTTP problem JSON, an
+//! ext_authz `DeniedHttpResponse`). Forwarding takes a [`Permit`], which only [`admit`] hands
+//! out with an allowed request (and the sidecar's outbound side, whose destination decides):
+//! nothing can forward before deciding.
 
 use crate::http::{self as h, Body, problem};
 use crate::sidecar::{Pending, decide, normalized_target};
@@ -10,6 +13,7 @@ use crate::{Inner, unix_now};
 use castellan_identity::SpiffeId;
 use castellan_policy::{Decision, Reason, User};
 use hyper::header::{AUTHORIZATION, HeaderValue};
+use hyper::http::request::Parts;
 use hyper::{Response, StatusCode};
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -104,6 +108,24 @@ pub(crate) enum Caller {
     /// A workload authenticated by mTLS (or named by a trusted proxy): the decision's source;
     /// an end user is authenticated when credentials are present.
     Workload(SpiffeId),
+    /// A mesh peer calling a sidecar over mTLS: the decision's source; the end user, if any, is
+    /// the one its context token names, accepted only under the token's sender constraint.
+    /// What an edge says about the client (`X-Forwarded-*`, `Forwarded`) is kept only from a
+    /// peer that may mint user context (MeshConfig `contextIssuers`).
+    Peer(SpiffeId),
+}
+
+/// Leave to forward a request: only [`admit`] makes one, for an allowed request, and the
+/// sidecar's outbound side, whose call the destination's sidecar decides.
+#[derive(Debug)]
+pub(crate) struct Permit(());
+
+impl Permit {
+    /// The outbound hop of a sidecar: the app's call goes out under this workload's SVID, and
+    /// the destination's sidecar decides on it.
+    pub(crate) fn outbound() -> Permit {
+        Permit(())
+    }
 }
 
 /// The end user of a request, as policy saw it.
@@ -128,6 +150,11 @@ pub(crate) struct Admitted {
     pub(crate) source: SpiffeId,
     /// The authenticated end user, if any.
     pub(crate) user: Option<EndUser>,
+    /// The verified context token a mesh peer presented (passed on to the app, so it can call
+    /// on once on the user's behalf).
+    pub(crate) context: Option<HeaderValue>,
+    /// Leave to forward.
+    pub(crate) permit: Permit,
 }
 
 /// The end user of a verified token: `sub`, `roles` (a list of strings, or absent), and every
@@ -299,11 +326,62 @@ pub(crate) enum Destination<'a> {
     Named(&'a str),
 }
 
+/// Takes a mesh peer's context token out of the headers (before they are normalized, which
+/// removes every `x-castellan-*` field); sent twice → 400.
+fn take_context(headers: &mut hyper::HeaderMap) -> Result<Option<HeaderValue>, Refusal> {
+    if headers.get_all(h::CONTEXT_HEADER).iter().nth(1).is_some() {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "header x-castellan-context sent more than once",
+        ));
+    }
+    Ok(headers.remove(h::CONTEXT_HEADER))
+}
+
+/// The end user a mesh peer's context token names: verified (signature, signer's chain and
+/// revocation, expiry), signed by a workload that may mint context, and presented by its signer
+/// calling us or by its audience making one onward call.
+fn context_user(
+    inner: &Inner,
+    raw: &HeaderValue,
+    presenter: &SpiffeId,
+    me: &SpiffeId,
+) -> Result<EndUser, Refusal> {
+    let token = raw
+        .to_str()
+        .map_err(|_| Refusal::unauthorized("invalid context token"))?;
+    let ctx = inner.state.verify_context(token, unix_now()).map_err(|e| {
+        tracing::info!(error = %e, "context token refused");
+        Refusal::unauthorized("invalid context token")
+    })?;
+    if !inner
+        .state
+        .engine
+        .current()
+        .may_mint_context(ctx.signer.as_str())
+    {
+        tracing::info!(signer = %ctx.signer, "context token from a workload that may not mint context");
+        return Err(Refusal::unauthorized(
+            "context token signer may not mint context",
+        ));
+    }
+    let act = ctx.presented_by(presenter, me).map_err(|e| {
+        tracing::info!(error = %e, "context token refused");
+        Refusal::unauthorized("context token may not be presented by this caller")
+    })?;
+    Ok(EndUser {
+        sub: ctx.sub.clone(),
+        roles: ctx.roles.clone(),
+        claims: ctx.claims.clone(),
+        act,
+    })
+}
+
 /// Runs the steps from staleness to rate limits on `parts` (its headers are normalized in
 /// place: what policy saw is what may be passed on). Fills `p` as it learns.
 pub(crate) async fn admit(
     inner: &Inner,
-    parts: &mut hyper::http::request::Parts,
+    parts: &mut Parts,
     caller: Caller,
     destination: Destination<'_>,
     client_cert: Option<&str>,
@@ -315,10 +393,19 @@ pub(crate) async fn admit(
             format!("policy is stale (no control-plane contact for {age} s): failing closed"),
         ));
     }
-    h::normalize_headers(&mut parts.headers, true)
+    let (context, edge) = match &caller {
+        Caller::Peer(id) => (
+            take_context(&mut parts.headers)?,
+            !inner.state.engine.current().may_mint_context(id.as_str()),
+        ),
+        Caller::Edge | Caller::Workload(_) => (None, true),
+    };
+    h::normalize_headers(&mut parts.headers, edge)
         .map_err(|why| Refusal::new(StatusCode::BAD_REQUEST, why.to_string()))?;
-    let target = normalized_target(parts)
-        .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "malformed request"))?;
+    let Some(target) = normalized_target(parts) else {
+        p.refusal = Some("malformed-request");
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, "malformed request"));
+    };
     let path = target.split('?').next().unwrap_or("/");
     let service = match destination {
         Destination::Named(s) => s.to_owned(),
@@ -328,9 +415,11 @@ pub(crate) async fn admit(
     };
     p.destination.clone_from(&service);
     p.path.clone_from(&target);
-    let me = inner.identity.current().id.clone();
     let (source, authenticated) = match caller {
-        Caller::Edge => (me, Some(authenticate(inner, &parts.headers, client_cert)?)),
+        Caller::Edge => (
+            inner.identity.current().id.clone(),
+            Some(authenticate(inner, &parts.headers, client_cert)?),
+        ),
         Caller::Workload(id) => {
             let a = if has_credentials(&parts.headers) {
                 Some(authenticate(inner, &parts.headers, client_cert)?)
@@ -338,6 +427,16 @@ pub(crate) async fn admit(
                 None
             };
             (id, a)
+        }
+        Caller::Peer(id) => {
+            let u = match &context {
+                Some(raw) => Some((
+                    context_user(inner, raw, &id, &inner.identity.current().id)?,
+                    None,
+                )),
+                None => None,
+            };
+            (id, u)
         }
     };
     p.source = source.as_str().to_owned();
@@ -397,6 +496,8 @@ pub(crate) async fn admit(
         target,
         source,
         user,
+        context,
+        permit: Permit(()),
     })
 }
 

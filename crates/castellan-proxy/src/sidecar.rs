@@ -4,7 +4,7 @@
 //! loopback, forwarded over mTLS to that service, whose SVID must be the one expected.
 
 use crate::http::{self as h, Body, CONTEXT_HEADER, problem};
-use crate::pipeline::Refusal;
+use crate::pipeline::{Caller, Permit, admit};
 use crate::{Inner, unix_now};
 use castellan_identity::SpiffeId;
 use castellan_policy::{
@@ -264,8 +264,9 @@ impl Pending {
             None if self.invalid => ("deny", rule, "invalid-request"),
             None => (decision, rule, reason),
         };
-        metrics::counter!("castellan_proxy_decisions_total", "proxy" => inner.cfg.proxy_id.clone(), "decision" => decision, "rule" => if rule.is_empty() { "-".to_owned() } else { rule.clone() }).increment(1);
-        metrics::histogram!("castellan_proxy_decision_seconds", "proxy" => inner.cfg.proxy_id.clone()).record(self.t0.elapsed().as_secs_f64());
+        inner
+            .metrics
+            .decision(decision == "allow", &rule, self.t0.elapsed().as_secs_f64());
         tracing::debug!(decision_id = %self.did, decision, %rule, reason, status = status.as_u16(), "decision");
         inner.state.remember(crate::state::RecentDecision {
             decision_id: self.did.clone(),
@@ -297,24 +298,6 @@ impl Pending {
         };
         crate::audit::write(inner, entry);
     }
-}
-
-/// The 429 for an exhausted rate limit.
-pub(crate) fn too_many(retry_after: std::time::Duration, did: &str) -> Response<Body> {
-    Refusal {
-        retry_after: Some(retry_after),
-        ..Refusal::new(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded")
-    }
-    .response(did)
-}
-
-/// The response for a denial: 400 for malformed requests, else 403.
-pub(crate) fn denial(d: &Decision, did: &str) -> Response<Body> {
-    Refusal::of_denial(d).response(did)
-}
-
-pub(crate) fn unauthorized(detail: &str, did: &str) -> Response<Body> {
-    Refusal::new(StatusCode::UNAUTHORIZED, detail).response(did)
 }
 
 /// The normalized target the decision was made on (what the app receives).
@@ -357,143 +340,30 @@ async fn inbound_inner(
     if let Err(why) = h::check_framing(req.headers()) {
         return problem(StatusCode::BAD_REQUEST, why, &did);
     }
-    if let Some(age) = inner.staleness() {
-        let why = format!("policy is stale (no control-plane contact for {age} s): failing closed");
-        return problem(StatusCode::SERVICE_UNAVAILABLE, &why, &did);
-    }
     let (mut parts, body) = req.into_parts();
-    // The verified context token is taken out before client headers are normalized (which
-    // strips every x-castellan-* field).
-    if parts
-        .headers
-        .get_all(CONTEXT_HEADER)
-        .iter()
-        .nth(1)
-        .is_some()
-    {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "header x-castellan-context sent more than once",
-            &did,
-        );
-    }
-    let context_raw = parts.headers.remove(CONTEXT_HEADER);
-    // What an edge says about the client (`X-Forwarded-*`, `Forwarded`) is kept only from a
-    // peer the mesh trusts as an edge — one that may mint user context (MeshConfig
-    // `contextIssuers`); from any other workload it is dropped like a client's.
-    let from_edge = inner
-        .state
-        .engine
-        .current()
-        .may_mint_context(source.as_str());
-    if let Err(why) = h::normalize_headers(&mut parts.headers, !from_edge) {
-        return problem(StatusCode::BAD_REQUEST, &why.to_string(), &did);
-    }
-    let me = inner.identity.current().id.clone();
-    let context = match context_raw.as_ref() {
-        None => None,
-        Some(v) => {
-            let token = v.to_str().unwrap_or_default();
-            match inner.state.verify_context(token, unix_now()) {
-                Ok(ctx)
-                    if inner
-                        .state
-                        .engine
-                        .current()
-                        .may_mint_context(ctx.signer.as_str()) =>
-                {
-                    // Sender-constrained: only its signer calling us, or its audience making
-                    // one onward call, may present it.
-                    match ctx.presented_by(&source, &me) {
-                        Ok(act) => Some((ctx, act, v.clone())),
-                        Err(e) => {
-                            tracing::info!(error = %e, "context token refused");
-                            return unauthorized(
-                                "context token may not be presented by this caller",
-                                &did,
-                            );
-                        }
-                    }
-                }
-                Ok(ctx) => {
-                    tracing::info!(signer = %ctx.signer, "context token from a workload that may not mint context");
-                    return unauthorized("context token signer may not mint context", &did);
-                }
-                Err(e) => {
-                    tracing::info!(error = %e, "context token refused");
-                    return unauthorized("invalid context token", &did);
-                }
-            }
-        }
-    };
-    let d = decide(
+    let service = inner.cfg.proxy_service();
+    let admitted = match admit(
         inner,
-        Some(&source),
-        context.as_ref().map(|(ctx, act, _)| User {
-            sub: Some(ctx.sub.clone()),
-            roles: ctx.roles.clone(),
-            claims: ctx.claims.clone().into_iter().collect(),
-            act: act.clone(),
-        }),
-        &inner.cfg.proxy_service(),
-        &parts,
+        &mut parts,
+        Caller::Peer(source),
+        crate::pipeline::Destination::Named(&service),
+        None,
         p,
-    );
-    if let Some((ctx, act, _)) = &context {
-        p.user = ctx.sub.clone();
-        p.act.clone_from(act);
-    }
-    let allowed = d.is_allowed();
-    let denied = (!allowed).then(|| denial(&d, &did));
-    p.decision = Some(d);
-    if let Some(r) = denied {
-        return r;
-    }
-    let Some(target) = normalized_target(&parts) else {
-        return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
-    };
-    p.path = target.clone();
-    let who = crate::ratelimit::Who {
-        source: &p.source,
-        user: &p.user,
-        api_key: "",
-    };
-    let path_only = target.split('?').next().unwrap_or("/");
-    if let Err((limit, wait)) = inner
-        .limits
-        .check(
-            inner,
-            &p.destination,
-            parts.method.as_str(),
-            path_only,
-            &who,
-        )
-        .await
+    )
+    .await
     {
-        p.rate_limited = Some(limit);
-        return too_many(wait, &did);
-    }
+        Ok(a) => a,
+        Err(r) => return r.response(&did),
+    };
     let body = match h::read_body(body, inner.cfg.max_body_bytes).await {
         Ok(b) => b,
         Err(e) => return h::body_error(e, &did),
     };
-    if let Err(v) = crate::validate_request(inner, &p.destination, &parts, &target, &body) {
+    let target = &admitted.target;
+    if let Err(v) = crate::validate_request(inner, &service, &parts, target, &body) {
         p.invalid = true;
         let status = StatusCode::from_u16(v.status).unwrap_or(StatusCode::BAD_REQUEST);
         return problem(status, &v.detail, &did);
-    }
-    let mut headers = parts.headers.clone();
-    h::strip_headers(&mut headers);
-    let set = |headers: &mut hyper::HeaderMap, k: &'static str, v: &str| {
-        if let Ok(v) = HeaderValue::from_str(v) {
-            headers.insert(k, v);
-        }
-    };
-    set(&mut headers, "x-castellan-source", source.as_str());
-    set(&mut headers, "x-castellan-decision-id", &did);
-    if let Some((ctx, _, raw)) = &context {
-        set(&mut headers, "x-castellan-user", &ctx.sub);
-        headers.insert(CONTEXT_HEADER, raw.clone());
     }
     let Some(app) = inner.cfg.app else {
         return problem(StatusCode::SERVICE_UNAVAILABLE, "no app configured", &did);
@@ -501,10 +371,29 @@ async fn inbound_inner(
     let Ok(uri) = format!("http://{app}{target}").parse::<hyper::Uri>() else {
         return problem(StatusCode::BAD_REQUEST, "malformed request", &did);
     };
+    let mut headers = std::mem::take(&mut parts.headers);
+    h::strip_headers(&mut headers);
+    let set = |headers: &mut hyper::HeaderMap, k: &'static str, v: &str| {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            headers.insert(k, v);
+        }
+    };
+    set(&mut headers, "x-castellan-source", admitted.source.as_str());
+    set(&mut headers, "x-castellan-decision-id", &did);
+    if let (Some(u), Some(raw)) = (&admitted.user, &admitted.context) {
+        set(&mut headers, "x-castellan-user", &u.sub);
+        headers.insert(CONTEXT_HEADER, raw.clone());
+    }
     let idempotent = crate::is_idempotent(&parts.method);
-    crate::forward(inner, "app", &inner.app, idempotent, &did, |_| {
-        h::upstream_request(&parts, uri.clone(), headers.clone(), body.clone()).ok()
-    })
+    crate::forward(
+        inner,
+        &admitted.permit,
+        "app",
+        &inner.app,
+        idempotent,
+        &did,
+        |_| h::upstream_request(&parts, uri.clone(), headers.clone(), body.clone()).ok(),
+    )
     .await
 }
 
@@ -701,12 +590,20 @@ async fn outbound(
         .map_or("/", |p| p.as_str())
         .to_owned();
     let idempotent = crate::is_idempotent(&parts.method);
-    crate::forward(&inner, &service, &client, idempotent, &did, |attempt| {
-        // A retry goes to the next endpoint.
-        let ep = eps.get((start + attempt) % eps.len())?;
-        let uri = format!("https://{ep}{target}").parse::<hyper::Uri>().ok()?;
-        h::upstream_request(&parts, uri, headers.clone(), body.clone()).ok()
-    })
+    crate::forward(
+        &inner,
+        &Permit::outbound(),
+        &service,
+        &client,
+        idempotent,
+        &did,
+        |attempt| {
+            // A retry goes to the next endpoint.
+            let ep = eps.get((start + attempt) % eps.len())?;
+            let uri = format!("https://{ep}{target}").parse::<hyper::Uri>().ok()?;
+            h::upstream_request(&parts, uri, headers.clone(), body.clone()).ok()
+        },
+    )
     .await
 }
 

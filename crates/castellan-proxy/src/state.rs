@@ -13,6 +13,9 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
 
+/// Most verified context tokens kept (the cache is emptied beyond).
+const VERIFIED_CONTEXTS_MAX: usize = 2048;
+
 /// Prefix of end-user API keys.
 pub const API_KEY_PREFIX: &str = "cak_";
 
@@ -84,6 +87,10 @@ pub struct State {
     /// Context-token signers already validated, by token header; emptied with every bundle or
     /// revocation change.
     context_signers: Mutex<HashMap<String, castellan_identity::ValidatedSigner>>,
+    /// Context tokens already verified, by their bytes: a token reused by its signer (for half
+    /// its lifetime) is verified once, not per request. Emptied with `context_signers` on any
+    /// bundle or revocation change; who presents a token is still checked on every request.
+    verified_contexts: Mutex<HashMap<String, Arc<castellan_identity::UserContext>>>,
     /// Bumped with every bundle or revocation change: open connections re-check their peer.
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -143,6 +150,7 @@ impl State {
             specs: ArcSwap::from_pointee(HashMap::new()),
             recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT)),
             context_signers: Mutex::new(HashMap::new()),
+            verified_contexts: Mutex::new(HashMap::new()),
             changes: tokio::sync::watch::Sender::new(0),
         })
     }
@@ -210,12 +218,23 @@ impl State {
     }
 
     /// Verifies a user-context token, validating each signer's chain once per bundle and
-    /// revocation state.
+    /// revocation state, and each token once until it expires or the bundle or revocations
+    /// change.
     pub fn verify_context(
         &self,
         token: &str,
         now: i64,
-    ) -> Result<castellan_identity::UserContext, castellan_identity::ContextError> {
+    ) -> Result<Arc<castellan_identity::UserContext>, castellan_identity::ContextError> {
+        if let Some(ctx) = self
+            .verified_contexts
+            .lock()
+            .ok()
+            .and_then(|c| c.get(token).cloned())
+            && !ctx.expired(now)
+        {
+            return Ok(ctx);
+        }
+        let validator = self.validator();
         let header = castellan_identity::context_header(token)?;
         let cached = self
             .context_signers
@@ -225,7 +244,6 @@ impl State {
         let signer = match cached {
             Some(s) => s,
             None => {
-                let validator = self.validator();
                 let s = castellan_identity::validate_context_signer(token, &validator, now)?;
                 if let Ok(mut c) = self.context_signers.lock()
                     && Arc::ptr_eq(&validator, &self.validator.load())
@@ -238,7 +256,23 @@ impl State {
                 s
             }
         };
-        castellan_identity::verify_context_signed_by(token, &signer, &self.trust_domain, now)
+        let ctx = Arc::new(castellan_identity::verify_context_signed_by(
+            token,
+            &signer,
+            &self.trust_domain,
+            now,
+        )?);
+        // INVARIANT: kept only if the validator it was checked under is still the one in force
+        // (`rebuild_validator` installs a new one before it empties this cache).
+        if let Ok(mut c) = self.verified_contexts.lock()
+            && Arc::ptr_eq(&validator, &self.validator.load())
+        {
+            if c.len() >= VERIFIED_CONTEXTS_MAX {
+                c.clear();
+            }
+            c.insert(token.to_owned(), ctx.clone());
+        }
+        Ok(ctx)
     }
 
     pub(crate) fn remember(&self, d: RecentDecision) {
@@ -280,6 +314,9 @@ impl State {
                 // signer revoked by this update is validated again (and refused).
                 if let Ok(mut c) = self.context_signers.lock() {
                     self.validator.store(Arc::new(v));
+                    c.clear();
+                }
+                if let Ok(mut c) = self.verified_contexts.lock() {
                     c.clear();
                 }
                 self.changes.send_modify(|g| *g += 1);

@@ -836,13 +836,13 @@ pub enum ProxyCommand {
     /// Every proxy with its policy revision, certificate expiry and last contact.
     List,
     /// Run a sidecar or gateway in this process until interrupted.
-    Run(Box<crate::proxy_cmd::RunArgs>),
+    Run(Box<castellan::proxy_cmd::RunArgs>),
 }
 
 /// Runs `proxy …`.
 pub fn proxy(cmd: ProxyCommand, conn: &Connection, json_out: bool) -> ExitCode {
     match cmd {
-        ProxyCommand::Run(args) => crate::proxy_cmd::run(*args),
+        ProxyCommand::Run(args) => castellan::proxy_cmd::run(*args),
         ProxyCommand::List => finish(
             conn,
             call(Method::GET, "/v1/proxies", None),

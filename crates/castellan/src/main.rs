@@ -2,9 +2,8 @@
 
 mod admin_cmd;
 mod audit_verify;
-use castellan::{demo, ocsf};
+use castellan::{demo, init_logging, ocsf};
 mod policy_cmd;
-mod proxy_cmd;
 mod server_cmd;
 mod suggest;
 
@@ -119,18 +118,6 @@ enum Command {
         #[command(flatten)]
         conn: admin_cmd::Connection,
     },
-}
-
-/// JSON logs on stderr; `CASTELLAN_LOG` (or `RUST_LOG`) sets the filter, default `info`.
-fn init_logging() {
-    let filter = std::env::var("CASTELLAN_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".to_owned());
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 fn main() -> ExitCode {

@@ -44,6 +44,18 @@ spec:
         users:
           claims:
             groups: blocked
+---
+apiVersion: castellan/v1
+kind: RateLimit
+metadata:
+  name: once-a-minute
+spec:
+  service: orders
+  key: source
+  rate: 1
+  per: 1m
+  burst: 1
+  pathPrefixes: [/limited]
 "#;
 
 struct Killed(std::process::Child);
@@ -432,5 +444,109 @@ async fn forwarding_headers_are_believed_only_from_the_edge() {
     assert_eq!(
         got["HTTP_X_CASTELLAN_SOURCE"],
         "spiffe://demo.castellan/svc/worker"
+    );
+}
+
+/// The sidecar's inbound side runs the one pipeline: a refusal at each phase is answered by the
+/// proxy, writes exactly one audit record with that phase's reason, and never reaches the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_at_each_phase_is_one_record_and_no_upstream_call() {
+    let Some(s) = setup().await else { return };
+    let tls = castellan::demo::mtls_client(&s.worker, &s.sidecar, "orders").unwrap();
+    let send = |head: String| {
+        let tls = tls.clone();
+        let addr = s.sidecar.inbound;
+        async move { raw(addr, Some(tls), head.as_bytes()).await.unwrap() }
+    };
+    let get = |path: &str, extra: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: orders\r\n{extra}Connection: close\r\n\r\n")
+    };
+    // How many requests reached the app so far (this call is one more).
+    let calls = || async {
+        let (st, body) = send(get("/things/count", "")).await;
+        assert_eq!(st, 200, "{body}");
+        body["calls"].as_u64().unwrap()
+    };
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "framing",
+            "POST /things/1 HTTP/1.1\r\nHost: orders\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n".to_owned(),
+            400,
+            "refused-before-decision",
+        ),
+        (
+            "headers",
+            get("/things/1", "X-Role: user\r\nX-Role: admin\r\n"),
+            400,
+            "refused-before-decision",
+        ),
+        (
+            "target",
+            get("/things/%2e%2e/%2e%2e/etc", ""),
+            400,
+            "malformed-request",
+        ),
+        (
+            "authenticate",
+            get("/things/1", "X-Castellan-Context: not-a-token\r\n"),
+            401,
+            "refused-before-decision",
+        ),
+        (
+            "decide",
+            get("/things/1", "X-Role: admin\r\n"),
+            403,
+            "matched-deny",
+        ),
+    ];
+    for (phase, req, status, reason) in cases {
+        let before_calls = calls().await;
+        let before_records = s.sidecar.audit_written();
+        let (st, body) = send(req).await;
+        assert_eq!(st, status, "{phase}: {body}");
+        assert!(
+            body.get("decision_id").is_some(),
+            "{phase}: answered by the proxy: {body}"
+        );
+        assert_eq!(
+            s.sidecar.audit_written(),
+            before_records + 1,
+            "{phase}: exactly one record"
+        );
+        let last = s.sidecar.state.last_decision().unwrap();
+        assert_eq!(last.reason, reason, "{phase}");
+        assert_eq!(last.status, status, "{phase}");
+        assert_eq!(last.decision, "deny", "{phase}");
+        assert_eq!(
+            calls().await,
+            before_calls + 1,
+            "{phase}: the refused request reached the app"
+        );
+    }
+    // The rate limit (after the decision): the first call passes, the second is refused.
+    let before_calls = calls().await;
+    let (st, body) = send(get("/limited", "")).await;
+    assert_eq!(st, 200, "{body}");
+    let before_records = s.sidecar.audit_written();
+    let (st, body) = send(get("/limited", "")).await;
+    assert_eq!(st, 429, "{body}");
+    assert_eq!(s.sidecar.audit_written(), before_records + 1);
+    assert_eq!(
+        s.sidecar.state.last_decision().unwrap().reason,
+        "rate-limited"
+    );
+    assert_eq!(
+        calls().await,
+        before_calls + 2,
+        "only the allowed /limited call"
+    );
+    // And an allowed request is one record too, with the app reached once.
+    let before_records = s.sidecar.audit_written();
+    let (st, body) = send(get("/things/1", "")).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(s.sidecar.audit_written(), before_records + 1);
+    assert_eq!(
+        s.sidecar.state.last_decision().unwrap().reason,
+        "matched-allow"
     );
 }
