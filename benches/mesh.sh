@@ -29,6 +29,10 @@ TGT="${CARGO_TARGET_DIR:-/var/tmp/castellan-target}"
 B="${BIN:-$TGT/dist/castellan}"
 [ -x "$B" ] || B="$TGT/release/castellan"
 [ -x "$B" ] || { echo "no castellan binary: cargo build --profile dist -p castellan" >&2; exit 1; }
+# The proxies run as the proxy-only binary when it was built next to castellan (fewer resident
+# pages); PROXY_BIN=same runs them as `castellan proxy run`.
+PB="${PROXY_BIN:-$(dirname "$B")/castellan-proxy}"
+if [ "$PB" = same ] || [ ! -x "$PB" ]; then PROXY=("$B" proxy run); else PROXY=("$PB" run); fi
 command -v oha >/dev/null || { echo "oha missing: cargo install oha" >&2; exit 1; }
 command -v nginx >/dev/null || { echo "nginx missing: apt-get install nginx" >&2; exit 1; }
 T="$(mktemp -d)"
@@ -56,7 +60,7 @@ mkdir -p "$T/policies" && cp examples/demo/policies/*.yaml "$T/policies/"
 "$B" policy apply "$T/policies" >/dev/null
 KEY=$("$B" apikey create --user alice --roles customer --claim customer_id=42 -o json | python3 -c 'import json,sys;print(json.load(sys.stdin)["api_key"])')
 
-proxy() { CASTELLAN_LOG=warn $SUT "$B" proxy run "$@" 2>>"$T/proxies.log" & PIDS+=($!); }
+proxy() { CASTELLAN_LOG=warn $SUT "${PROXY[@]}" "$@" 2>>"$T/proxies.log" & PIDS+=($!); }
 proxy --mode sidecar --id inventory-1 --join-token "$J_INV" --state-dir "$T/inv" --listen 127.0.0.1:18443 --admin-listen 127.0.0.1:18501 --app 127.0.0.1:18080
 INV_PID=${PIDS[-1]}
 proxy --mode sidecar --id orders-1 --join-token "$J_ORD" --state-dir "$T/ord" --listen 127.0.0.1:18444 --admin-listen 127.0.0.1:18502 --app 127.0.0.1:18080 --upstream inventory=127.0.0.1:18090
@@ -134,7 +138,14 @@ pids_of() {
   esac
 }
 ticks() { local s=0; for p in "$@"; do s=$((s + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$s"; }
-rss() { local s=0; for p in "$@"; do s=$((s + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo "$((s / 1024))"; }
+rss() { # total RSS, and the anonymous part (the rest are file pages: the binary, shared)
+  local s=0 a=0
+  for p in "$@"; do
+    s=$((s + $(awk '/VmRSS/ {print $2}' "/proc/$p/status")))
+    a=$((a + $(awk '/RssAnon/ {print $2}' "/proc/$p/status")))
+  done
+  echo "$((s / 1024)) MB (anon $((a / 1024)) MB)"
+}
 HZ=$(getconf CLK_TCK)
 
 echo "| path | max req/s | SUT CPU µs/req | @1,000 req/s p50 | p99 | p99.9 | non-2xx | SUT RSS at 1,000 req/s |"
@@ -173,6 +184,6 @@ bad += sum(v for k, v in fx.get("statusCodeDistribution", {}).items() if not k.s
 cpu = ticks / hz * 1e6 / max(done, 1)
 lp = fx["latencyPercentiles"]
 ms = lambda k: f"{lp[k] * 1000:.2f} ms"
-print(f"| {label} | {mx['summary']['requestsPerSec']:,.0f} | {cpu:.1f} | {ms('p50')} | {ms('p99')} | {ms('p99.9')} | {bad} | {mem} MB |")
+print(f"| {label} | {mx['summary']['requestsPerSec']:,.0f} | {cpu:.1f} | {ms('p50')} | {ms('p99')} | {ms('p99.9')} | {bad} | {mem} |")
 PY
 done

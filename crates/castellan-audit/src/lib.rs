@@ -176,8 +176,18 @@ pub struct Inputs {
     pub headers: std::collections::BTreeMap<String, String>,
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+/// Lower-case hex of `b` (one allocation: this runs for every record written and ingested).
+pub fn hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(2 * b.len());
+    for x in b {
+        for nibble in [x >> 4, x & 15] {
+            s.push(char::from(
+                DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0'),
+            ));
+        }
+    }
+    s
 }
 
 impl AuditRecord {

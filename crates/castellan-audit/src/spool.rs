@@ -333,7 +333,7 @@ impl Spool {
     }
 
     /// Up to `max` records after the last one handed out (or after the acknowledged position
-    /// when `from_acked`), as JSON lines.
+    /// when `from_acked`), as JSON lines. One shipper per spool calls this and [`Spool::ack`].
     pub fn next_batch(&self, max: usize, from_acked: bool) -> Result<Vec<String>, SpoolError> {
         let mut inner = self.inner.lock().map_err(|_| SpoolError::Full)?;
         if from_acked {
@@ -359,8 +359,12 @@ impl Spool {
             }
             return Ok(out.into_iter().map(|(_, l)| l).collect());
         }
+        // From the files (after a restart, or a backlog larger than memory keeps), without the
+        // lock: appends go on meanwhile, and only the shipper moves the cursor.
+        let cursor = inner.cursor.clone();
+        drop(inner);
         let segs = segments(&self.dir)?;
-        let (mut seg_idx, mut offset) = match &inner.cursor {
+        let (mut seg_idx, mut offset) = match &cursor {
             Some((p, off)) => (segs.iter().position(|s| s == p).unwrap_or(0), *off),
             None => (0, 0),
         };
@@ -394,6 +398,7 @@ impl Spool {
             seg_idx += 1;
             offset = 0;
         }
+        let mut inner = self.inner.lock().map_err(|_| SpoolError::Full)?;
         if let Some(p) = segs.get(seg_idx) {
             inner.cursor = Some((p.clone(), offset));
         }

@@ -47,16 +47,7 @@ pub fn problem_json(status: StatusCode, detail: &str, decision_id: &str) -> Stri
 pub fn decision_id() -> String {
     let mut b = [0u8; 12];
     let _ = aws_lc_rs::rand::fill(&mut b);
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(2 * b.len());
-    for x in b {
-        for nibble in [x >> 4, x & 15] {
-            s.push(char::from(
-                HEX.get(usize::from(nibble)).copied().unwrap_or(b'0'),
-            ));
-        }
-    }
-    s
+    castellan_audit::hex(&b)
 }
 
 /// Refuses message framing a proxy and its upstream could read differently (request smuggling):
