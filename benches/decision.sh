@@ -97,7 +97,8 @@ for row in free castellan; do
   RPS[$row]=$rps
   p99="-"
   if command -v oha >/dev/null; then
-    p99=$(taskset -c 1 oha --no-tui -z 5s -q 1000 -c 8 -H "Authorization: Bearer $KEY" "http://127.0.0.1:$port/orders/42" | awk '/99.00%/ {print $3 $4; exit}')
+    p99=$(taskset -c 1 oha --no-tui --output-format json -z 5s -q 1000 -c 8 -H "Authorization: Bearer $KEY" "http://127.0.0.1:$port/orders/42" \
+      | python3 -c 'import json,sys; print("%.2fms" % (json.load(sys.stdin)["latencyPercentiles"]["p99"] * 1000))')
   fi
   printf "%-34s %10s %14.1f %16.1f %10s\n" "$([ $row = free ] && echo 'nginx location: return 204' || echo 'castellan forward-auth')" "$rps" \
     "$(echo "($c1-$c0)*1000000/$HZ/$reqs" | bc -l)" "$(echo "($d1-$d0)*1000000/$HZ/$reqs" | bc -l)" "$p99"
