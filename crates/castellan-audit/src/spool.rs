@@ -341,6 +341,9 @@ impl Spool {
             inner.shipped = inner.acked;
         }
         let after = inner.shipped.max(inner.acked);
+        if after >= inner.head.seq {
+            return Ok(Vec::new()); // caught up: nothing to read, from memory or the files
+        }
         // From memory when it holds the next record to ship (the usual case).
         if inner
             .recent

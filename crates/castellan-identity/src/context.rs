@@ -89,10 +89,11 @@ pub struct UserContext {
 }
 
 impl UserContext {
-    /// Whether the token is past its expiry, with the leeway its verification allows: a
-    /// verified token kept in a cache is used only until then.
-    pub fn expired(&self, now: i64) -> bool {
-        now > self.exp + LEEWAY
+    /// The last second this token, verified with `signer`, stays acceptable: its expiry with
+    /// the leeway verification allows, and never past the signer's certificate. A verified
+    /// token kept in a cache is used only until then.
+    pub fn usable_until(&self, signer: &ValidatedSigner) -> i64 {
+        (self.exp + LEEWAY).min(signer.not_after)
     }
 
     /// Binds the token to the connection it arrived on (product.md §3): accepted from its

@@ -282,8 +282,13 @@ pub(crate) async fn ship_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>
         at: std::time::Instant::now(),
     };
     loop {
-        if let Err(e) = inner.audit.sync() {
-            tracing::error!(error = %e, "audit spool sync failed");
+        // On the blocking pool: the watch stream shares this thread, and a revocation must not
+        // wait for the disk.
+        let syncing = inner.clone();
+        match tokio::task::spawn_blocking(move || syncing.audit.sync()).await {
+            Ok(Err(e)) => tracing::error!(error = %e, "audit spool sync failed"),
+            Err(e) => tracing::error!(error = %e, "audit spool sync task failed"),
+            Ok(Ok(())) => {}
         }
         // INVARIANT: one spool is shipped at a time, oldest chain first, and a leftover spool
         // is removed only once the control plane has acknowledged all of it.

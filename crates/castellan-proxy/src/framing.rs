@@ -88,8 +88,9 @@ fn analyze(head: &[u8]) -> (bool, State) {
     }
 }
 
-/// Whether `prev` followed by `seg` (which ends in a line feed) ends a head: `\r\n\r\n` or
-/// `\n\n`.
+/// Whether `prev` followed by `seg` (which ends in a line feed) ends a head: an empty line,
+/// `\n\n` or `\n\r\n` (which covers `\r\n\r\n`): httparse accepts a bare `\n` ending a
+/// field line followed by `\r\n`, so the guard must see that head end too.
 fn ends_head(prev: &[u8], seg: &[u8]) -> bool {
     let mut tail = [0u8; 4];
     let mut n = 0;
@@ -100,7 +101,7 @@ fn ends_head(prev: &[u8], seg: &[u8]) -> bool {
         }
     }
     let tail = tail.get(4 - n..).unwrap_or_default();
-    tail.ends_with(b"\r\n\r\n") || tail.ends_with(b"\n\n")
+    tail.ends_with(b"\n\r\n") || tail.ends_with(b"\n\n")
 }
 
 impl Scanner {
@@ -323,5 +324,20 @@ mod tests {
             1,
             "fragment"
         );
+        // A head whose last field line ends in a bare LF before the empty line (httparse
+        // accepts it): the guard must see that head end, or it loses the framing and lets the
+        // next request carry both lengths.
+        let lf = b"GET / HTTP/1.1\r\nHost: x\n\r\n";
+        let mut stream = lf.to_vec();
+        let bad_at = stream.len();
+        stream.extend_from_slice(bad);
+        let head_end = bad_at + bad.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 3;
+        for piece in [1, 2, 7, 64, 4096] {
+            assert_eq!(
+                flags(&stream, piece),
+                [head_end],
+                "bare LF, piece size {piece}"
+            );
+        }
     }
 }

@@ -115,7 +115,7 @@ async fn handle_inner(
     let idempotent = crate::is_idempotent(&parts.method);
     crate::forward(
         inner,
-        &permit,
+        permit,
         &service,
         &client,
         idempotent,

@@ -289,7 +289,7 @@ impl std::fmt::Debug for Inner {
 /// Only an allowed request has a [`pipeline::Permit`].
 pub(crate) async fn forward<C>(
     inner: &Inner,
-    _permit: &pipeline::Permit,
+    _permit: pipeline::Permit,
     key: &str,
     client: &Client<C, Body>,
     idempotent: bool,
@@ -617,21 +617,43 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// A single-threaded runtime on its own thread for the control tasks, until `stop`.
-fn control_runtime(stop: watch::Receiver<bool>) -> Result<tokio::runtime::Handle, ProxyError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let handle = rt.handle().clone();
-    std::thread::Builder::new()
-        .name("castellan-control".to_owned())
-        .spawn(move || {
-            let mut stop = stop;
-            rt.block_on(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
-        })?;
-    Ok(handle)
+/// A single-threaded runtime on its own thread for the control tasks. On `stop` it waits (a
+/// few seconds at most) for the tasks spawned on it to finish their own stop branches — the
+/// audit shipper's last fsync among them — before the runtime goes.
+struct Control {
+    handle: tokio::runtime::Handle,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Control {
+    fn start(stop: watch::Receiver<bool>) -> Result<Control, ProxyError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let pending = tasks.clone();
+        std::thread::Builder::new()
+            .name("castellan-control".to_owned())
+            .spawn(move || {
+                let mut stop = stop;
+                rt.block_on(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                    let tasks = pending.lock().map(|mut t| std::mem::take(&mut *t));
+                    for t in tasks.unwrap_or_default() {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+                    }
+                });
+            })?;
+        Ok(Control { handle, tasks })
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let t = self.handle.spawn(task);
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.push(t);
+        }
+    }
 }
 
 /// Starts a proxy: identity, listeners, the watch stream and renewal.
@@ -726,7 +748,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     // The control tasks run on a thread of their own (as linkerd2-proxy and ztunnel keep them
     // apart): encoding an audit batch, syncing the spool to disk or applying a pushed policy
     // never holds up a request, even on one core.
-    let control = control_runtime(stop_rx.clone())?;
+    let control = Control::start(stop_rx.clone())?;
     // Upkeep: drain metric histograms, forget refilled rate-limit keys.
     {
         let (inner, mut stop) = (inner.clone(), stop_rx.clone());

@@ -115,8 +115,9 @@ pub(crate) enum Caller {
     Peer(SpiffeId),
 }
 
-/// Leave to forward a request: only [`admit`] makes one, for an allowed request, and the
-/// sidecar's outbound side, whose call the destination's sidecar decides.
+/// Leave to forward one request (consumed by `crate::forward`): only [`admit`] makes one, for
+/// an allowed request, and the sidecar's outbound side, whose call the destination's sidecar
+/// decides.
 #[derive(Debug)]
 pub(crate) struct Permit(());
 
@@ -364,6 +365,16 @@ fn context_user(
         return Err(Refusal::unauthorized(
             "context token signer may not mint context",
         ));
+    }
+    // A disabled service's tokens stop with its connections (its SVIDs fail every handshake,
+    // but a token it signed may still be presented by its audience on an onward call).
+    if ctx
+        .signer
+        .service_name()
+        .is_some_and(|s| inner.state.is_disabled(s))
+    {
+        tracing::info!(signer = %ctx.signer, "context token signed by a disabled service");
+        return Err(Refusal::unauthorized("context token signer is disabled"));
     }
     let act = ctx.presented_by(presenter, me).map_err(|e| {
         tracing::info!(error = %e, "context token refused");

@@ -387,7 +387,7 @@ async fn inbound_inner(
     let idempotent = crate::is_idempotent(&parts.method);
     crate::forward(
         inner,
-        &admitted.permit,
+        admitted.permit,
         "app",
         &inner.app,
         idempotent,
@@ -592,7 +592,7 @@ async fn outbound(
     let idempotent = crate::is_idempotent(&parts.method);
     crate::forward(
         &inner,
-        &Permit::outbound(),
+        Permit::outbound(),
         &service,
         &client,
         idempotent,

@@ -13,8 +13,42 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-/// Most verified context tokens kept (the cache is emptied beyond).
-const VERIFIED_CONTEXTS_MAX: usize = 2048;
+/// Most bytes of verified context tokens kept.
+const VERIFIED_CONTEXTS_BYTES: usize = 2 * 1024 * 1024;
+
+/// Verified context tokens by their bytes, each with the last second it may be used.
+#[derive(Debug, Default)]
+struct VerifiedContexts {
+    map: HashMap<String, (Arc<castellan_identity::UserContext>, i64)>,
+    bytes: usize,
+}
+
+impl VerifiedContexts {
+    fn insert(
+        &mut self,
+        token: &str,
+        ctx: Arc<castellan_identity::UserContext>,
+        until: i64,
+        now: i64,
+    ) {
+        if self.bytes + token.len() > VERIFIED_CONTEXTS_BYTES {
+            // Expired tokens go first; if that is not enough, everything (re-verified on use).
+            self.map.retain(|_, (_, u)| *u >= now);
+            self.bytes = self.map.keys().map(String::len).sum();
+            if self.bytes + token.len() > VERIFIED_CONTEXTS_BYTES {
+                self.clear();
+            }
+        }
+        if self.map.insert(token.to_owned(), (ctx, until)).is_none() {
+            self.bytes += token.len();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
+    }
+}
 
 /// Prefix of end-user API keys.
 pub const API_KEY_PREFIX: &str = "cak_";
@@ -90,7 +124,7 @@ pub struct State {
     /// Context tokens already verified, by their bytes: a token reused by its signer (for half
     /// its lifetime) is verified once, not per request. Emptied with `context_signers` on any
     /// bundle or revocation change; who presents a token is still checked on every request.
-    verified_contexts: Mutex<HashMap<String, Arc<castellan_identity::UserContext>>>,
+    verified_contexts: Mutex<VerifiedContexts>,
     /// Bumped with every bundle or revocation change: open connections re-check their peer.
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -150,7 +184,7 @@ impl State {
             specs: ArcSwap::from_pointee(HashMap::new()),
             recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT)),
             context_signers: Mutex::new(HashMap::new()),
-            verified_contexts: Mutex::new(HashMap::new()),
+            verified_contexts: Mutex::new(VerifiedContexts::default()),
             changes: tokio::sync::watch::Sender::new(0),
         })
     }
@@ -225,14 +259,11 @@ impl State {
         token: &str,
         now: i64,
     ) -> Result<Arc<castellan_identity::UserContext>, castellan_identity::ContextError> {
-        if let Some(ctx) = self
-            .verified_contexts
-            .lock()
-            .ok()
-            .and_then(|c| c.get(token).cloned())
-            && !ctx.expired(now)
+        if let Ok(c) = self.verified_contexts.lock()
+            && let Some((ctx, until)) = c.map.get(token)
+            && now <= *until
         {
-            return Ok(ctx);
+            return Ok(ctx.clone());
         }
         let validator = self.validator();
         let header = castellan_identity::context_header(token)?;
@@ -262,15 +293,15 @@ impl State {
             &self.trust_domain,
             now,
         )?);
+        // Kept only for a signer that may mint context: any workload can sign a token with
+        // its own SVID, and those are refused on every use — they must not fill the cache.
         // INVARIANT: kept only if the validator it was checked under is still the one in force
         // (`rebuild_validator` installs a new one before it empties this cache).
-        if let Ok(mut c) = self.verified_contexts.lock()
+        if self.engine.current().may_mint_context(ctx.signer.as_str())
+            && let Ok(mut c) = self.verified_contexts.lock()
             && Arc::ptr_eq(&validator, &self.validator.load())
         {
-            if c.len() >= VERIFIED_CONTEXTS_MAX {
-                c.clear();
-            }
-            c.insert(token.to_owned(), ctx.clone());
+            c.insert(token, ctx.clone(), ctx.usable_until(&signer), now);
         }
         Ok(ctx)
     }

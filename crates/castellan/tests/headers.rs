@@ -91,7 +91,8 @@ fn wsgi_app() -> Option<(Killed, std::net::SocketAddr)> {
 
 struct Setup {
     worker: RunningProxy,
-    _server: castellan_server::Running,
+    server: castellan_server::Running,
+    admin_token: String,
     _dir: tempfile::TempDir,
     _app: Killed,
     gateway: RunningProxy,
@@ -217,7 +218,8 @@ async fn setup() -> Option<Setup> {
     }
     Some(Setup {
         worker,
-        _server: server,
+        admin_token: init.admin_token.clone(),
+        server,
         _dir: dir,
         _app: app_proc,
         tls: Arc::new(tls_roots(&bundle).unwrap()),
@@ -549,4 +551,57 @@ async fn a_refusal_at_each_phase_is_one_record_and_no_upstream_call() {
         s.sidecar.state.last_decision().unwrap().reason,
         "matched-allow"
     );
+}
+
+/// A context token signed by a service that was disabled since is refused, also where its
+/// audience presents it on an onward call (the signer's own connections already fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn context_tokens_of_a_disabled_signer_are_refused_on_onward_calls() {
+    let Some(s) = setup().await else { return };
+    // A real token: the gateway mints it for orders; the echo app behind orders' sidecar
+    // shows what it received.
+    let (st, body) = s.send("").await;
+    assert_eq!(st, 200, "{body}");
+    let token = app_headers(&body)["HTTP_X_CASTELLAN_CONTEXT"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // orders calls on (to worker's sidecar) with it: the token is accepted (the user is
+    // authenticated), and worker's policy, which has no rule, denies — 403, not 401.
+    let as_orders = castellan::demo::mtls_client(&s.sidecar, &s.worker, "worker").unwrap();
+    let onward = format!(
+        "GET /jobs HTTP/1.1\r\nHost: worker\r\nX-Castellan-Context: {token}\r\nConnection: close\r\n\r\n"
+    );
+    let (st, body) = raw(s.worker.inbound, Some(as_orders.clone()), onward.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(st, 403, "the onward call is authenticated: {body}");
+    // The gateway is disabled: the same token, presented the same way, is refused.
+    let r = reqwest::Client::builder()
+        .tls_backend_preconfigured(control_plane_tls(&s.server.server.bundle()).unwrap())
+        .build()
+        .unwrap()
+        .post(format!("{}/v1/services/gateway/disable", s.server.url))
+        .bearer_auth(&s.admin_token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let t0 = Instant::now();
+    loop {
+        let (st, body) = raw(s.worker.inbound, Some(as_orders.clone()), onward.as_bytes())
+            .await
+            .unwrap();
+        if st == 401 {
+            assert_eq!(body["detail"], "context token signer is disabled", "{body}");
+            break;
+        }
+        assert_eq!(st, 403, "{body}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "a disabled signer's token still accepted: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
