@@ -237,7 +237,7 @@ pub(crate) async fn refresh_castellan_keys(inner: Arc<Inner>, mut stop: watch::R
         .await;
         let wait = match result {
             Ok(v) => {
-                inner.castellan_tokens.store(Arc::new(Some(v)));
+                inner.bearer_tokens.replace_keys(&inner.castellan_tokens, v);
                 Duration::from_secs(60)
             }
             Err(e) => {

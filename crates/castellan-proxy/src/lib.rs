@@ -274,6 +274,8 @@ pub(crate) struct Inner {
     context_tokens: pipeline::ContextCache,
     /// Metric handles of the request path.
     metrics: admin::RequestMetrics,
+    /// Castellan bearer tokens verified recently.
+    bearer_tokens: pipeline::BearerCache,
 }
 
 impl std::fmt::Debug for Inner {
@@ -721,6 +723,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         key_uses: Mutex::new(HashMap::new()),
         context_tokens: pipeline::ContextCache::default(),
         metrics: admin::RequestMetrics::new(&cfg.proxy_id),
+        bearer_tokens: pipeline::BearerCache::default(),
         audit,
         audit_leftover: Mutex::new(audit_leftover),
         app: Client::builder(TokioExecutor::new()).build(plain_connector()),

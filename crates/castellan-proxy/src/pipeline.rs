@@ -289,14 +289,10 @@ pub(crate) fn castellan_token(
     token: &str,
     client_cert: Option<&str>,
     now: i64,
-) -> Option<Result<castellan_identity::VerifiedToken, Refusal>> {
+) -> Option<Result<Arc<castellan_identity::VerifiedToken>, Refusal>> {
     let t = inner
-        .castellan_tokens
-        .load()
-        .as_ref()
-        .as_ref()?
-        .verify(token, now)
-        .ok()?;
+        .bearer_tokens
+        .verified(&inner.castellan_tokens, token, now)?;
     let claim = |k: &str| t.claims.get(k).and_then(Value::as_str);
     if inner
         .state
@@ -510,6 +506,66 @@ pub(crate) async fn admit(
         context,
         permit: Permit(()),
     })
+}
+
+/// Most Castellan tokens kept verified.
+const BEARER_CACHE_MAX: usize = 1024;
+
+/// Castellan OAuth2 tokens already verified (signature, issuer, audience, times), by their
+/// bytes, until their `exp`: a client reusing its token pays one ES256 verification, not one
+/// per request. Emptied whenever the control plane's keys are refreshed; revocation, a
+/// disabled client and certificate binding are still checked on every use.
+#[derive(Debug, Default)]
+pub(crate) struct BearerCache {
+    map: std::sync::Mutex<
+        std::collections::HashMap<String, (Arc<castellan_identity::VerifiedToken>, i64)>,
+    >,
+}
+
+impl BearerCache {
+    /// `token` verified with the keys in `keys` (`None`: they do not verify it).
+    fn verified(
+        &self,
+        keys: &arc_swap::ArcSwap<Option<castellan_identity::TokenVerifier>>,
+        token: &str,
+        now: i64,
+    ) -> Option<Arc<castellan_identity::VerifiedToken>> {
+        if let Ok(m) = self.map.lock()
+            && let Some((t, exp)) = m.get(token)
+            && now < *exp
+        {
+            return Some(t.clone());
+        }
+        let verifier = keys.load_full();
+        let t = Arc::new(verifier.as_ref().as_ref()?.verify(token, now).ok()?);
+        let exp = t.claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
+        // INVARIANT: kept only if the keys it was verified with are still the ones in force
+        // (`replace_keys` swaps them and empties this map under the same lock).
+        if let Ok(mut m) = self.map.lock()
+            && Arc::ptr_eq(&verifier, &keys.load())
+        {
+            if m.len() >= BEARER_CACHE_MAX {
+                m.clear();
+            }
+            m.insert(token.to_owned(), (t.clone(), exp));
+        }
+        Some(t)
+    }
+
+    /// Installs refreshed keys and forgets every token verified with the previous ones.
+    pub(crate) fn replace_keys(
+        &self,
+        keys: &arc_swap::ArcSwap<Option<castellan_identity::TokenVerifier>>,
+        new: castellan_identity::TokenVerifier,
+    ) {
+        match self.map.lock() {
+            Ok(mut m) => {
+                keys.store(Arc::new(Some(new)));
+                m.clear();
+            }
+            Err(_) => keys.store(Arc::new(Some(new))),
+        }
+    }
 }
 
 /// A token is reused while it has at least this many seconds of its lifetime left.
