@@ -508,18 +508,13 @@ pub(crate) async fn admit(
     })
 }
 
-/// Most Castellan tokens kept verified.
-const BEARER_CACHE_MAX: usize = 1024;
-
 /// Castellan OAuth2 tokens already verified (signature, issuer, audience, times), by their
 /// bytes, until their `exp`: a client reusing its token pays one ES256 verification, not one
 /// per request. Emptied whenever the control plane's keys are refreshed; revocation, a
 /// disabled client and certificate binding are still checked on every use.
 #[derive(Debug, Default)]
 pub(crate) struct BearerCache {
-    map: std::sync::Mutex<
-        std::collections::HashMap<String, (Arc<castellan_identity::VerifiedToken>, i64)>,
-    >,
+    map: std::sync::Mutex<crate::state::VerifiedTokens<castellan_identity::VerifiedToken>>,
 }
 
 impl BearerCache {
@@ -530,11 +525,8 @@ impl BearerCache {
         token: &str,
         now: i64,
     ) -> Option<Arc<castellan_identity::VerifiedToken>> {
-        if let Ok(m) = self.map.lock()
-            && let Some((t, exp)) = m.get(token)
-            && now < *exp
-        {
-            return Some(t.clone());
+        if let Some(t) = self.map.lock().ok().and_then(|m| m.get(token, now)) {
+            return Some(t);
         }
         let verifier = keys.load_full();
         let t = Arc::new(verifier.as_ref().as_ref()?.verify(token, now).ok()?);
@@ -544,10 +536,8 @@ impl BearerCache {
         if let Ok(mut m) = self.map.lock()
             && Arc::ptr_eq(&verifier, &keys.load())
         {
-            if m.len() >= BEARER_CACHE_MAX {
-                m.clear();
-            }
-            m.insert(token.to_owned(), (t.clone(), exp));
+            // Used while `now < exp` (stricter than the verifier's leeway).
+            m.insert(token, t.clone(), exp - 1, now);
         }
         Some(t)
     }

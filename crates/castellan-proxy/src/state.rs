@@ -13,38 +13,55 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-/// Most bytes of verified context tokens kept.
-const VERIFIED_CONTEXTS_BYTES: usize = 2 * 1024 * 1024;
+/// Most bytes of verified tokens one cache keeps.
+const VERIFIED_TOKENS_BYTES: usize = 2 * 1024 * 1024;
 
-/// Verified context tokens by their bytes, each with the last second it may be used.
-#[derive(Debug, Default)]
-struct VerifiedContexts {
-    map: HashMap<String, (Arc<castellan_identity::UserContext>, i64)>,
+/// Tokens already verified, by their bytes, each with the last second it may be used: the
+/// context tokens a sidecar accepted, the bearer tokens a gateway or decision point accepted.
+/// Whoever fills it empties it when what the tokens were verified with changes.
+#[derive(Debug)]
+pub(crate) struct VerifiedTokens<T> {
+    map: HashMap<String, (Arc<T>, i64)>,
     bytes: usize,
 }
 
-impl VerifiedContexts {
-    fn insert(
-        &mut self,
-        token: &str,
-        ctx: Arc<castellan_identity::UserContext>,
-        until: i64,
-        now: i64,
-    ) {
-        if self.bytes + token.len() > VERIFIED_CONTEXTS_BYTES {
+impl<T> Default for VerifiedTokens<T> {
+    fn default() -> Self {
+        VerifiedTokens {
+            map: HashMap::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<T> VerifiedTokens<T> {
+    /// The verified token, if kept and still usable at `now`.
+    pub(crate) fn get(&self, token: &str, now: i64) -> Option<Arc<T>> {
+        self.map
+            .get(token)
+            .filter(|(_, until)| now <= *until)
+            .map(|(t, _)| t.clone())
+    }
+
+    pub(crate) fn insert(&mut self, token: &str, verified: Arc<T>, until: i64, now: i64) {
+        if self.bytes + token.len() > VERIFIED_TOKENS_BYTES {
             // Expired tokens go first; if that is not enough, everything (re-verified on use).
             self.map.retain(|_, (_, u)| *u >= now);
             self.bytes = self.map.keys().map(String::len).sum();
-            if self.bytes + token.len() > VERIFIED_CONTEXTS_BYTES {
+            if self.bytes + token.len() > VERIFIED_TOKENS_BYTES {
                 self.clear();
             }
         }
-        if self.map.insert(token.to_owned(), (ctx, until)).is_none() {
+        if self
+            .map
+            .insert(token.to_owned(), (verified, until))
+            .is_none()
+        {
             self.bytes += token.len();
         }
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.map.clear();
         self.bytes = 0;
     }
@@ -124,7 +141,7 @@ pub struct State {
     /// Context tokens already verified, by their bytes: a token reused by its signer (for half
     /// its lifetime) is verified once, not per request. Emptied with `context_signers` on any
     /// bundle or revocation change; who presents a token is still checked on every request.
-    verified_contexts: Mutex<VerifiedContexts>,
+    verified_contexts: Mutex<VerifiedTokens<castellan_identity::UserContext>>,
     /// Bumped with every bundle or revocation change: open connections re-check their peer.
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -184,7 +201,7 @@ impl State {
             specs: ArcSwap::from_pointee(HashMap::new()),
             recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT)),
             context_signers: Mutex::new(HashMap::new()),
-            verified_contexts: Mutex::new(VerifiedContexts::default()),
+            verified_contexts: Mutex::new(VerifiedTokens::default()),
             changes: tokio::sync::watch::Sender::new(0),
         })
     }
@@ -259,11 +276,13 @@ impl State {
         token: &str,
         now: i64,
     ) -> Result<Arc<castellan_identity::UserContext>, castellan_identity::ContextError> {
-        if let Ok(c) = self.verified_contexts.lock()
-            && let Some((ctx, until)) = c.map.get(token)
-            && now <= *until
+        if let Some(ctx) = self
+            .verified_contexts
+            .lock()
+            .ok()
+            .and_then(|c| c.get(token, now))
         {
-            return Ok(ctx.clone());
+            return Ok(ctx);
         }
         let validator = self.validator();
         let header = castellan_identity::context_header(token)?;

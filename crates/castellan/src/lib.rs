@@ -18,3 +18,11 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// Installs the process's one TLS crypto provider: both ring and aws-lc-rs are linked (through
+/// dependencies); choosing explicitly keeps every handshake on the same implementation.
+pub fn install_crypto_provider() -> Result<(), String> {
+    rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .map_err(|_| "a TLS crypto provider was already installed".to_owned())
+}

@@ -122,13 +122,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // One TLS crypto provider for the whole process: both ring and aws-lc-rs are linked (through
-    // dependencies); choosing explicitly keeps every handshake on the same implementation.
-    if rustls::crypto::aws_lc_rs::default_provider()
-        .install_default()
-        .is_err()
-    {
-        eprintln!("error: a TLS crypto provider was already installed");
+    if let Err(e) = castellan::install_crypto_provider() {
+        eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
     let json = cli.output == Output::Json;

@@ -23,11 +23,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if rustls::crypto::aws_lc_rs::default_provider()
-        .install_default()
-        .is_err()
-    {
-        eprintln!("error: a TLS crypto provider was already installed");
+    if let Err(e) = castellan::install_crypto_provider() {
+        eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
     castellan::init_logging();
