@@ -424,8 +424,13 @@ async fn serve_http(inner: Arc<Inner>, listener: TcpListener, stop: watch::Recei
 // ---------------------------------------------------------------------------------------------
 // Envoy ext_authz v3, gRPC.
 
+/// The ext_authz service of one listener: `pep` is the trusted SVID asking over mTLS (named in
+/// each record's `asked_by`), empty on the loopback listener.
 #[derive(Debug, Clone)]
-struct ExtAuthz(Arc<Inner>);
+struct ExtAuthz {
+    inner: Arc<Inner>,
+    pep: Arc<str>,
+}
 
 fn envoy_header(k: &str, v: &str) -> HeaderValueOption {
     HeaderValueOption {
@@ -493,7 +498,7 @@ impl ExtAuthz {
             .as_ref()
             .and_then(|r| r.http.as_ref())
             .ok_or_else(|| bad("CheckRequest without an HTTP request"))?;
-        let me = self.0.identity.current().id.clone();
+        let me = self.inner.identity.current().id.clone();
         let source = attrs.source.as_ref();
         let principal = source.map_or("", |s| s.principal.as_str());
         let caller = if principal.is_empty() {
@@ -504,7 +509,7 @@ impl ExtAuthz {
                 Ok(id)
                     if id
                         .service_name()
-                        .is_some_and(|s| self.0.state.is_disabled(s)) =>
+                        .is_some_and(|s| self.inner.state.is_disabled(s)) =>
                 {
                     return Err(Refusal::new(
                         StatusCode::FORBIDDEN,
@@ -621,7 +626,7 @@ impl Authorization for ExtAuthz {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        let inner = &self.0;
+        let inner = &self.inner;
         let req = request.into_inner();
         let (asked, remove) = match self.asked(&req) {
             Ok(a) => a,
@@ -633,6 +638,7 @@ impl Authorization for ExtAuthz {
                     "",
                 );
                 p.origin = ORIGIN_EXT_AUTHZ;
+                p.asked_by = self.pep.to_string();
                 p.source = inner.identity.current().id.as_str().to_owned();
                 let out = denied(&r, &p.did);
                 p.record(inner, r.status);
@@ -646,6 +652,7 @@ impl Authorization for ExtAuthz {
             "",
         );
         p.origin = ORIGIN_EXT_AUTHZ;
+        p.asked_by = self.pep.to_string();
         let out = match answer(inner, asked, &mut p).await {
             Ok(headers) => {
                 p.record(inner, StatusCode::OK);
@@ -673,7 +680,10 @@ impl Authorization for ExtAuthz {
 }
 
 async fn serve_grpc(inner: Arc<Inner>, listener: TcpListener, stop: watch::Receiver<bool>) {
-    let svc = AuthorizationServer::new(ExtAuthz(inner.clone()));
+    let svc = AuthorizationServer::new(ExtAuthz {
+        inner: inner.clone(),
+        pep: Arc::from(""),
+    });
     let proxy = inner.cfg.proxy_id.clone();
     crate::listener::accept_loop("decision-grpc", proxy, listener, stop, move |tcp, peer| {
         let svc = svc.clone();
@@ -997,46 +1007,53 @@ async fn authzen(
     boxcar: bool,
 ) -> Response<Body> {
     let did = h::decision_id();
-    // A refused caller, or a question refused because policy is stale, is recorded too: who
-    // asked, and why they got no answer.
-    let refused = |status: StatusCode, reason: &'static str, asked_by: String| {
-        let mut p = Pending::start(req.method(), req.uri(), req.headers(), "");
+    let (parts, body) = req.into_parts();
+    // A refused caller, a question refused because policy is stale, and a malformed question
+    // are recorded too: who asked, and why they got no answer.
+    let refused = |status: StatusCode, reason: &'static str, asked_by: &str| {
+        let mut p = Pending::start(&parts.method, &parts.uri, &parts.headers, "");
         p.did.clone_from(&did);
         p.origin = castellan_audit::ORIGIN_API;
-        p.asked_by = asked_by;
+        asked_by.clone_into(&mut p.asked_by);
         p.refusal = Some(reason);
         p.record(inner, status);
     };
-    let pep = match authzen_caller(inner, peer, req.headers()) {
+    let pep = match authzen_caller(inner, peer, &parts.headers) {
         Ok(pep) => pep,
         Err(r) => {
-            let who = peer
-                .svid
-                .as_ref()
-                .map(|p| p.id.as_str().to_owned())
-                .unwrap_or_default();
+            let who = peer.svid.as_ref().map_or("", |p| p.id.as_str());
             refused(r.status, "caller-refused", who);
             return r.response(&did);
         }
     };
     if let Some(age) = inner.staleness() {
-        refused(StatusCode::SERVICE_UNAVAILABLE, "policy-stale", pep);
+        refused(StatusCode::SERVICE_UNAVAILABLE, "policy-stale", &pep);
         let why = format!("policy is stale (no control-plane contact for {age} s): failing closed");
         return problem(StatusCode::SERVICE_UNAVAILABLE, &why, &did);
     }
-    let body = match h::read_body(req.into_body(), inner.cfg.max_body_bytes).await {
+    let body = match h::read_body(body, inner.cfg.max_body_bytes).await {
         Ok(b) => b,
-        Err(e) => return h::body_error(e, &did),
+        Err(e) => {
+            let resp = h::body_error(e, &did);
+            refused(resp.status(), "malformed-request", &pep);
+            return resp;
+        }
     };
-    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
-        return problem(StatusCode::BAD_REQUEST, "the body is not JSON", &did);
-    };
+    match authzen_answer(inner, &body, boxcar, &pep) {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(why) => {
+            refused(StatusCode::BAD_REQUEST, "malformed-request", &pep);
+            problem(StatusCode::BAD_REQUEST, &why, &did)
+        }
+    }
+}
+
+/// The answer to an AuthZEN request body (each evaluation decided and recorded), or why the
+/// request is malformed (nothing decided).
+fn authzen_answer(inner: &Inner, body: &[u8], boxcar: bool, pep: &str) -> Result<Value, String> {
+    let v = serde_json::from_slice::<Value>(body).map_err(|_| "the body is not JSON")?;
     if !v.is_object() {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "the body must be a JSON object",
-            &did,
-        );
+        return Err("the body must be a JSON object".to_owned());
     }
     let top = Evaluation {
         subject: v.get("subject"),
@@ -1050,17 +1067,10 @@ async fn authzen(
         .filter(|a| !a.is_empty());
     let (Some(items), true) = (items, boxcar) else {
         // A single evaluation (or a boxcar without `evaluations`, which AuthZEN answers as one).
-        return match evaluate(inner, &top, &pep) {
-            Ok(out) => json_response(StatusCode::OK, &out),
-            Err(why) => problem(StatusCode::BAD_REQUEST, &why, &did),
-        };
+        return evaluate(inner, &top, pep);
     };
     if items.len() > MAX_EVALUATIONS {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            &format!("at most {MAX_EVALUATIONS} evaluations per request"),
-            &did,
-        );
+        return Err(format!("at most {MAX_EVALUATIONS} evaluations per request"));
     }
     let semantic = str_field(v.get("options"), "evaluations_semantic").unwrap_or("execute_all");
     let stop_on = match semantic {
@@ -1068,48 +1078,32 @@ async fn authzen(
         "deny_on_first_deny" => Some(false),
         "permit_on_first_permit" => Some(true),
         other => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                &format!(
-                    "options.evaluations_semantic {other:?}: execute_all, deny_on_first_deny or permit_on_first_permit"
-                ),
-                &did,
-            );
+            return Err(format!(
+                "options.evaluations_semantic {other:?}: execute_all, deny_on_first_deny or permit_on_first_permit"
+            ));
         }
     };
-    let evals: Vec<Evaluation<'_>> = items
-        .iter()
-        .map(|i| Evaluation {
+    // Every item is checked and mapped before any is decided (and recorded).
+    let mut prepared = Vec::with_capacity(items.len());
+    for (n, i) in items.iter().enumerate() {
+        let e = Evaluation {
             subject: i.get("subject").or(top.subject),
             action: i.get("action").or(top.action),
             resource: i.get("resource").or(top.resource),
             context: i.get("context").or(top.context),
-        })
-        .collect();
-    // Every item is checked and mapped before any is decided (and recorded).
-    let mut prepared = Vec::with_capacity(evals.len());
-    for (n, e) in evals.iter().enumerate() {
-        match prepare(inner, e) {
-            Ok(p) => prepared.push(p),
-            Err(why) => {
-                return problem(
-                    StatusCode::BAD_REQUEST,
-                    &format!("evaluations[{n}]: {why}"),
-                    &did,
-                );
-            }
-        }
+        };
+        prepared.push(prepare(inner, &e).map_err(|why| format!("evaluations[{n}]: {why}"))?);
     }
     let mut out = Vec::with_capacity(prepared.len());
     for p in prepared {
-        let r = decide_prepared(inner, p, &pep);
+        let r = decide_prepared(inner, p, pep);
         let decision = r.get("decision").and_then(Value::as_bool).unwrap_or(false);
         out.push(r);
         if stop_on == Some(decision) {
             break;
         }
     }
-    json_response(StatusCode::OK, &json!({ "evaluations": out }))
+    Ok(json!({ "evaluations": out }))
 }
 
 async fn serve_tls(inner: Arc<Inner>, listener: TcpListener, stop: watch::Receiver<bool>) {
@@ -1120,7 +1114,8 @@ async fn serve_tls(inner: Arc<Inner>, listener: TcpListener, stop: watch::Receiv
             let mut c = b
                 .with_client_cert_verifier(Arc::new(crate::tls::OptionalClientCert))
                 .with_cert_resolver(inner.identity.clone());
-            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            // h2 for ext_authz gRPC from trusted SVIDs (Envoy over mTLS); both for the rest.
+            c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             // The client's SVID is judged per connection below; no resumption around it.
             c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
             c.send_tls13_tickets = 0;
@@ -1152,6 +1147,10 @@ async fn serve_tls(inner: Arc<Inner>, listener: TcpListener, stop: watch::Receiv
                 .then(|| crate::sidecar::Peer::new(&inner.state, certs))
                 .flatten();
             let peer = Arc::new(TlsPeer { svid, local });
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                serve_tls_h2(inner, peer, tls).await;
+                return;
+            }
             let svc = service_fn(move |req| {
                 let (inner, peer) = (inner.clone(), peer.clone());
                 async move { Ok::<_, Infallible>(tls_request(inner, peer, req).await) }
@@ -1162,6 +1161,51 @@ async fn serve_tls(inner: Arc<Inner>, listener: TcpListener, stop: watch::Receiv
         }
     })
     .await;
+}
+
+/// Path prefix of the ext_authz gRPC service.
+const EXT_AUTHZ_GRPC_PREFIX: &str = "/envoy.service.auth.v3.Authorization/";
+
+/// One HTTP/2 connection on the TLS listener: ext_authz gRPC, answered only for a trusted SVID
+/// (re-checked per call, like every question here), and the HTTP/1.1 endpoints.
+async fn serve_tls_h2(
+    inner: Arc<Inner>,
+    peer: Arc<TlsPeer>,
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+) {
+    use tower::Service as _;
+    let pep: Arc<str> = Arc::from(peer.svid.as_ref().map_or("", |p| p.id.as_str()));
+    let grpc = AuthorizationServer::new(ExtAuthz {
+        inner: inner.clone(),
+        pep: pep.clone(),
+    });
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let (inner, peer, mut grpc, pep) = (inner.clone(), peer.clone(), grpc.clone(), pep.clone());
+        async move {
+            if !req.uri().path().starts_with(EXT_AUTHZ_GRPC_PREFIX) {
+                let resp = tls_request(inner, peer, req).await;
+                return Ok(resp.map(tonic::body::Body::new));
+            }
+            if trusted(&inner, &peer) {
+                return grpc.call(req).await;
+            }
+            // Whoever else asks learns nothing, and is recorded as refused.
+            let mut p = Pending::start(req.method(), req.uri(), req.headers(), "");
+            p.origin = ORIGIN_EXT_AUTHZ;
+            p.asked_by = pep.to_string();
+            p.refusal = Some("caller-refused");
+            p.record(&inner, StatusCode::FORBIDDEN);
+            Ok(tonic::Status::permission_denied(
+                "only proxies with a trusted SVID may ask ext_authz questions here",
+            )
+            .into_http())
+        }
+    });
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(1024)
+        .keep_alive_interval(Duration::from_secs(30));
+    let _ = b.serve_connection(TokioIo::new(tls), svc).await;
 }
 
 #[cfg(test)]

@@ -356,6 +356,12 @@ async fn nginx_auth_request_and_caddy_forward_auth_ask_the_decision_point() {
 
 /// Runs Envoy's generated client against `target` with `checks`.
 fn ext_authz(target: std::net::SocketAddr, checks: Value) -> Vec<Value> {
+    ext_authz_with(target, checks, None)
+}
+
+/// Runs Envoy's generated client against `target` with `checks`, over mTLS when `tls` names
+/// the CA, certificate and key files.
+fn ext_authz_with(target: std::net::SocketAddr, checks: Value, tls: Option<&Value>) -> Vec<Value> {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/python/ext_authz_check.py"
@@ -372,7 +378,7 @@ fn ext_authz(target: std::net::SocketAddr, checks: Value) -> Vec<Value> {
         .take()
         .unwrap()
         .write_all(
-            json!({"target": target.to_string(), "checks": checks})
+            json!({"target": target.to_string(), "checks": checks, "tls": tls})
                 .to_string()
                 .as_bytes(),
         )
@@ -604,6 +610,64 @@ async fn envoy_ext_authz_grpc_and_http() {
         3 + 5 + 8,
         "3 HTTP-mode questions, 5 forward-auth questions and 8 checks"
     );
+
+    // Envoy asking a remote decision point over mTLS: ext_authz gRPC on the TLS listener,
+    // answered only for a trusted SVID, each record naming who asked.
+    let gw = m.gateway.identity.current().id.as_str().to_owned();
+    let remote = decision_point(&m, "dp-mtls", None, |c| {
+        // On the address the gateway's SVID names, as Envoy verifies it.
+        c.listen = (demo::GATEWAY_IP.parse::<std::net::IpAddr>().unwrap(), 0).into();
+        c.decision.trusted = vec![gw.clone()];
+        c.routes = vec![("/orders".to_owned(), "orders".to_owned())];
+    })
+    .await;
+    // Its own SVID files: the gateway's identity, so the trusted one.
+    let svid = m.dir.path().join("dp-mtls");
+    let tls =
+        json!({"ca": m.bundle_path, "cert": svid.join("svid.pem"), "key": svid.join("svid.key")});
+    let checks = json!([
+        {"path": "/orders/42", "headers": {"authorization": alice}},
+        {"path": "/orders/7", "headers": {"authorization": alice}},
+    ]);
+    let res3 = ext_authz_with(remote.decision.unwrap().tls, checks.clone(), Some(&tls));
+    assert_eq!(res3[0]["ok"], true, "{}", res3[0]);
+    assert_eq!(res3[0]["headers"]["x-castellan-user"], "alice");
+    assert_eq!(res3[1]["status"], 403, "{}", res3[1]);
+    // The same SVID where it is not trusted: no answer at all, and the refusal is recorded.
+    let res4 = ext_authz_with(d.tls, checks, Some(&tls));
+    assert_eq!(res4.len(), 2);
+    assert!(
+        res4.iter().all(|r| r["rpc_error"] == "PERMISSION_DENIED"),
+        "{res4:?}"
+    );
+    // Without a client certificate the TLS listener does not answer either.
+    let res5 = ext_authz_with(
+        remote.decision.unwrap().tls,
+        json!([{"path": "/orders/42", "headers": {"authorization": alice}}]),
+        Some(&json!({"ca": m.bundle_path})),
+    );
+    assert_eq!(res5[0]["rpc_error"], "PERMISSION_DENIED", "{res5:?}");
+    while remote.audit_backlog() > 0 || m.decision.audit_backlog() > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (recs, verdict) = records(&m).await;
+    assert_eq!(verdict["ok"], true, "{verdict}");
+    let r = by_id(
+        &recs,
+        res3[0]["headers"]["x-castellan-decision-id"]
+            .as_str()
+            .unwrap(),
+    );
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["writer"], "dp-mtls");
+    assert_eq!(r[0]["origin"], "ext_authz");
+    assert_eq!(r[0]["asked_by"], gw.as_str());
+    let refused: Vec<_> = recs
+        .iter()
+        .filter(|r| r["origin"] == "ext_authz" && r["reason"] == "caller-refused")
+        .collect();
+    assert_eq!(refused.len(), 3, "{refused:#?}");
+    assert!(refused.iter().all(|r| r["status"] == 403), "{refused:#?}");
 }
 
 /// A token for the demo's AuthZEN client.
@@ -897,8 +961,20 @@ async fn authzen_evaluations() {
             .iter()
             .all(|r| r["status"] == 401 && r["decision"] == "deny")
     );
-    // 2 refused + 2 single + 2 compared + 1 workload + 3+3+2+1 boxcars + 1 + 100.
-    assert_eq!(dp.len(), 2 + 2 + 2 + 1 + 9 + 1 + 100);
+    // The malformed questions are recorded too (400, nothing decided), naming who asked.
+    let malformed: Vec<_> = dp
+        .iter()
+        .filter(|r| r["reason"] == "malformed-request")
+        .collect();
+    assert_eq!(malformed.len(), 7 + 1, "{malformed:#?}");
+    assert!(
+        malformed
+            .iter()
+            .all(|r| r["status"] == 400 && r["asked_by"] == m.authzen_client.0.as_str()),
+        "{malformed:#?}"
+    );
+    // 2 refused + 2 single + 2 compared + 1 workload + 8 malformed + 3+3+2+1 boxcars + 1 + 100.
+    assert_eq!(dp.len(), 2 + 2 + 2 + 1 + 8 + 9 + 1 + 100);
 }
 
 /// The OIDC provider: its issuer URL and CA file, and a line-based control channel.

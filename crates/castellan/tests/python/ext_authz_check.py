@@ -1,7 +1,10 @@
 """Envoy's own generated ext_authz v3 client (PyPI xds-protos + grpcio) asking a Castellan
 decision point. Reads {"target": "HOST:PORT", "checks": [...]} on stdin; each check has
 principal, method, path, host, headers (object), context_extensions (object) and optional
-certificate (URL-encoded PEM, as Envoy sends it). Prints one JSON object per check."""
+certificate (URL-encoded PEM, as Envoy sends it). With "tls": {"ca", "cert", "key"} (PEM file
+paths; no client certificate without cert and key) it connects over mTLS, as Envoy does to a
+remote authorization service. Prints one JSON object per check; a refused call prints
+{"rpc_error": CODE}."""
 
 import json
 import sys
@@ -38,12 +41,33 @@ def request(c):
     )
 
 
+def channel(spec):
+    tls = spec.get("tls")
+    if not tls:
+        return grpc.insecure_channel(spec["target"])
+
+    def read(k):
+        if k not in tls:
+            return None
+        with open(tls[k], "rb") as f:
+            return f.read()
+
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=read("ca"), private_key=read("key"), certificate_chain=read("cert")
+    )
+    return grpc.secure_channel(spec["target"], creds)
+
+
 def main():
     spec = json.load(sys.stdin)
-    with grpc.insecure_channel(spec["target"]) as ch:
+    with channel(spec) as ch:
         stub = eag.AuthorizationStub(ch)
         for c in spec["checks"]:
-            r = stub.Check(request(c), timeout=10)
+            try:
+                r = stub.Check(request(c), timeout=10)
+            except grpc.RpcError as e:
+                print(json.dumps({"rpc_error": e.code().name, "message": e.details()}), flush=True)
+                continue
             out = {"code": r.status.code, "message": r.status.message}
             kind = r.WhichOneof("http_response")
             if kind == "ok_response":
