@@ -178,8 +178,15 @@ pub struct Inputs {
 
 /// Lower-case hex of `b` (one allocation: this runs for every record written and ingested).
 pub fn hex(b: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(2 * b.len());
+    hex_into(b, &mut s);
+    s
+}
+
+/// Appends lowercase hex of `b` to `s`.
+fn hex_into(b: &[u8], s: &mut String) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    s.reserve(2 * b.len());
     for x in b {
         for nibble in [x >> 4, x & 15] {
             s.push(char::from(
@@ -187,7 +194,6 @@ pub fn hex(b: &[u8]) -> String {
             ));
         }
     }
-    s
 }
 
 impl AuditRecord {
@@ -286,35 +292,45 @@ impl Head {
         }
     }
 
-    /// [`Head::chain`], and the record's JSON line (with its newline) from the one
-    /// serialization that is also hashed: `hash` is the last field, so the line is the hashed
-    /// JSON with the empty `"hash":""` filled in.
-    pub fn chain_line(
+    /// [`Head::chain`], appending the record's JSON line (with its newline) to `out` from the
+    /// one serialization that is also hashed: `hash` is the last field, so the line is the
+    /// hashed JSON with the empty `"hash":""` filled in. Returns the record's sequence number.
+    pub fn chain_into(
         &mut self,
         writer: &str,
         epoch: &str,
         kind: Kind,
         e: Entry,
         lost: u64,
-    ) -> Result<(AuditRecord, Vec<u8>), serde_json::Error> {
+        out: &mut Vec<u8>,
+    ) -> Result<u64, serde_json::Error> {
+        let start = out.len();
         let mut r = self.record(writer, epoch, kind, e, lost);
-        let mut json = serde_json::to_vec(&r)?;
-        let hash = hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &json).as_ref());
+        serde_json::to_writer(&mut *out, &r)?;
+        let digest = aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            out.get(start..).unwrap_or_default(),
+        );
         const EMPTY_HASH: &[u8] = b"\"hash\":\"\"}";
-        if json.ends_with(EMPTY_HASH) {
-            json.truncate(json.len() - 2);
-            json.extend_from_slice(hash.as_bytes());
-            json.extend_from_slice(b"\"}\n");
-            r.hash = hash;
+        // The previous hash's buffer becomes the new head's.
+        let mut hash = std::mem::take(&mut r.prev_hash);
+        hash.clear();
+        hex_into(digest.as_ref(), &mut hash);
+        if out.ends_with(EMPTY_HASH) {
+            out.truncate(out.len() - 2);
+            out.extend_from_slice(hash.as_bytes());
+            out.extend_from_slice(b"\"}\n");
         } else {
             // Not reachable with serde_json's field order; serialize again.
-            r.hash = hash;
-            json = serde_json::to_vec(&r)?;
-            json.push(b'\n');
+            out.truncate(start);
+            r.prev_hash.clone_from(&self.hash);
+            r.hash.clone_from(&hash);
+            serde_json::to_writer(&mut *out, &r)?;
+            out.push(b'\n');
         }
         self.seq = r.seq;
-        self.hash = r.hash.clone();
-        Ok((r, json))
+        self.hash = hash;
+        Ok(r.seq)
     }
 }
 
@@ -573,7 +589,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chain_line_is_the_chained_record_serialized_once() {
+    fn chain_into_appends_the_chained_record_serialized_once() {
         let (mut a, mut b) = (Head::default(), Head::default());
         for i in 0..3 {
             let e = Entry {
@@ -586,10 +602,15 @@ mod tests {
                 ..Entry::default()
             };
             let r = a.chain("w", "e", Kind::Decision, e.clone(), 0);
-            let (r2, line) = b.chain_line("w", "e", Kind::Decision, e, 0).unwrap();
-            assert_eq!(r, r2);
+            // Appended after what the buffer holds (another record of the same group).
+            let mut line = b"earlier\n".to_vec();
+            let seq = b
+                .chain_into("w", "e", Kind::Decision, e, 0, &mut line)
+                .unwrap();
+            assert_eq!(seq, r.seq);
+            let line = line.strip_prefix(b"earlier\n").unwrap();
             assert_eq!(line.last(), Some(&b'\n'));
-            let parsed: AuditRecord = serde_json::from_slice(&line).unwrap();
+            let parsed: AuditRecord = serde_json::from_slice(line).unwrap();
             assert_eq!(parsed, r);
             assert_eq!(parsed.compute_hash(), parsed.hash);
         }

@@ -2,13 +2,20 @@
 //! completes, shipped in order, and deleted once the control plane has stored them. Bounded:
 //! when full, a record that cannot be kept is counted, and the next record that fits is
 //! preceded by an explicit gap record in the chain — never a silent hole.
+//!
+//! Group commit: a record is chained and serialized into the group buffer under the lock;
+//! then, outside it, one of the threads waiting for its record writes the whole group with one
+//! `write` while the others wait for it (or, if a group is being written, the next). So each
+//! append still returns only once its record is in the file, and concurrent appends share one
+//! system call. fsync ([`Spool::sync`]) and shipping never hold the lock over I/O.
 
 use crate::{AuditRecord, Entry, Head, Kind};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead as _, BufReader, Seek as _, SeekFrom, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// A segment is closed when it reaches this size.
 const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
@@ -41,7 +48,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
 #[derive(Debug)]
 struct Inner {
     head: Head,
-    file: File,
+    file: Arc<File>,
     segment: PathBuf,
     segment_bytes: u64,
     total_bytes: u64,
@@ -55,6 +62,18 @@ struct Inner {
     /// reads them from here, and from the files only after a restart or a backlog.
     recent: std::collections::VecDeque<(u64, String)>,
     recent_bytes: usize,
+    /// Lines chained and not yet written (the next group), newest last.
+    group: Vec<u8>,
+    /// The last group's buffer, emptied, for the next one.
+    spare: Vec<u8>,
+    /// Last sequence number written to the file (≤ `head.seq`).
+    written: u64,
+    /// Whether a thread is writing a group (outside the lock).
+    writing: bool,
+    /// The last group that could not be written: (first, last seq, error).
+    failed: Option<(u64, u64, String)>,
+    /// Groups written (`write` calls) since the spool was opened.
+    groups: u64,
 }
 
 /// Most bytes of unacknowledged lines kept in memory for shipping.
@@ -74,6 +93,8 @@ pub struct Spool {
     epoch: String,
     max_bytes: u64,
     inner: Mutex<Inner>,
+    /// Signalled when a group was written.
+    written: Condvar,
 }
 
 /// Creates `dir` (and missing parents) readable by the owner only: records name users and
@@ -180,6 +201,7 @@ impl Spool {
             .open(&segment)
             .map_err(io(&segment))?;
         let segment_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let written = head.seq;
         Ok(Spool {
             dir: dir.to_owned(),
             writer: writer.to_owned(),
@@ -187,7 +209,7 @@ impl Spool {
             max_bytes,
             inner: Mutex::new(Inner {
                 head,
-                file,
+                file: Arc::new(file),
                 segment,
                 segment_bytes,
                 total_bytes,
@@ -197,36 +219,37 @@ impl Spool {
                 shipped: acked,
                 recent: std::collections::VecDeque::new(),
                 recent_bytes: 0,
+                group: Vec::with_capacity(64 * 1024),
+                spare: Vec::with_capacity(64 * 1024),
+                written,
+                writing: false,
+                failed: None,
+                groups: 0,
             }),
+            written: Condvar::new(),
         })
     }
 
-    fn write_line(&self, inner: &mut Inner, r: &AuditRecord) -> Result<(), SpoolError> {
-        let mut line = serde_json::to_vec(r).map_err(|e| SpoolError::Io {
-            path: self.dir.display().to_string(),
-            err: e.into(),
-        })?;
-        line.push(b'\n');
-        self.write_bytes(inner, r.seq, &line)
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>, SpoolError> {
+        self.inner.lock().map_err(|_| SpoolError::Full)
     }
 
-    /// Appends one record line (newline included) of sequence number `seq`.
-    fn write_bytes(&self, inner: &mut Inner, seq: u64, line: &[u8]) -> Result<(), SpoolError> {
-        if inner.segment_bytes >= SEGMENT_BYTES {
-            let next = self.dir.join(segment_name(seq));
-            inner.file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&next)
-                .map_err(io(&next))?;
-            inner.segment = next;
-            inner.segment_bytes = 0;
-        }
-        inner.file.write_all(line).map_err(io(&inner.segment))?;
-        inner.segment_bytes += line.len() as u64;
-        inner.total_bytes += line.len() as u64;
-        let text = String::from_utf8_lossy(line.strip_suffix(b"\n").unwrap_or(line)).into_owned();
+    /// Chains a record into the group being gathered (and into `recent`, for shipping once it
+    /// is written); returns its sequence number.
+    fn chain(&self, inner: &mut Inner, kind: Kind, e: Entry, lost: u64) -> Result<u64, SpoolError> {
+        let start = inner.group.len();
+        let seq = inner
+            .head
+            .chain_into(&self.writer, &self.epoch, kind, e, lost, &mut inner.group)
+            .map_err(|e| SpoolError::Io {
+                path: self.dir.display().to_string(),
+                err: e.into(),
+            })?;
+        let line = inner
+            .group
+            .get(start..inner.group.len() - 1)
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(line).into_owned();
         inner.recent_bytes += text.len();
         inner.recent.push_back((seq, text));
         while inner.recent_bytes > RECENT_BYTES {
@@ -235,43 +258,126 @@ impl Spool {
             };
             inner.recent_bytes -= old.len();
         }
-        Ok(())
+        Ok(seq)
     }
 
-    /// Chains and appends a decision record (written to the OS before this returns: it survives
-    /// the process being killed; [`Spool::sync`] makes it survive power loss).
-    pub fn append(&self, e: Entry) -> Result<AuditRecord, SpoolError> {
-        let mut inner = self.inner.lock().map_err(|_| SpoolError::Full)?;
-        // Room for this record (and a gap record before it, if records were lost)?
-        let need = 1024 * if inner.lost > 0 { 2 } else { 1 };
-        if inner.total_bytes + need > self.max_bytes {
-            inner.lost += 1;
-            return Err(SpoolError::Full);
+    /// Writes the gathered group with one `write`, the lock released meanwhile; wakes the
+    /// threads waiting for their records.
+    fn write_group<'a>(&'a self, mut inner: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
+        let first = inner.written + 1;
+        let last = inner.head.seq;
+        if inner.segment_bytes >= SEGMENT_BYTES {
+            let next = self.dir.join(segment_name(first));
+            match OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&next)
+            {
+                Ok(f) => {
+                    inner.file = Arc::new(f);
+                    inner.segment = next;
+                    inner.segment_bytes = 0;
+                }
+                Err(e) => return self.group_failed(inner, first, last, &next, &e),
+            }
         }
-        if inner.lost > 0 {
-            let lost = inner.lost;
-            let gap = inner.head.chain(
-                &self.writer,
-                &self.epoch,
-                Kind::Gap,
-                Entry {
+        inner.writing = true;
+        let spare = std::mem::take(&mut inner.spare);
+        let mut group = std::mem::replace(&mut inner.group, spare);
+        let (file, segment) = (inner.file.clone(), inner.segment.clone());
+        drop(inner);
+        let result = (&*file).write_all(&group);
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        inner.writing = false;
+        inner.written = last;
+        inner.groups += 1;
+        match result {
+            Ok(()) => {
+                let n = group.len() as u64;
+                inner.segment_bytes += n;
+                inner.total_bytes += n;
+            }
+            Err(e) => inner.failed = Some((first, last, format!("{}: {e}", segment.display()))),
+        }
+        group.clear();
+        inner.spare = group;
+        self.written.notify_all();
+        inner
+    }
+
+    /// The group could not be written: its records' appends fail (each caller reports it).
+    fn group_failed<'a>(
+        &'a self,
+        mut inner: MutexGuard<'a, Inner>,
+        first: u64,
+        last: u64,
+        path: &Path,
+        e: &std::io::Error,
+    ) -> MutexGuard<'a, Inner> {
+        inner.group.clear();
+        inner.written = last;
+        inner.failed = Some((first, last, format!("{}: {e}", path.display())));
+        self.written.notify_all();
+        inner
+    }
+
+    /// Waits until record `seq` is in the file, writing the group holding it if no other
+    /// thread is writing.
+    fn written_through<'a>(
+        &'a self,
+        mut inner: MutexGuard<'a, Inner>,
+        seq: u64,
+    ) -> Result<(), SpoolError> {
+        loop {
+            if inner.written >= seq {
+                return match &inner.failed {
+                    Some((first, last, err)) if (*first..=*last).contains(&seq) => {
+                        Err(SpoolError::Io {
+                            path: self.dir.display().to_string(),
+                            err: std::io::Error::other(err.clone()),
+                        })
+                    }
+                    _ => Ok(()),
+                };
+            }
+            inner = if inner.writing {
+                self.written.wait(inner).map_err(|_| SpoolError::Full)?
+            } else {
+                self.write_group(inner)
+            };
+        }
+    }
+
+    /// Chains and appends a decision record, returning its sequence number once it is in the
+    /// spool file (written to the OS: it survives the process being killed; [`Spool::sync`]
+    /// makes it survive power loss).
+    pub fn append(&self, e: Entry) -> Result<u64, SpoolError> {
+        let mut guard = self.lock()?;
+        let seq = {
+            let inner = &mut *guard;
+            // Room for this record (and a gap record before it, if records were lost)?
+            let need = 1024 * if inner.lost > 0 { 2 } else { 1 };
+            if inner.total_bytes + inner.group.len() as u64 + need > self.max_bytes {
+                inner.lost += 1;
+                return Err(SpoolError::Full);
+            }
+            if inner.lost > 0 {
+                let lost = inner.lost;
+                let gap = Entry {
                     time_ms: e.time_ms,
                     ..Entry::default()
-                },
-                lost,
-            );
-            self.write_line(&mut inner, &gap)?;
-            inner.lost = 0;
-        }
-        let (r, line) = inner
-            .head
-            .chain_line(&self.writer, &self.epoch, Kind::Decision, e, 0)
-            .map_err(|e| SpoolError::Io {
-                path: self.dir.display().to_string(),
-                err: e.into(),
-            })?;
-        self.write_bytes(&mut inner, r.seq, &line)?;
-        Ok(r)
+                };
+                self.chain(inner, Kind::Gap, gap, lost)?;
+                inner.lost = 0;
+            }
+            self.chain(inner, Kind::Decision, e, 0)?
+        };
+        self.written_through(guard, seq)?;
+        Ok(seq)
     }
 
     /// The writer (proxy id) of this spool's chain.
@@ -308,11 +414,8 @@ impl Spool {
     pub fn sync(&self) -> Result<(), SpoolError> {
         // fsync outside the lock: appends (on the request path) must not wait for the disk.
         let (file, segment) = {
-            let inner = self.inner.lock().map_err(|_| SpoolError::Full)?;
-            (
-                inner.file.try_clone().map_err(io(&inner.segment))?,
-                inner.segment.clone(),
-            )
+            let inner = self.lock()?;
+            (inner.file.clone(), inner.segment.clone())
         };
         file.sync_data().map_err(io(&segment))
     }
@@ -325,6 +428,11 @@ impl Spool {
     /// Bytes on disk.
     pub fn depth_bytes(&self) -> u64 {
         self.inner.lock().map_or(0, |i| i.total_bytes)
+    }
+
+    /// Groups written to the file (one `write` each) since the spool was opened.
+    pub fn groups(&self) -> u64 {
+        self.inner.lock().map_or(0, |i| i.groups)
     }
 
     /// Last sequence number written and last acknowledged.
@@ -341,7 +449,8 @@ impl Spool {
             inner.shipped = inner.acked;
         }
         let after = inner.shipped.max(inner.acked);
-        if after >= inner.head.seq {
+        let written = inner.written;
+        if after >= written {
             return Ok(Vec::new()); // caught up: nothing to read, from memory or the files
         }
         // From memory when it holds the next record to ship (the usual case).
@@ -354,6 +463,7 @@ impl Spool {
                 .recent
                 .iter()
                 .filter(|(seq, _)| *seq > after)
+                .take_while(|(seq, _)| *seq <= written)
                 .take(max)
                 .cloned()
                 .collect();
@@ -385,8 +495,11 @@ impl Spool {
                 if n == 0 || !line.ends_with('\n') {
                     break; // end, or a line still being written
                 }
-                offset += n as u64;
                 let seq = serde_json::from_str::<SeqOnly>(&line).map_or(0, |s| s.seq);
+                if seq > written {
+                    break; // in a group still being written: shipped once it is
+                }
+                offset += n as u64;
                 if seq > after {
                     out.push(line.trim_end().to_owned());
                     last = last.max(seq);
@@ -444,16 +557,19 @@ impl Spool {
         }
         // The open segment holds only acknowledged records and is large: start a new one.
         if inner.head.seq == seq
+            && !inner.writing
             && (inner.segment_bytes >= SEGMENT_BYTES / 4 || inner.total_bytes * 2 >= self.max_bytes)
         {
             let old = inner.segment.clone();
             let next = self.dir.join(segment_name(seq + 1));
-            inner.file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&next)
-                .map_err(io(&next))?;
+            inner.file = Arc::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o600)
+                    .open(&next)
+                    .map_err(io(&next))?,
+            );
             inner.segment = next;
             inner.total_bytes = inner.total_bytes.saturating_sub(inner.segment_bytes);
             inner.segment_bytes = 0;
@@ -539,5 +655,46 @@ mod tests {
             })
         );
         assert_eq!(small.lost(), 0);
+    }
+
+    #[test]
+    fn concurrent_appends_return_once_written_and_share_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Spool::open(dir.path(), "w", "e1", 1 << 30).unwrap());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        let seq = s.append(e(t * 1000 + i)).unwrap();
+                        // Its line is in the file when append returns.
+                        let seg = segments(s.dir()).unwrap();
+                        let text = std::fs::read_to_string(seg.last().unwrap()).unwrap();
+                        assert!(
+                            text.contains(&format!("\"seq\":{seq},")),
+                            "record {seq} not in the file after append"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Every record once, in chain order.
+        let mut got = Vec::new();
+        loop {
+            let b = s.next_batch(300, false).unwrap();
+            if b.is_empty() {
+                break;
+            }
+            got.extend(
+                b.iter()
+                    .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap()),
+            );
+        }
+        assert_eq!(got.len(), 2000);
+        verify_chain(&got).unwrap();
+        assert!(s.groups() <= 2000);
     }
 }
