@@ -467,6 +467,10 @@ async fn verify_chain(s: &Server, w: String) -> Result<Value, Problem> {
         stored_hashes.insert(cp.seq, cp.hash.clone());
     }
     let checkpointed: std::collections::HashSet<i64> = checkpoints.iter().map(|c| c.seq).collect();
+    // The control plane's chains list the purges they record, so `audit verify` can tell a
+    // purge from records deleted behind the API.
+    let admin_chain = w.split(' ').next() == Some(crate::admin_audit::WRITER);
+    let mut purges = Vec::new();
     // The next page is read while this one is verified.
     let fetch = |from: i64| {
         let (store, w) = (s.store.clone(), w.clone());
@@ -497,6 +501,12 @@ async fn verify_chain(s: &Server, w: String) -> Result<Value, Problem> {
             }
             let res = match serde_json::from_str::<AuditRecord>(&row.record) {
                 Ok(r) if r.seq == u64::try_from(row.seq).unwrap_or(0) => {
+                    if admin_chain
+                        && r.method == PURGE_ACTION
+                        && let Some(before_ms) = purge_before_ms(&r.path)
+                    {
+                        purges.push(json!({"seq": row.seq, "before_ms": before_ms}));
+                    }
                     v.push(&r).map_err(|e| e.to_string())
                 }
                 Ok(r) => Err(format!(
@@ -530,8 +540,16 @@ async fn verify_chain(s: &Server, w: String) -> Result<Value, Problem> {
         json!({"writer": w, "proxy_id": proxy_id, "identity": identity, "epoch": epoch,
         "records": stored, "head": head, "purged_through": purged_through, "uncovered_from_ms": uncovered_from_ms,
         "verified": v.count(), "ok": error.is_none(),
-        "first_error": error, "checkpoints": checkpoints}),
+        "first_error": error, "checkpoints": checkpoints, "purges": purges}),
     )
+}
+
+/// The admin action a purge is recorded as.
+const PURGE_ACTION: &str = "audit.purge";
+
+/// The cut of a purge, from its admin record's object (`"N records before MS"`).
+fn purge_before_ms(object: &str) -> Option<i64> {
+    object.rsplit_once(" before ")?.1.parse().ok()
 }
 
 #[derive(Debug, Deserialize)]
@@ -570,7 +588,7 @@ pub(crate) async fn purge(
     tracing::info!(admin = %c.name(), records = total, before_ms = p.before_ms, "audit records purged");
     s.record_admin(
         c.name(),
-        "audit.purge",
+        PURGE_ACTION,
         &format!("{total} records before {}", p.before_ms),
         200,
     )

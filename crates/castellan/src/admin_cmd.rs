@@ -313,21 +313,49 @@ fn table(v: &Value, cols: &[&str]) -> String {
 
 use reqwest::Method;
 
+/// Reads heads written by `audit verify --export-heads` (one JSON object per line).
+fn read_heads(path: &std::path::Path) -> Result<Vec<Value>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .filter(Value::is_object)
+                .ok_or_else(|| format!("{}:{}: not an exported head", path.display(), n + 1))
+        })
+        .collect()
+}
+
 /// Prints `audit verify` (chains checked by the server, checkpoints checked here) and returns
 /// the exit code.
 fn verify_output(
     v: &mut Value,
     bundle: &[CertificateDer<'static>],
     export_heads: Option<&std::path::Path>,
+    exported: &[Value],
     json_out: bool,
 ) -> ExitCode {
+    use crate::audit_verify as av;
     let mut ok = v.get("ok") == Some(&Value::Bool(true));
     let mut heads = String::new();
     let mut lines = Vec::new();
+    let listed: &[Value] = v
+        .get("writers")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice);
+    let reports: Vec<av::CheckpointReport> =
+        listed.iter().map(|w| av::check_writer(bundle, w)).collect();
+    let cut = av::audited_purge_cut(listed, &reports);
+    let deleted: Vec<Option<String>> = listed
+        .iter()
+        .map(|w| av::unaudited_deletion(w, cut))
+        .collect();
+    let head_problems = av::compare_heads(bundle, exported, listed, cut);
     if let Some(writers) = v.get_mut("writers").and_then(Value::as_array_mut) {
-        for w in writers {
-            let report = crate::audit_verify::check_writer(bundle, w);
-            ok &= report.problem.is_none();
+        for ((w, report), deleted) in writers.iter_mut().zip(reports).zip(deleted) {
+            ok &= report.problem.is_none() && deleted.is_none();
             if let Some(h) = &report.head {
                 heads.push_str(&h.to_string());
                 heads.push('\n');
@@ -341,6 +369,12 @@ fn verify_output(
                 w.get("first_error").and_then(Value::as_str),
                 &report.problem,
             ) {
+                (None, None) if deleted.is_some() => format!(
+                    "{}: {} records, RECORDS DELETED: {}",
+                    s(w, "writer"),
+                    w.get("records").unwrap_or(&Value::Null),
+                    printable(deleted.as_deref().unwrap_or_default())
+                ),
                 (Some(e), _) => format!(
                     "{}: {} records, FIRST BAD RECORD: {}",
                     s(w, "writer"),
@@ -360,17 +394,25 @@ fn verify_output(
                 ),
             };
             lines.push(line);
-            let summary = crate::audit_verify::summary(w, &report);
+            let summary = av::summary(w, &report);
             if let (Some(o), Some(sum)) = (w.as_object_mut(), summary.as_object()) {
                 o.remove("checkpoints");
                 for (k, val) in sum {
                     o.insert(k.clone(), val.clone());
                 }
+                o.insert("deleted".to_owned(), json!(deleted));
             }
         }
     }
+    for p in &head_problems {
+        ok = false;
+        lines.push(format!("EXPORTED HEAD: {}", printable(p)));
+    }
     if let Some(o) = v.as_object_mut() {
         o.insert("ok".to_owned(), Value::Bool(ok));
+        if !exported.is_empty() {
+            o.insert("head_problems".to_owned(), json!(head_problems));
+        }
     }
     if let Some(path) = export_heads
         && let Err(e) = std::fs::write(path, &heads)
@@ -1116,6 +1158,10 @@ pub enum AuditCommand {
         /// elsewhere and later prove the database was not rolled back.
         #[arg(long)]
         export_heads: Option<PathBuf>,
+        /// Heads exported earlier with --export-heads: each must still be provable from the
+        /// database (its checkpoint there with the same hash, or purged by an audited purge).
+        #[arg(long)]
+        heads: Option<PathBuf>,
     },
     /// Every record as JSON lines (for a SIEM).
     Export {
@@ -1346,6 +1392,7 @@ pub fn audit(cmd: AuditCommand, conn: &Connection, json_out: bool) -> ExitCode {
         AuditCommand::Verify {
             bundle,
             export_heads,
+            heads,
         } => {
             let Some(bundle_path) = bundle.or_else(|| conn.ca_bundle.clone()) else {
                 eprintln!("error: --bundle or --ca-bundle is required to check checkpoints");
@@ -1361,8 +1408,17 @@ pub fn audit(cmd: AuditCommand, conn: &Connection, json_out: bool) -> ExitCode {
                         return ExitCode::from(2);
                     }
                 };
+            let exported = match heads.as_deref().map(read_heads).transpose() {
+                Ok(h) => h.unwrap_or_default(),
+                Err(e) => {
+                    eprintln!("error: {}", printable(&e));
+                    return ExitCode::from(2);
+                }
+            };
             match send(conn, call(Method::GET, "/v1/audit/verify", None)) {
-                Ok(mut v) => verify_output(&mut v, &certs, export_heads.as_deref(), json_out),
+                Ok(mut v) => {
+                    verify_output(&mut v, &certs, export_heads.as_deref(), &exported, json_out)
+                }
                 Err(e) => {
                     eprintln!("error: {}", printable(&e));
                     ExitCode::FAILURE

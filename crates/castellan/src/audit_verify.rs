@@ -24,7 +24,13 @@ pub struct CheckpointReport {
     pub head: Option<Value>,
 }
 
-fn checkpoint_problem(validator: &SvidValidator, writer: &Value, cp: &Value) -> Result<(), String> {
+/// Checks a checkpoint's signature (by the chain's identity, under `validator`'s bundle);
+/// returns the statement it signs.
+fn signature_problem(
+    validator: &SvidValidator,
+    writer: &Value,
+    cp: &Value,
+) -> Result<Checkpoint, String> {
     let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     let identity = str_of(writer, "identity");
     let seq = cp.get("seq").and_then(Value::as_i64).unwrap_or(0);
@@ -76,7 +82,14 @@ fn checkpoint_problem(validator: &SvidValidator, writer: &Value, cp: &Value) -> 
             "checkpoint {seq}: signature does not verify (the checkpoint was forged or altered)"
         ));
     }
-    let head = writer.get("head").and_then(Value::as_i64).unwrap_or(0);
+    Ok(statement)
+}
+
+/// Checks a checkpoint's signature, then compares it with the record the control plane holds.
+fn checkpoint_problem(validator: &SvidValidator, writer: &Value, cp: &Value) -> Result<(), String> {
+    let statement = signature_problem(validator, writer, cp)?;
+    let seq = statement.seq;
+    let head = writer.get("head").and_then(Value::as_u64).unwrap_or(0);
     match cp.get("stored_hash").and_then(Value::as_str) {
         Some(h) if h == statement.hash => Ok(()),
         Some(_) => Err(format!(
@@ -91,12 +104,12 @@ fn checkpoint_problem(validator: &SvidValidator, writer: &Value, cp: &Value) -> 
     }
 }
 
-/// Checks every checkpoint of one writer (as `GET /v1/audit/verify` lists it) against
-/// `bundle`; the first problem wins.
 /// How long records may wait for a signed checkpoint before their lack of one is reported
 /// (proxies sign every 10 s or 1,000 records, and when idle).
 pub const UNSIGNED_GRACE_MS: i64 = 5 * 60 * 1000;
 
+/// Checks every checkpoint of one writer (as `GET /v1/audit/verify` lists it) against
+/// `bundle`; the first problem wins.
 pub fn check_writer(bundle: &[CertificateDer<'static>], writer: &Value) -> CheckpointReport {
     let mut report = check_signatures(bundle, writer);
     // Records of a format-2 chain (it has an epoch) older than the grace period with no
@@ -165,4 +178,119 @@ fn check_signatures(bundle: &[CertificateDer<'static>], writer: &Value) -> Check
 pub fn summary(writer: &Value, report: &CheckpointReport) -> Value {
     json!({"signed_checkpoints": report.good, "signed_through": report.signed_through,
            "checkpoint_problem": report.problem, "records": writer.get("records")})
+}
+
+/// The writer name of the control plane's own chain.
+const CONTROL_PLANE: &str = "castellan-server";
+
+/// The newest cut of a purge the control plane recorded and signed: records older than it
+/// may be gone. A purge counts only from a control-plane chain that verified and whose
+/// signed checkpoints cover its record — an insider can write the database, not the
+/// control plane's signature.
+pub fn audited_purge_cut(writers: &[Value], reports: &[CheckpointReport]) -> Option<i64> {
+    writers
+        .iter()
+        .zip(reports)
+        .filter(|(w, r)| {
+            w.get("proxy_id").and_then(Value::as_str) == Some(CONTROL_PLANE)
+                && w.get("ok") == Some(&Value::Bool(true))
+                && r.problem.is_none()
+        })
+        .flat_map(|(w, r)| {
+            w.get("purges")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|p| {
+                    p.get("seq")
+                        .and_then(Value::as_i64)
+                        .is_some_and(|s| s <= r.signed_through)
+                })
+        })
+        .filter_map(|p| p.get("before_ms").and_then(Value::as_i64))
+        .max()
+}
+
+fn checkpoint_at(writer: &Value, seq: i64) -> Option<&Value> {
+    writer
+        .get("checkpoints")
+        .and_then(Value::as_array)?
+        .iter()
+        .find(|c| c.get("seq").and_then(Value::as_i64) == Some(seq))
+}
+
+/// A chain that starts after a checkpoint (its older records deleted) that no audited purge
+/// allows: the purge deletes only records before checkpoints older than its cut.
+pub fn unaudited_deletion(writer: &Value, purge_cut: Option<i64>) -> Option<String> {
+    let through = writer
+        .get("purged_through")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    if through == 0 {
+        return None;
+    }
+    let signed_at = checkpoint_at(writer, through)
+        .and_then(|c| c.get("time_ms"))
+        .and_then(Value::as_i64);
+    match (purge_cut, signed_at) {
+        (Some(cut), Some(t)) if t < cut => None,
+        _ => Some(format!(
+            "records through {through} deleted without an audited purge (no signed `audit purge` cut is newer than checkpoint {through})"
+        )),
+    }
+}
+
+/// Compares signed heads exported earlier (`audit verify --export-heads`) with what the
+/// database holds now. Each head's signature is checked against `bundle`; then its chain
+/// must still hold that checkpoint with the same hash, or have purged it under an audited
+/// purge. Anything else means the database was rolled back or rewritten since the export.
+pub fn compare_heads(
+    bundle: &[CertificateDer<'static>],
+    exported: &[Value],
+    writers: &[Value],
+    purge_cut: Option<i64>,
+) -> Vec<String> {
+    let validator = match TrustBundle::from_roots(bundle.to_vec()) {
+        Ok(b) => SvidValidator::new(b),
+        Err(e) => return vec![format!("the trust bundle given is unusable: {e}")],
+    };
+    let mut problems = Vec::new();
+    for h in exported {
+        let name = h.get("writer").and_then(Value::as_str).unwrap_or_default();
+        let statement = match signature_problem(&validator, h, h) {
+            Ok(s) => s,
+            Err(p) => {
+                problems.push(format!("exported head of {name}: {p}"));
+                continue;
+            }
+        };
+        let seq = i64::try_from(statement.seq).unwrap_or(i64::MAX);
+        let purged = purge_cut.is_some_and(|cut| statement.time_ms < cut);
+        let Some(w) = writers
+            .iter()
+            .find(|w| w.get("writer").and_then(Value::as_str) == Some(name))
+        else {
+            if !purged {
+                problems.push(format!(
+                    "{name}: the exported head (record {seq}) is gone: the chain is missing from the database (rolled back or deleted)"
+                ));
+            }
+            continue;
+        };
+        let head = w.get("head").and_then(Value::as_i64).unwrap_or(0);
+        match checkpoint_at(w, seq) {
+            Some(cp) if cp.get("hash").and_then(Value::as_str) == Some(&statement.hash) => {}
+            Some(_) => problems.push(format!(
+                "{name}: checkpoint {seq} differs from the exported head (the chain was rewritten)"
+            )),
+            None if seq > head => problems.push(format!(
+                "{name}: rolled back: the exported head is record {seq}, the database ends at record {head}"
+            )),
+            None if purged => {}
+            None => problems.push(format!(
+                "{name}: checkpoint {seq} of the exported head is missing"
+            )),
+        }
+    }
+    problems
 }

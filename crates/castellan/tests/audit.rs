@@ -896,6 +896,12 @@ async fn signed_checkpoints_catch_a_recomputed_chain_and_a_cut_tail() {
             .any(|l| l.contains("\"proxy_id\":\"gateway\"") && l.contains("\"seq\":8")),
         "{exported}"
     );
+    // The auditor keeps these heads elsewhere; the database as it is now still proves them.
+    let saved = m.dir.path().join("heads-kept-elsewhere.jsonl");
+    std::fs::copy(&heads, &saved).unwrap();
+    let with_saved = || vec!["--heads".to_owned(), saved.display().to_string()];
+    let (code, text) = verify(with_saved()).await;
+    assert_eq!(code, Some(0), "{text}");
 
     let db = format!(
         "sqlite://{}",
@@ -959,6 +965,18 @@ async fn signed_checkpoints_catch_a_recomputed_chain_and_a_cut_tail() {
     assert!(
         gw_line(&text)
             .contains("tail truncated after checkpoint 8: the stored chain ends at record 6"),
+        "{text}"
+    );
+    // 2b. ...and the checkpoint with them: the database rolled back to record 6. Nothing
+    //     stored contradicts it any more; the heads the auditor kept do.
+    sqlx::query("DELETE FROM audit_checkpoints WHERE writer LIKE 'gateway %' AND seq >= 7")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (code, text) = verify(with_saved()).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("rolled back: the exported head is record 8, the database ends at record 6"),
         "{text}"
     );
 
@@ -1336,6 +1354,38 @@ async fn purge_keeps_verify_working_from_the_signed_checkpoint() {
     let (code, text) = run(vec!["audit".into(), "verify".into()]).await;
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("missing"), "{text}");
+    // An insider deleting a chain's records up to a signed checkpoint makes it look purged;
+    // no signed purge allows it (every audited cut is older), so verify says so.
+    for _ in 0..2 {
+        assert_eq!(
+            raw(m.gateway.inbound, Some(tls.clone()), &req)
+                .await
+                .unwrap()
+                .0,
+            200
+        );
+    }
+    drained(&[&m.gateway], Duration::from_secs(10)).await;
+    let head = gateway_checkpointed(&m).await["head"].as_i64().unwrap();
+    // As a purge would: the records through the checkpoint, and the checkpoints before it.
+    sqlx::query("DELETE FROM audit_records WHERE writer LIKE 'gateway %' AND seq <= $1")
+        .bind(head)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM audit_checkpoints WHERE writer LIKE 'gateway %' AND seq < $1")
+        .bind(head)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (code, text) = run(vec!["audit".into(), "verify".into()]).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "records through {head} deleted without an audited purge"
+        )),
+        "{text}"
+    );
 }
 
 /// Proxies given a key record a keyed pseudonym of each user instead of the user: the same
