@@ -2,8 +2,11 @@
 //! group and wait until the group holding it is written, while other threads append and a
 //! shipper reads, acknowledges and fsyncs as a proxy's does.
 //!
-//! `cargo bench -p castellan-audit --bench append -- [RECORDS_PER_THREAD] [THREADS]`
-//! (default 200000 2). CPU is each appending thread's own (`/proc/thread-self/schedstat`).
+//! `cargo bench -p castellan-audit --bench append -- [RECORDS_PER_THREAD] [THREADS] [TASKS]`
+//! (default 200000 2 16). Rows: blocking appends (one request at a time per thread), then each
+//! thread a tokio runtime with TASKS tasks appending and awaiting their records, as a proxy's
+//! request threads do with concurrent requests. CPU is the appending threads' own
+//! (`/proc/thread-self/schedstat`): they also write the groups.
 
 #![allow(
     clippy::unwrap_used,
@@ -56,8 +59,17 @@ fn pct(v: &[u64], p: usize) -> f64 {
     v.get(v.len() * p / 100).copied().unwrap_or(0) as f64 / 1000.0
 }
 
+/// Which way the appending threads wait.
+#[derive(Clone, Copy)]
+enum Waiting {
+    /// `Spool::append`: one record at a time per thread.
+    Blocking,
+    /// This many tasks per thread, each awaiting its record.
+    Tasks(u64),
+}
+
 /// Appends `n` records on each of `threads` threads, with a shipper when `ship`.
-fn run(n: u64, threads: u64, ship: bool) {
+fn run(n: u64, threads: u64, ship: bool, waiting: Waiting) {
     let dir = tempfile::tempdir().unwrap();
     let spool = Arc::new(Spool::open(dir.path(), "bench", "e1", 1 << 34).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
@@ -91,13 +103,50 @@ fn run(n: u64, threads: u64, ship: bool) {
             let spool = spool.clone();
             std::thread::spawn(move || {
                 let entries: Vec<Entry> = (0..n).map(|i| entry(t * n + i)).collect();
-                let mut lat = Vec::with_capacity(n as usize);
                 let cpu0 = thread_cpu_ns();
-                for e in entries {
-                    let s = Instant::now();
-                    spool.append(e).unwrap();
-                    lat.push(s.elapsed().as_nanos() as u64);
-                }
+                let lat = match waiting {
+                    Waiting::Blocking => {
+                        let mut lat = Vec::with_capacity(n as usize);
+                        for e in entries {
+                            let s = Instant::now();
+                            spool.append(e).unwrap();
+                            lat.push(s.elapsed().as_nanos() as u64);
+                        }
+                        lat
+                    }
+                    Waiting::Tasks(k) => {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .build()
+                            .unwrap();
+                        let queue = Arc::new(std::sync::Mutex::new(entries));
+                        rt.block_on(async {
+                            let tasks: Vec<_> = (0..k)
+                                .map(|_| {
+                                    let (spool, queue) = (spool.clone(), queue.clone());
+                                    tokio::spawn(async move {
+                                        let mut lat = Vec::new();
+                                        loop {
+                                            let Some(e) = queue.lock().unwrap().pop() else {
+                                                return lat;
+                                            };
+                                            let s = Instant::now();
+                                            let seq = spool.enqueue(e).unwrap();
+                                            spool.written(seq).await.unwrap();
+                                            lat.push(s.elapsed().as_nanos() as u64);
+                                            // Other requests' work between two records.
+                                            tokio::task::yield_now().await;
+                                        }
+                                    })
+                                })
+                                .collect();
+                            let mut lat = Vec::with_capacity(n as usize);
+                            for t in tasks {
+                                lat.extend(t.await.unwrap());
+                            }
+                            lat
+                        })
+                    }
+                };
                 (thread_cpu_ns() - cpu0, lat)
             })
         })
@@ -115,7 +164,11 @@ fn run(n: u64, threads: u64, ship: bool) {
     lat.sort_unstable();
     let total = n * threads;
     println!(
-        "{threads} thread(s){}: {:.2} µs CPU per record (appending threads), append p50 {:.1} µs p99 {:.1} µs p99.9 {:.1} µs max {:.1} µs, {:.1} records per write, {:.0} records/s{}",
+        "{threads} thread(s), {}{}: {:.2} µs CPU per record (the appending threads, which also write), wait for the write p50 {:.1} µs p99 {:.1} µs p99.9 {:.1} µs max {:.1} µs, {:.1} records per write, {:.0} records/s{}",
+        match waiting {
+            Waiting::Blocking => "blocking".to_owned(),
+            Waiting::Tasks(k) => format!("{k} tasks each"),
+        },
         if ship { " + shipper" } else { "" },
         cpu as f64 / total as f64 / 1000.0,
         pct(&lat, 50),
@@ -135,7 +188,8 @@ fn main() {
         .collect();
     let n = args.first().copied().unwrap_or(200_000);
     let threads = args.get(1).copied().unwrap_or(2);
-    run(n, 1, false);
-    run(n, threads, false);
-    run(n, threads, true);
+    let tasks = args.get(2).copied().unwrap_or(16);
+    run(n, 1, false, Waiting::Blocking);
+    run(n, threads, true, Waiting::Blocking);
+    run(n, threads, true, Waiting::Tasks(tasks));
 }

@@ -61,22 +61,37 @@ pub(crate) fn redact_target(target: &str, names: &[String]) -> String {
     out
 }
 
-/// Appends one record to the spool.
-pub(crate) fn write(inner: &Inner, mut e: Entry) {
+/// Chains one record into the spool's next group; its sequence number is what to wait for
+/// ([`written`]) before the response leaves. `None`: the record was lost (counted, and a gap
+/// record says so in the chain).
+pub(crate) fn write(inner: &Inner, mut e: Entry) -> Option<u64> {
     if let Some(k) = &inner.cfg.pseudonymize_users
         && !e.user.is_empty()
     {
         e.user = castellan_audit::pseudonym(&k.0, &e.user);
     }
-    match inner.audit.append(e) {
-        Ok(_) => {}
-        Err(castellan_audit::spool::SpoolError::Full) => {
-            metrics::counter!("castellan_proxy_audit_records_lost_total", "proxy" => inner.cfg.proxy_id.clone()).increment(1);
-        }
+    match inner.audit.enqueue(e) {
+        Ok(seq) => Some(seq),
         Err(e) => {
-            metrics::counter!("castellan_proxy_audit_records_lost_total", "proxy" => inner.cfg.proxy_id.clone()).increment(1);
-            tracing::error!(error = %e, "audit record could not be written");
+            lost(inner, &e);
+            None
         }
+    }
+}
+
+/// Waits until the record `seq` (and every one before it) is in the spool file.
+pub(crate) async fn written(inner: &Inner, seq: Option<u64>) {
+    if let Some(seq) = seq
+        && let Err(e) = inner.audit.written(seq).await
+    {
+        lost(inner, &e);
+    }
+}
+
+fn lost(inner: &Inner, e: &castellan_audit::spool::SpoolError) {
+    metrics::counter!("castellan_proxy_audit_records_lost_total", "proxy" => inner.cfg.proxy_id.clone()).increment(1);
+    if !matches!(e, castellan_audit::spool::SpoolError::Full) {
+        tracing::error!(error = %e, "audit record could not be written");
     }
 }
 

@@ -335,7 +335,7 @@ async fn http_question(
             p.origin = origin_of(kind);
             p.source = inner.identity.current().id.as_str().to_owned();
             let resp = r.response(&p.did);
-            return p.finish(&inner, resp);
+            return p.finish(&inner, resp).await;
         }
     };
     let mut p = Pending::start(&parts.method, &parts.uri, &parts.headers, "");
@@ -368,7 +368,7 @@ async fn http_question(
         }
         Err(refusal) => refusal.response(&p.did),
     };
-    p.finish(&inner, resp)
+    p.finish(&inner, resp).await
 }
 
 fn origin_of(kind: HttpKind) -> &'static str {
@@ -641,7 +641,7 @@ impl Authorization for ExtAuthz {
                 p.asked_by = self.pep.to_string();
                 p.source = inner.identity.current().id.as_str().to_owned();
                 let out = denied(&r, &p.did);
-                p.record(inner, r.status);
+                crate::audit::written(inner, p.record(inner, r.status)).await;
                 return Ok(tonic::Response::new(out));
             }
         };
@@ -653,10 +653,10 @@ impl Authorization for ExtAuthz {
         );
         p.origin = ORIGIN_EXT_AUTHZ;
         p.asked_by = self.pep.to_string();
-        let out = match answer(inner, asked, &mut p).await {
+        let (out, seq) = match answer(inner, asked, &mut p).await {
             Ok(headers) => {
-                p.record(inner, StatusCode::OK);
-                CheckResponse {
+                let seq = p.record(inner, StatusCode::OK);
+                let out = CheckResponse {
                     status: Some(envoy_types::pb::google::rpc::Status {
                         code: GRPC_OK,
                         ..Default::default()
@@ -667,14 +667,15 @@ impl Authorization for ExtAuthz {
                         ..OkHttpResponse::default()
                     })),
                     ..CheckResponse::default()
-                }
+                };
+                (out, seq)
             }
             Err(r) => {
                 let out = denied(&r, &p.did);
-                p.record(inner, r.status);
-                out
+                (out, p.record(inner, r.status))
             }
         };
+        crate::audit::written(inner, seq).await;
         Ok(tonic::Response::new(out))
     }
 }
@@ -856,7 +857,8 @@ fn workload_id(inner: &Inner, s: &str) -> Option<SpiffeId> {
 }
 
 /// Evaluates one request (AuthZEN §6, mapped as product.md §7 fixes): `Err` is a 400.
-fn evaluate(inner: &Inner, e: &Evaluation<'_>, pep: &str) -> Result<Value, String> {
+/// With the answer, its record's sequence number in the spool.
+fn evaluate(inner: &Inner, e: &Evaluation<'_>, pep: &str) -> Result<(Value, Option<u64>), String> {
     Ok(decide_prepared(inner, prepare(inner, e)?, pep))
 }
 
@@ -948,8 +950,9 @@ fn prepare(inner: &Inner, e: &Evaluation<'_>) -> Result<Prepared, String> {
     })
 }
 
-/// Decides a prepared evaluation and writes its record.
-fn decide_prepared(inner: &Inner, prep: Prepared, pep: &str) -> Value {
+/// Decides a prepared evaluation and writes its record (its sequence number comes with the
+/// answer).
+fn decide_prepared(inner: &Inner, prep: Prepared, pep: &str) -> (Value, Option<u64>) {
     let Prepared {
         parts,
         source,
@@ -996,8 +999,8 @@ fn decide_prepared(inner: &Inner, prep: Prepared, pep: &str) -> Value {
             json!({"decision": allowed, "context": ctx})
         }
     };
-    p.record(inner, StatusCode::OK);
-    out
+    let seq = p.record(inner, StatusCode::OK);
+    (out, seq)
 }
 
 async fn authzen(
@@ -1010,24 +1013,24 @@ async fn authzen(
     let (parts, body) = req.into_parts();
     // A refused caller, a question refused because policy is stale, and a malformed question
     // are recorded too: who asked, and why they got no answer.
-    let refused = |status: StatusCode, reason: &'static str, asked_by: &str| {
+    let refused = async |status: StatusCode, reason: &'static str, asked_by: &str| {
         let mut p = Pending::start(&parts.method, &parts.uri, &parts.headers, "");
         p.did.clone_from(&did);
         p.origin = castellan_audit::ORIGIN_API;
         asked_by.clone_into(&mut p.asked_by);
         p.refusal = Some(reason);
-        p.record(inner, status);
+        crate::audit::written(inner, p.record(inner, status)).await;
     };
     let pep = match authzen_caller(inner, peer, &parts.headers) {
         Ok(pep) => pep,
         Err(r) => {
             let who = peer.svid.as_ref().map_or("", |p| p.id.as_str());
-            refused(r.status, "caller-refused", who);
+            refused(r.status, "caller-refused", who).await;
             return r.response(&did);
         }
     };
     if let Some(age) = inner.staleness() {
-        refused(StatusCode::SERVICE_UNAVAILABLE, "policy-stale", &pep);
+        refused(StatusCode::SERVICE_UNAVAILABLE, "policy-stale", &pep).await;
         let why = format!("policy is stale (no control-plane contact for {age} s): failing closed");
         return problem(StatusCode::SERVICE_UNAVAILABLE, &why, &did);
     }
@@ -1035,22 +1038,31 @@ async fn authzen(
         Ok(b) => b,
         Err(e) => {
             let resp = h::body_error(e, &did);
-            refused(resp.status(), "malformed-request", &pep);
+            refused(resp.status(), "malformed-request", &pep).await;
             return resp;
         }
     };
     match authzen_answer(inner, &body, boxcar, &pep) {
-        Ok(v) => json_response(StatusCode::OK, &v),
+        Ok((v, seq)) => {
+            // Every evaluation's record is in the spool before the answer leaves.
+            crate::audit::written(inner, seq).await;
+            json_response(StatusCode::OK, &v)
+        }
         Err(why) => {
-            refused(StatusCode::BAD_REQUEST, "malformed-request", &pep);
+            refused(StatusCode::BAD_REQUEST, "malformed-request", &pep).await;
             problem(StatusCode::BAD_REQUEST, &why, &did)
         }
     }
 }
 
-/// The answer to an AuthZEN request body (each evaluation decided and recorded), or why the
-/// request is malformed (nothing decided).
-fn authzen_answer(inner: &Inner, body: &[u8], boxcar: bool, pep: &str) -> Result<Value, String> {
+/// The answer to an AuthZEN request body (each evaluation decided and recorded; with the last
+/// record's sequence number), or why the request is malformed (nothing decided).
+fn authzen_answer(
+    inner: &Inner,
+    body: &[u8],
+    boxcar: bool,
+    pep: &str,
+) -> Result<(Value, Option<u64>), String> {
     let v = serde_json::from_slice::<Value>(body).map_err(|_| "the body is not JSON")?;
     if !v.is_object() {
         return Err("the body must be a JSON object".to_owned());
@@ -1095,15 +1107,17 @@ fn authzen_answer(inner: &Inner, body: &[u8], boxcar: bool, pep: &str) -> Result
         prepared.push(prepare(inner, &e).map_err(|why| format!("evaluations[{n}]: {why}"))?);
     }
     let mut out = Vec::with_capacity(prepared.len());
+    let mut last = None;
     for p in prepared {
-        let r = decide_prepared(inner, p, pep);
+        let (r, seq) = decide_prepared(inner, p, pep);
+        last = seq.max(last);
         let decision = r.get("decision").and_then(Value::as_bool).unwrap_or(false);
         out.push(r);
         if stop_on == Some(decision) {
             break;
         }
     }
-    Ok(json!({ "evaluations": out }))
+    Ok((json!({ "evaluations": out }), last))
 }
 
 async fn serve_tls(inner: Arc<Inner>, listener: TcpListener, stop: watch::Receiver<bool>) {
@@ -1194,7 +1208,7 @@ async fn serve_tls_h2(
             p.origin = ORIGIN_EXT_AUTHZ;
             p.asked_by = pep.to_string();
             p.refusal = Some("caller-refused");
-            p.record(&inner, StatusCode::FORBIDDEN);
+            crate::audit::written(&inner, p.record(&inner, StatusCode::FORBIDDEN)).await;
             Ok(tonic::Status::permission_denied(
                 "only proxies with a trusted SVID may ask ext_authz questions here",
             )

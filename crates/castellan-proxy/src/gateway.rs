@@ -37,7 +37,7 @@ async fn handle(inner: Arc<Inner>, conn: Arc<EdgeConn>, req: Request<Incoming>) 
     let mut p = Pending::new(&req, "");
     p.source = inner.identity.current().id.as_str().to_owned();
     let r = handle_inner(&inner, &conn, req, &mut p).await;
-    p.finish(&inner, r)
+    p.finish(&inner, r).await
 }
 
 async fn handle_inner(

@@ -236,14 +236,18 @@ impl Pending {
         }
     }
 
-    /// Writes the record (metrics, recent decisions, the audit spool) and returns `resp`.
-    pub(crate) fn finish(self, inner: &Inner, resp: Response<Body>) -> Response<Body> {
-        self.record(inner, resp.status());
+    /// Writes the record (metrics, recent decisions, the audit spool) and returns `resp` once
+    /// the record is in the spool file.
+    pub(crate) async fn finish(self, inner: &Inner, resp: Response<Body>) -> Response<Body> {
+        let seq = self.record(inner, resp.status());
+        crate::audit::written(inner, seq).await;
         resp
     }
 
-    /// Writes the record of a request answered with `status`.
-    pub(crate) fn record(self, inner: &Inner, status: StatusCode) {
+    /// Writes the record of a request answered with `status`; returns its sequence number in
+    /// the spool, for [`crate::audit::written`] before the answer leaves.
+    #[must_use = "the answer waits until its record is written"]
+    pub(crate) fn record(self, inner: &Inner, status: StatusCode) -> Option<u64> {
         let (decision, rule, reason, mode) = match &self.decision {
             Some(d) => (
                 if d.is_allowed() { "allow" } else { "deny" },
@@ -296,7 +300,7 @@ impl Pending {
             asked_by: self.asked_by,
             inputs: self.inputs,
         };
-        crate::audit::write(inner, entry);
+        crate::audit::write(inner, entry)
     }
 }
 
@@ -327,7 +331,7 @@ async fn inbound(inner: Arc<Inner>, peer: Arc<Peer>, req: Request<Incoming>) -> 
             r
         }
     };
-    p.finish(&inner, r)
+    p.finish(&inner, r).await
 }
 
 async fn inbound_inner(
