@@ -240,6 +240,8 @@ pub(super) async fn disable_service(
     Ok(Json(json!({"name": name, "disabled_at": now})))
 }
 
+/// Sets a service's OpenAPI document (YAML or JSON), once the proxies' own compiler accepts it:
+/// a document every proxy would refuse (and then not validate against) is refused here.
 pub(super) async fn set_spec(
     c: Caller,
     State(s): State<Arc<Server>>,
@@ -260,6 +262,8 @@ pub(super) async fn set_spec(
             "spec: an OpenAPI 3.0/3.1 document with paths is expected",
         ));
     }
+    castellan_openapi::ApiSpec::compile(&doc)
+        .map_err(|e| Problem::bad_request(format!("spec: {e}")))?;
     let paths = doc
         .get("paths")
         .and_then(Value::as_object)
