@@ -1,6 +1,7 @@
 //! End-user API keys (product.md §7): creation, listing, revocation.
 
-use super::{Body, Caller, is_name};
+use super::{Body, Caller, is_name, words};
+use crate::api::{ApiKeyCreated, ApiKeyInfo, ApiKeyRevoked, NewApiKey};
 use crate::keys::{credential_hash, random_id};
 use crate::problem::Problem;
 use crate::{Server, unix_now};
@@ -8,31 +9,10 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::{Value, json};
 use std::sync::Arc;
 
 /// Prefix of end-user API keys (product.md §7).
 pub const API_KEY_PREFIX: &str = "cak_";
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct NewApiKey {
-    user: String,
-    #[serde(default)]
-    roles: Vec<String>,
-    #[serde(default)]
-    claims: std::collections::BTreeMap<String, String>,
-    /// Services it may be used for (empty: any).
-    #[serde(default)]
-    services: Vec<String>,
-    /// Route prefixes it may be used for (empty: any).
-    #[serde(default)]
-    prefixes: Vec<String>,
-    /// Lifetime in seconds (none: until revoked).
-    #[serde(default)]
-    ttl_secs: Option<i64>,
-}
 
 pub(super) async fn add_api_key(
     c: Caller,
@@ -98,10 +78,16 @@ pub(super) async fn add_api_key(
     .await?;
     Ok((
         StatusCode::CREATED,
-        Json(
-            json!({"key_id": key_id, "user": b.user, "roles": b.roles, "claims": b.claims,
-        "services": b.services, "prefixes": b.prefixes, "expires_at": expires_at, "api_key": key}),
-        ),
+        Json(ApiKeyCreated {
+            key_id,
+            user: b.user,
+            roles: b.roles,
+            claims: b.claims,
+            services: b.services,
+            prefixes: b.prefixes,
+            expires_at,
+            api_key: key,
+        }),
     )
         .into_response())
 }
@@ -109,35 +95,41 @@ pub(super) async fn add_api_key(
 pub(super) async fn list_api_keys(
     _c: Caller,
     State(s): State<Arc<Server>>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Vec<ApiKeyInfo>>, Problem> {
     let used: std::collections::HashMap<String, Option<i64>> =
         s.store.api_keys_last_used().await?.into_iter().collect();
-    Ok(Json(Value::Array(
+    Ok(Json(
         s.store
             .active_api_keys(unix_now())
             .await?
-            .iter()
-            .map(|k| json!({"key_id": k.key_id, "user": k.username,
-                            "roles": serde_json::from_str::<Value>(&k.roles).unwrap_or(Value::Null),
-                            "claims": serde_json::from_str::<Value>(&k.claims).unwrap_or(Value::Null),
-                            "services": k.services.split_whitespace().collect::<Vec<_>>(),
-                            "prefixes": k.prefixes.split_whitespace().collect::<Vec<_>>(),
-                            "expires_at": k.expires_at,
-                            "last_used_at": used.get(&k.key_id).copied().flatten()}))
+            .into_iter()
+            .map(|k| ApiKeyInfo {
+                last_used_at: used.get(&k.key_id).copied().flatten(),
+                roles: serde_json::from_str(&k.roles).ok(),
+                claims: serde_json::from_str(&k.claims).ok(),
+                services: words(&k.services),
+                prefixes: words(&k.prefixes),
+                expires_at: k.expires_at,
+                key_id: k.key_id,
+                user: k.username,
+            })
             .collect(),
-    )))
+    ))
 }
 
 pub(super) async fn revoke_api_key(
     c: Caller,
     State(s): State<Arc<Server>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<ApiKeyRevoked>, Problem> {
     c.require_admin()?;
     s.store.revoke_api_key(&id, unix_now()).await?;
     s.changed().await;
     tracing::info!(admin = %c.name, key_id = %id, "API key revoked");
     s.record_admin(&c.name, "apikey.revoke", &format!("API key {id}"), 200)
         .await?;
-    Ok(Json(json!({"key_id": id, "revoked": true})))
+    Ok(Json(ApiKeyRevoked {
+        key_id: id,
+        revoked: true,
+    }))
 }

@@ -1,6 +1,7 @@
 //! OAuth2 clients: registration (with a secret, or bound to an SVID), listing, disabling.
 
-use super::{Body, Caller};
+use super::{Body, Caller, words};
+use crate::api::{ClientDisabled, ClientInfo, NewClient};
 use crate::keys::{credential_hash, random_id};
 use crate::oauth::{is_audience, is_scope_token};
 use crate::problem::Problem;
@@ -11,39 +12,29 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use castellan_identity::SpiffeId;
 use castellan_store::ClientRow;
-use serde::Deserialize;
-use serde_json::{Value, json};
 use std::sync::Arc;
 
 /// Prefix of OAuth2 client secrets.
 pub const CLIENT_SECRET_PREFIX: &str = "ccs_";
 
-fn client_json(r: &ClientRow) -> Value {
-    json!({"client_id": r.client_id, "scopes": r.scopes.split_whitespace().collect::<Vec<_>>(),
-           "audiences": r.audiences.split_whitespace().collect::<Vec<_>>(),
-           "tls_san_uri": r.tls_san_uri, "disabled_at": r.disabled_at})
+fn client_info(r: &ClientRow) -> ClientInfo {
+    ClientInfo {
+        client_id: r.client_id.clone(),
+        scopes: words(&r.scopes),
+        audiences: words(&r.audiences),
+        tls_san_uri: r.tls_san_uri.clone(),
+        disabled_at: r.disabled_at,
+        client_secret: None,
+    }
 }
 
 pub(super) async fn list_clients(
     _c: Caller,
     State(s): State<Arc<Server>>,
-) -> Result<Json<Value>, Problem> {
-    Ok(Json(Value::Array(
-        s.store.clients().await?.iter().map(client_json).collect(),
-    )))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct NewClient {
-    name: String,
-    #[serde(default)]
-    scopes: Vec<String>,
-    #[serde(default)]
-    tls_san_uri: Option<String>,
-    /// Audiences it may request tokens for (besides the server's default audience).
-    #[serde(default)]
-    audiences: Vec<String>,
+) -> Result<Json<Vec<ClientInfo>>, Problem> {
+    Ok(Json(
+        s.store.clients().await?.iter().map(client_info).collect(),
+    ))
 }
 
 fn is_client_id(s: &str) -> bool {
@@ -100,10 +91,10 @@ pub(super) async fn add_client(
         201,
     )
     .await?;
-    let mut out = client_json(&row);
-    if let (Some(secret), Some(o)) = (secret, out.as_object_mut()) {
-        o.insert("client_secret".to_owned(), Value::String(secret));
-    }
+    let out = ClientInfo {
+        client_secret: secret,
+        ..client_info(&row)
+    };
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
@@ -111,7 +102,7 @@ pub(super) async fn disable_client(
     c: Caller,
     State(s): State<Arc<Server>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<ClientDisabled>, Problem> {
     c.require_admin()?;
     let now = unix_now();
     s.store.disable_client(&id, now).await?;
@@ -120,5 +111,8 @@ pub(super) async fn disable_client(
     tracing::info!(admin = %c.name, client = %id, "OAuth2 client disabled");
     s.record_admin(&c.name, "client.disable", &format!("client {id}"), 200)
         .await?;
-    Ok(Json(json!({"client_id": id, "disabled_at": now})))
+    Ok(Json(ClientDisabled {
+        client_id: id,
+        disabled_at: now,
+    }))
 }

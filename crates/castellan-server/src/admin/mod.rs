@@ -113,6 +113,11 @@ pub(crate) fn routes() -> Router<Arc<Server>> {
         .route("/v1/audit/purge", post(crate::audit::purge))
 }
 
+/// A space-separated stored list, as a list.
+fn words(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_owned).collect()
+}
+
 /// Whether `s` is a service name: 1-63 characters of a-z, 0-9 and '-', not starting with '-'.
 fn is_name(s: &str) -> bool {
     (1..=63).contains(&s.len())

@@ -1,22 +1,14 @@
 //! Admin credentials (`castellan operator`): creation, listing, revocation.
 
 use super::{Body, Caller, Role, admin_token_mac, new_admin_token};
+use crate::api::{AdminTokenCreated, AdminTokenInfo, AdminTokenRevoked, NewAdminToken};
 use crate::problem::Problem;
 use crate::{Server, unix_now};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::{Value, json};
 use std::sync::Arc;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct NewAdminToken {
-    name: String,
-    role: String,
-}
 
 pub(super) async fn add_admin_token(
     c: Caller,
@@ -42,7 +34,11 @@ pub(super) async fn add_admin_token(
     .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"name": b.name, "role": role.as_str(), "token": token})),
+        Json(AdminTokenCreated {
+            name: b.name,
+            role: role.as_str().to_owned(),
+            token,
+        }),
     )
         .into_response())
 }
@@ -56,24 +52,27 @@ fn admin_token_id(hash: &[u8]) -> String {
 pub(super) async fn list_admin_tokens(
     c: Caller,
     State(s): State<Arc<Server>>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Vec<AdminTokenInfo>>, Problem> {
     c.require_admin()?;
     let rows = s.store.admin_tokens().await?;
-    Ok(Json(Value::Array(
-        rows.iter()
-            .map(|r| {
-                json!({"id": admin_token_id(&r.token_hash), "name": r.name, "role": r.role,
-                       "created_at": r.created_at, "revoked_at": r.revoked_at})
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| AdminTokenInfo {
+                id: admin_token_id(&r.token_hash),
+                name: r.name,
+                role: r.role,
+                created_at: r.created_at,
+                revoked_at: r.revoked_at,
             })
             .collect(),
-    )))
+    ))
 }
 
 pub(super) async fn revoke_admin_token(
     c: Caller,
     State(s): State<Arc<Server>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<AdminTokenRevoked>, Problem> {
     c.require_admin()?;
     let now = unix_now();
     let row = s
@@ -95,5 +94,9 @@ pub(super) async fn revoke_admin_token(
         200,
     )
     .await?;
-    Ok(Json(json!({"id": id, "name": row.name, "revoked_at": now})))
+    Ok(Json(AdminTokenRevoked {
+        id,
+        name: row.name,
+        revoked_at: now,
+    }))
 }

@@ -2,13 +2,13 @@
 //! and CA rotation.
 
 use super::{Caller, service_id};
+use crate::api::{Bundle, CaRotated, CertificateInfo, CertificateRevoked, Revocation};
 use crate::keys;
 use crate::problem::Problem;
 use crate::{Server, unix_now};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use serde::Deserialize;
-use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,14 +20,19 @@ pub(super) async fn list_certificates(
     _c: Caller,
     State(s): State<Arc<Server>>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Vec<CertificateInfo>>, Problem> {
     service_id(&s, &name)?;
     let rows = s.store.certificates(&name).await?;
-    Ok(Json(Value::Array(
+    Ok(Json(
         rows.iter()
-            .map(|r| json!({"serial": hex(&r.serial), "issued_at": r.issued_at, "not_after": r.not_after, "revoked_at": r.revoked_at}))
+            .map(|r| CertificateInfo {
+                serial: hex(&r.serial),
+                issued_at: r.issued_at,
+                not_after: r.not_after,
+                revoked_at: r.revoked_at,
+            })
             .collect(),
-    )))
+    ))
 }
 
 fn parse_serial(s: &str) -> Option<Vec<u8>> {
@@ -47,7 +52,7 @@ pub(super) async fn revoke_certificate(
     c: Caller,
     State(s): State<Arc<Server>>,
     Path(serial): Path<String>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<CertificateRevoked>, Problem> {
     c.require_admin()?;
     let bytes = parse_serial(&serial).ok_or_else(|| Problem::bad_request("serial must be hex"))?;
     let now = unix_now();
@@ -61,7 +66,10 @@ pub(super) async fn revoke_certificate(
         200,
     )
     .await?;
-    Ok(Json(json!({"serial": hex(&bytes), "revoked_at": now})))
+    Ok(Json(CertificateRevoked {
+        serial: hex(&bytes),
+        revoked_at: now,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -74,26 +82,33 @@ pub(super) async fn revocations(
     _c: Caller,
     State(s): State<Arc<Server>>,
     Query(q): Query<Since>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Vec<Revocation>>, Problem> {
     let rows = s.store.revocations_since(q.since).await?;
-    Ok(Json(Value::Array(
-        rows.iter()
-            .map(|r| json!({"seq": r.seq, "kind": r.kind, "subject": r.subject, "at": r.at}))
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| Revocation {
+                seq: r.seq,
+                kind: r.kind,
+                subject: r.subject,
+                at: r.at,
+            })
             .collect(),
-    )))
+    ))
 }
 
-pub(super) async fn bundle(_c: Caller, State(s): State<Arc<Server>>) -> Json<Value> {
+pub(super) async fn bundle(_c: Caller, State(s): State<Arc<Server>>) -> Json<Bundle> {
     let certs = s.bundle();
-    Json(
-        json!({"trust_domain": s.trust_domain, "pem": keys::pem_bundle(&certs), "count": certs.len()}),
-    )
+    Json(Bundle {
+        trust_domain: s.trust_domain.to_string(),
+        pem: keys::pem_bundle(&certs),
+        count: certs.len(),
+    })
 }
 
 pub(super) async fn rotate_ca(
     c: Caller,
     State(s): State<Arc<Server>>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<CaRotated>, Problem> {
     c.require_admin()?;
     let now = unix_now();
     let id = keys::add_ca(
@@ -111,7 +126,9 @@ pub(super) async fn rotate_ca(
     tracing::info!(admin = %c.name, ca = %id, bundle = ks.bundle.len(), "CA rotated");
     s.record_admin(&c.name, "ca.rotate", &format!("ca {id}"), 201)
         .await?;
-    Ok(Json(
-        json!({"id": id, "not_after": ks.active_ca.not_after, "bundle_size": ks.bundle.len()}),
-    ))
+    Ok(Json(CaRotated {
+        id: id.to_string(),
+        not_after: ks.active_ca.not_after,
+        bundle_size: ks.bundle.len(),
+    }))
 }

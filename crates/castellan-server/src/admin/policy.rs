@@ -2,6 +2,7 @@
 //! stored traffic: impact, usage, access report.
 
 use super::{Body, Caller};
+use crate::api::{ApplyPolicy, ImpactRequest, PolicyInForce, PolicyRevisionInfo, RevisionStored};
 use crate::problem::Problem;
 use crate::{Server, unix_now};
 use axum::Json;
@@ -14,14 +15,6 @@ use std::sync::Arc;
 
 /// Largest policy bundle accepted by `policy apply`.
 pub(super) const MAX_POLICY_BYTES: usize = 4 * 1024 * 1024;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct ApplyPolicy {
-    files: std::collections::BTreeMap<String, String>,
-    #[serde(default)]
-    comment: String,
-}
 
 fn is_policy_file_name(n: &str) -> bool {
     (1..=128).contains(&n.len())
@@ -172,18 +165,6 @@ pub(super) async fn access_report(
     Ok(Json(v))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct ImpactRequest {
-    files: std::collections::BTreeMap<String, String>,
-    /// Window start, Unix milliseconds (0: every stored record).
-    #[serde(default)]
-    since_ms: i64,
-    /// Only this destination service.
-    #[serde(default)]
-    service: String,
-}
-
 /// What the candidate `files` would change on the stored traffic of the window: newly denied,
 /// newly allowed, and calls decided by another rule (`crate::impact`).
 pub(super) async fn policy_impact(
@@ -249,15 +230,15 @@ fn scan_busy() -> Problem {
 }
 
 /// Stores `files` as a revision (see [`store_revision`]) and, when one was created, records
-/// `action` in the admin chain; answers 201 (new revision) or 200 (same content), with `extra`
-/// fields added to the body.
+/// `action` in the admin chain; answers 201 (new revision) or 200 (same content), naming the
+/// revision rolled back to when there was one.
 async fn revision_response(
     s: &Server,
     who: &str,
     files: &std::collections::BTreeMap<String, String>,
     comment: &str,
     action: &str,
-    extra: Value,
+    rolled_back_to: Option<i64>,
 ) -> Response {
     let (rev, hash, rules, created) = match store_revision(s, who, files, comment).await {
         Ok(r) => r,
@@ -276,11 +257,13 @@ async fn revision_response(
     {
         return p.into_response();
     }
-    let mut body =
-        json!({"revision": rev, "content_hash": hash, "rules": rules, "changed": created});
-    if let (Some(o), Value::Object(more)) = (body.as_object_mut(), extra) {
-        o.extend(more);
-    }
+    let body = RevisionStored {
+        revision: rev,
+        content_hash: hash,
+        rules,
+        changed: created,
+        rolled_back_to,
+    };
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -297,35 +280,45 @@ pub(super) async fn apply_policy(
     if let Err(p) = c.require_admin() {
         return p.into_response();
     }
-    revision_response(&s, &c.name, &b.files, &b.comment, "policy.apply", json!({})).await
+    revision_response(&s, &c.name, &b.files, &b.comment, "policy.apply", None).await
 }
 
 pub(super) async fn current_policy(
     _c: Caller,
     State(s): State<Arc<Server>>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<PolicyInForce>, Problem> {
     let cur = s
         .store
         .latest_policy_revision()
         .await?
         .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "no policy applied yet"))?;
-    let files: Value = serde_json::from_str(&cur.files).map_err(Problem::internal)?;
-    Ok(Json(
-        json!({"revision": cur.rev, "author": cur.author, "created_at": cur.created_at,
-                   "content_hash": cur.content_hash, "comment": cur.comment, "files": files}),
-    ))
+    let files = serde_json::from_str(&cur.files).map_err(Problem::internal)?;
+    Ok(Json(PolicyInForce {
+        revision: cur.rev,
+        author: cur.author,
+        created_at: cur.created_at,
+        content_hash: cur.content_hash,
+        comment: cur.comment,
+        files,
+    }))
 }
 
 pub(super) async fn policy_history(
     _c: Caller,
     State(s): State<Arc<Server>>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Vec<PolicyRevisionInfo>>, Problem> {
     let rows = s.store.policy_history(1000).await?;
-    Ok(Json(Value::Array(
-        rows.iter()
-            .map(|r| json!({"revision": r.rev, "author": r.author, "created_at": r.created_at, "content_hash": r.content_hash, "comment": r.comment}))
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| PolicyRevisionInfo {
+                revision: r.rev,
+                author: r.author,
+                created_at: r.created_at,
+                content_hash: r.content_hash,
+                comment: r.comment,
+            })
             .collect(),
-    )))
+    ))
 }
 
 pub(super) async fn rollback_policy(
@@ -350,7 +343,7 @@ pub(super) async fn rollback_policy(
         &files,
         &format!("rollback to {rev}"),
         "policy.rollback",
-        json!({"rolled_back_to": rev}),
+        Some(rev),
     )
     .await
 }

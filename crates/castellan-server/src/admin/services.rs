@@ -1,6 +1,10 @@
 //! Services: registration, kinds and routes, join tokens, disabling, OpenAPI documents.
 
-use super::{Body, Caller, is_name, service_id};
+use super::{Body, Caller, is_name, service_id, words};
+use crate::api::{
+    JoinToken, NewService, ServiceAdded, ServiceDisabled, ServiceInfo, ServiceRole, ServiceUpdated,
+    SpecSet,
+};
 use crate::keys::{credential_hash, random_id};
 use crate::problem::Problem;
 use crate::{Server, unix_now};
@@ -8,8 +12,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::sync::Arc;
 
 /// Prefix of join tokens.
@@ -18,54 +21,22 @@ pub const JOIN_TOKEN_PREFIX: &str = "cjt_";
 pub(super) async fn list_services(
     _c: Caller,
     State(s): State<Arc<Server>>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Vec<ServiceInfo>>, Problem> {
     let rows = s.store.services().await?;
-    let out: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            json!({
-                "name": r.name,
-                "spiffe_id": format!("spiffe://{}/svc/{}", s.trust_domain, r.name),
-                "created_at": r.created_at,
-                "disabled_at": r.disabled_at,
-                "dns_names": r.dns_names.split_whitespace().collect::<Vec<_>>(),
-                "kind": r.kind,
-                "routes": r.routes.split_whitespace().collect::<Vec<_>>(),
-                "upstreams": r.upstreams.split_whitespace().collect::<Vec<_>>(),
+    Ok(Json(
+        rows.iter()
+            .map(|r| ServiceInfo {
+                name: r.name.clone(),
+                spiffe_id: format!("spiffe://{}/svc/{}", s.trust_domain, r.name),
+                created_at: r.created_at,
+                disabled_at: r.disabled_at,
+                dns_names: words(&r.dns_names),
+                kind: r.kind.clone(),
+                routes: words(&r.routes),
+                upstreams: words(&r.upstreams),
             })
-        })
-        .collect();
-    Ok(Json(Value::Array(out)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct NewService {
-    name: String,
-    /// DNS names / IP addresses its SVIDs also carry (for an edge listener such as the gateway's).
-    #[serde(default)]
-    dns_names: Vec<String>,
-    #[serde(default)]
-    kind: Option<String>,
-    #[serde(default)]
-    routes: Vec<String>,
-    #[serde(default)]
-    upstreams: Vec<String>,
-}
-
-/// What a service's proxies are: the control plane sends each only what that needs.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub(super) struct ServiceRole {
-    /// `sidecar` (default), `gateway` or `decision`.
-    #[serde(default)]
-    kind: Option<String>,
-    /// Gateways and decision points: `prefix=service` routes.
-    #[serde(default)]
-    routes: Vec<String>,
-    /// Sidecars: the services it calls.
-    #[serde(default)]
-    upstreams: Vec<String>,
+            .collect(),
+    ))
 }
 
 impl ServiceRole {
@@ -108,7 +79,7 @@ pub(super) async fn update_service(
     State(s): State<Arc<Server>>,
     Path(name): Path<String>,
     Body(role): Body<ServiceRole>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<ServiceUpdated>, Problem> {
     c.require_admin()?;
     service_id(&s, &name)?;
     let (kind, routes, upstreams) = role.checked()?;
@@ -124,9 +95,12 @@ pub(super) async fn update_service(
         200,
     )
     .await?;
-    Ok(Json(json!({"name": name, "kind": kind,
-        "routes": routes.split_whitespace().collect::<Vec<_>>(),
-        "upstreams": upstreams.split_whitespace().collect::<Vec<_>>()})))
+    Ok(Json(ServiceUpdated {
+        name,
+        kind,
+        routes: words(&routes),
+        upstreams: words(&upstreams),
+    }))
 }
 
 fn is_dns_name_or_ip(n: &str) -> bool {
@@ -189,7 +163,12 @@ pub(super) async fn add_service(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"name": b.name, "spiffe_id": id.as_str(), "join_token": token, "expires_at": expires_at})),
+        Json(ServiceAdded {
+            name: b.name,
+            spiffe_id: id.as_str().to_owned(),
+            join_token: token,
+            expires_at,
+        }),
     )
         .into_response())
 }
@@ -219,7 +198,11 @@ pub(super) async fn new_join_token(
     .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"name": name, "join_token": token, "expires_at": expires_at})),
+        Json(JoinToken {
+            name,
+            join_token: token,
+            expires_at,
+        }),
     )
         .into_response())
 }
@@ -228,7 +211,7 @@ pub(super) async fn disable_service(
     c: Caller,
     State(s): State<Arc<Server>>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<ServiceDisabled>, Problem> {
     c.require_admin()?;
     service_id(&s, &name)?;
     let now = unix_now();
@@ -237,7 +220,10 @@ pub(super) async fn disable_service(
     tracing::info!(admin = %c.name, service = %name, "service disabled");
     s.record_admin(&c.name, "service.disable", &format!("service {name}"), 200)
         .await?;
-    Ok(Json(json!({"name": name, "disabled_at": now})))
+    Ok(Json(ServiceDisabled {
+        name,
+        disabled_at: now,
+    }))
 }
 
 /// Sets a service's OpenAPI document (YAML or JSON), once the proxies' own compiler accepts it:
@@ -247,7 +233,7 @@ pub(super) async fn set_spec(
     State(s): State<Arc<Server>>,
     Path(name): Path<String>,
     body: String,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<SpecSet>, Problem> {
     c.require_admin()?;
     service_id(&s, &name)?;
     s.store.service(&name).await?;
@@ -275,5 +261,8 @@ pub(super) async fn set_spec(
     tracing::info!(admin = %c.name, service = %name, paths, "OpenAPI document set");
     s.record_admin(&c.name, "service.spec", &format!("service {name}"), 200)
         .await?;
-    Ok(Json(json!({"service": name, "paths": paths})))
+    Ok(Json(SpecSet {
+        service: name,
+        paths,
+    }))
 }
