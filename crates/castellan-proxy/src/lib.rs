@@ -22,7 +22,6 @@ mod framing;
 mod gateway;
 pub mod http;
 pub mod identity;
-pub mod openapi;
 mod sidecar;
 pub mod state;
 pub mod tls;
@@ -359,7 +358,7 @@ pub(crate) fn validate_request(
     parts: &hyper::http::request::Parts,
     target: &str,
     body: &[u8],
-) -> Result<(), openapi::Violation> {
+) -> Result<(), castellan_openapi::Violation> {
     let Some(spec) = inner.state.spec(service) else {
         return Ok(());
     };

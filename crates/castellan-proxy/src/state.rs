@@ -133,7 +133,7 @@ pub struct State {
     /// Revoked (unexpired) castellan token ids and disabled OAuth2 clients.
     token_revocations: ArcSwap<TokenRevocations>,
     endpoints: ArcSwap<HashMap<String, Vec<SocketAddr>>>,
-    specs: ArcSwap<HashMap<String, Arc<crate::openapi::ApiSpec>>>,
+    specs: ArcSwap<HashMap<String, Arc<castellan_openapi::ApiSpec>>>,
     recent: Mutex<std::collections::VecDeque<RecentDecision>>,
     /// Context-token signers already validated, by token header; emptied with every bundle or
     /// revocation change.
@@ -255,7 +255,7 @@ impl State {
     }
 
     /// A service's compiled OpenAPI document, if it registered one.
-    pub fn spec(&self, service: &str) -> Option<Arc<crate::openapi::ApiSpec>> {
+    pub fn spec(&self, service: &str) -> Option<Arc<castellan_openapi::ApiSpec>> {
         self.specs.load().get(service).cloned()
     }
 
@@ -462,7 +462,7 @@ impl State {
             for (service, text) in specs.specs {
                 match serde_json::from_str(&text)
                     .map_err(|e| e.to_string())
-                    .and_then(|doc| crate::openapi::ApiSpec::compile(&doc))
+                    .and_then(|doc| castellan_openapi::ApiSpec::compile(&doc))
                 {
                     Ok(spec) => {
                         map.insert(service, Arc::new(spec));

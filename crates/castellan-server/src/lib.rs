@@ -6,6 +6,7 @@ pub mod admin;
 mod admin_audit;
 mod alerts;
 mod anomaly;
+pub mod api;
 mod audit;
 pub mod config;
 mod dashboard;

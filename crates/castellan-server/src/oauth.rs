@@ -3,7 +3,6 @@
 //! (RFC 7009). Clients authenticate with `client_secret_basic`, `client_secret_post` or
 //! `tls_client_auth` (RFC 8705; the token is then bound to the certificate).
 
-use crate::admin::is_scope_token;
 use crate::keys::credential_hash;
 use crate::peer::{PeerAddr, PeerCerts};
 use crate::problem::OAuthError;
@@ -369,6 +368,14 @@ fn grant_scopes<'a>(
             Ok(want)
         }
     }
+}
+
+/// RFC 6749 §3.3 scope-token.
+pub(crate) fn is_scope_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
 }
 
 /// Whether `a` is a well-formed audience: one printable value without spaces.

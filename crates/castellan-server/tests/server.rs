@@ -1373,6 +1373,84 @@ async fn start_refuses_an_uninitialized_or_foreign_data_dir() {
     assert!(e.contains("wrong key-encryption key"), "{e}");
 }
 
+/// The control plane compiles an OpenAPI document with the proxies' compiler before storing
+/// it: one every proxy would refuse (and then not validate against) is a 400 naming the
+/// compiler's reason, and the document in force stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_documents_the_proxies_cannot_compile_are_refused() {
+    let h = start(None).await;
+    let (st, _) = h
+        .admin(
+            reqwest::Method::POST,
+            "/v1/services",
+            Some(&h.admin),
+            Some(json!({"name": "orders"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let h = &h;
+    let put = |text: &'static str| async move {
+        let r = h
+            .http
+            .put(h.url("/v1/services/orders/spec"))
+            .bearer_auth(&h.admin)
+            .header("content-type", "application/yaml")
+            .body(text)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let ct = r
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (status, ct, r.json::<Value>().await.unwrap())
+    };
+    let stored = || async move {
+        let db = format!(
+            "sqlite://{}",
+            h._dir.path().join("data").join("castellan.db").display()
+        );
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db)
+            .await
+            .unwrap();
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT spec FROM service_specs WHERE service = 'orders'")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        rows.into_iter()
+            .map(|(t,)| serde_json::from_str::<Value>(&t).unwrap())
+            .collect::<Vec<_>>()
+    };
+
+    let good = "openapi: 3.0.3\npaths:\n  /orders/{id}:\n    get:\n      parameters:\n        - {name: id, in: path, required: true, schema: {type: integer}}\n";
+    let (st, _, v) = put(good).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({"service": "orders", "paths": 1}));
+    let in_force = stored().await;
+    assert_eq!(in_force.len(), 1);
+
+    // A `$ref` (which the compiler does not resolve) and a schema that is not one.
+    for (bad, reason) in [
+        (
+            "openapi: 3.1.0\npaths:\n  /orders:\n    post:\n      requestBody:\n        content:\n          application/json:\n            schema: {$ref: '#/components/schemas/Order'}\ncomponents:\n  schemas:\n    Order: {type: object}\n",
+            "spec: post /orders body: $ref is not supported yet",
+        ),
+        (
+            "openapi: 3.0.3\npaths:\n  /orders:\n    get:\n      parameters:\n        - {name: limit, in: query, schema: {type: 12}}\n",
+            "spec: get /orders parameter limit: invalid schema",
+        ),
+    ] {
+        let (st, ct, v) = put(bad).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(ct.as_deref(), Some("application/problem+json"));
+        let detail = v["detail"].as_str().unwrap();
+        assert!(detail.starts_with(reason), "{detail}");
+        assert_eq!(stored().await, in_force, "the document in force stays");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_exchange_accepts_a_configured_external_issuer_only() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

@@ -1,6 +1,8 @@
 //! The `castellan` binary: parses the command line and hands over to the command modules.
 
+mod admin_client;
 mod admin_cmd;
+mod audit_cmd;
 mod audit_verify;
 use castellan::{demo, init_logging, ocsf};
 mod policy_cmd;
@@ -93,7 +95,7 @@ enum Command {
     /// Query, verify and export the audit trail.
     Audit {
         #[command(subcommand)]
-        cmd: admin_cmd::AuditCommand,
+        cmd: audit_cmd::AuditCommand,
         #[command(flatten)]
         conn: admin_cmd::Connection,
     },
@@ -161,6 +163,6 @@ fn main() -> ExitCode {
         }
         Command::Apikey { cmd, conn } => admin_cmd::apikey(cmd, &conn, json),
         Command::Access { cmd, conn } => admin_cmd::access(cmd, &conn, json),
-        Command::Audit { cmd, conn } => admin_cmd::audit(cmd, &conn, json),
+        Command::Audit { cmd, conn } => audit_cmd::audit(cmd, &conn, json),
     }
 }

@@ -132,11 +132,9 @@ pub fn run(cmd: PolicyCommand, output: Output) -> ExitCode {
                 None,
                 false,
             ),
-            Ok(files) => crate::admin_cmd::policy_apply(
-                json!({"files": files, "comment": comment}),
-                &conn,
-                output == Output::Json,
-            ),
+            Ok(files) => {
+                crate::admin_cmd::policy_apply(files, comment, &conn, output == Output::Json)
+            }
         },
         PolicyCommand::Impact {
             dir,
@@ -196,11 +194,14 @@ pub fn run(cmd: PolicyCommand, output: Output) -> ExitCode {
 
 /// The policy files of `dir` (not its tests), checked locally first so that errors name the
 /// operator's files and lines; `Err` is the exit status after printing why.
-fn candidate_files(dir: &Path, output: Output) -> Result<serde_json::Value, ExitCode> {
+fn candidate_files(
+    dir: &Path,
+    output: Output,
+) -> Result<std::collections::BTreeMap<String, String>, ExitCode> {
     if let Err(e) = PolicySet::load_dir(dir) {
         return Err(load_error(e, output));
     }
-    let mut files = serde_json::Map::new();
+    let mut files = std::collections::BTreeMap::new();
     let paths = match yaml_files(dir) {
         Ok(p) => p,
         Err(e) => return Err(load_error(e, output)),
@@ -213,7 +214,7 @@ fn candidate_files(dir: &Path, output: Output) -> Result<serde_json::Value, Exit
             .to_string();
         match std::fs::read_to_string(&path) {
             Ok(text) => {
-                files.insert(name, serde_json::Value::String(text));
+                files.insert(name, text);
             }
             Err(e) => {
                 eprintln!("{}: {e}", path.display());
@@ -221,7 +222,7 @@ fn candidate_files(dir: &Path, output: Output) -> Result<serde_json::Value, Exit
             }
         }
     }
-    Ok(serde_json::Value::Object(files))
+    Ok(files)
 }
 
 fn print_diagnostics(diags: &[Diagnostic], output: Output) {

@@ -19,6 +19,7 @@ use castellan_policy::principal::{Caller, ServicePattern};
 use castellan_policy::template::{PathTemplate, Segment};
 use castellan_policy::testing::{parse_test_file, run as run_tests};
 use castellan_policy::{Effect, PolicySet, is_test_file, normalize_target, yaml_files};
+use castellan_server::api::ImpactRequest;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -557,17 +558,19 @@ pub fn run(o: &Options<'_>, conn: &Connection) -> ExitCode {
             Err(e) => return fail(format!("{}: {e}", path.display())),
         }
     }
-    let files: serde_json::Map<String, Value> = texts
+    let files: BTreeMap<String, String> = texts
         .iter()
         .filter(|(_, _, test)| !test)
-        .map(|(n, t, _)| (n.clone(), Value::String(t.clone())))
+        .map(|(n, t, _)| (n.clone(), t.clone()))
         .collect();
     let since_ms = crate::admin_cmd::ms_ago(o.since_secs);
-    let v = match crate::admin_cmd::post(
-        conn,
-        "/v1/policy/usage",
-        json!({"files": files, "since_ms": since_ms}),
-    ) {
+    let v = match conn.admin().and_then(|a| {
+        a.policy_usage(&ImpactRequest {
+            files,
+            since_ms,
+            service: String::new(),
+        })
+    }) {
         Ok(v) => v,
         Err(e) => return fail(crate::admin_cmd::printable(&e)),
     };
@@ -674,15 +677,17 @@ pub fn run(o: &Options<'_>, conn: &Connection) -> ExitCode {
                 .map(|f| json!({"file": &*o.case.file, "test": o.case.name, "failure": f}))
         })
         .collect();
-    let new_files: serde_json::Map<String, Value> = sources
+    let new_files: BTreeMap<String, String> = sources
         .iter()
-        .map(|(n, t)| ((*n).to_owned(), Value::String((*t).to_owned())))
+        .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
         .collect();
-    let impact = match crate::admin_cmd::post(
-        conn,
-        "/v1/policy/impact",
-        json!({"files": new_files, "since_ms": since_ms}),
-    ) {
+    let impact = match conn.admin().and_then(|a| {
+        a.policy_impact(&ImpactRequest {
+            files: new_files,
+            since_ms,
+            service: String::new(),
+        })
+    }) {
         Ok(v) => v,
         Err(e) => return fail(crate::admin_cmd::printable(&e)),
     };

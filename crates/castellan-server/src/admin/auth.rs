@@ -13,7 +13,8 @@ use castellan_store::Store;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 
-use super::ADMIN_TOKEN_PREFIX;
+/// Prefix of admin credentials (recognisable in a leaked-secret scan).
+pub const ADMIN_TOKEN_PREFIX: &str = "cadm_";
 
 /// What an admin credential may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,8 @@
 //! content type the operation does not take → 415, a JSON body that fails its schema → 400. The
 //! problem detail names the failing field and the schema keyword, never the value sent.
 //! `$ref`s are not resolved yet: a spec that uses them for parameters or bodies is refused when
-//! it is compiled.
+//! it is compiled. The control plane compiles every document it is given with this same
+//! compiler, so it never stores one that every proxy would refuse.
 
 use jsonschema::Validator;
 use serde_json::Value;
@@ -256,7 +257,7 @@ impl ApiSpec {
                 In::Path => vars
                     .iter()
                     .find(|(n, _)| *n == p.name)
-                    .map(|(_, v)| crate::openapi::form_decode(v)),
+                    .map(|(_, v)| form_decode(v)),
                 In::Query => query
                     .iter()
                     .find(|(k, _)| *k == p.name)
@@ -361,7 +362,7 @@ impl ApiSpec {
 }
 
 /// Percent-decodes a form or path component (`+` is a space in queries).
-pub(crate) fn form_decode(s: &str) -> String {
+fn form_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -393,10 +394,10 @@ mod tests {
     fn spec() -> ApiSpec {
         let text = include_str!("../../../examples/demo/openapi/orders.yaml");
         let yaml = yaml_rust2::YamlLoader::load_from_str(text).unwrap();
-        ApiSpec::compile(&crate::openapi::tests::to_json(&yaml[0])).unwrap()
+        ApiSpec::compile(&to_json(&yaml[0])).unwrap()
     }
 
-    pub(super) fn to_json(y: &yaml_rust2::Yaml) -> Value {
+    fn to_json(y: &yaml_rust2::Yaml) -> Value {
         use yaml_rust2::Yaml;
         match y {
             Yaml::Real(s) => s
