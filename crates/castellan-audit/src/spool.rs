@@ -78,8 +78,12 @@ struct Inner {
     written: u64,
     /// Whether a thread is writing a group (outside the lock).
     writing: bool,
-    /// The last group that could not be written: (first, last seq, error).
-    failed: Option<(u64, u64, String)>,
+    /// The chain as of the last record in the file (what is persisted, shipped and signed).
+    written_head: Head,
+    /// Set when a group could not be written: its first record, and why. The spool is broken
+    /// from there on (every later record fails; a restart opens a new epoch), so the chain it
+    /// ships never has a hole.
+    failed_from: Option<(u64, String)>,
     /// Groups written (`write` calls) since the spool was opened.
     groups: u64,
     /// Tasks waiting for the group being written.
@@ -182,6 +186,7 @@ impl Shared {
     fn write_group<'a>(&'a self, mut inner: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
         let first = inner.written + 1;
         let last = inner.head.seq;
+        let head_after = inner.head.clone();
         if inner.segment_bytes >= SEGMENT_BYTES {
             let next = self.dir.join(segment_name(first));
             match OpenOptions::new()
@@ -195,13 +200,20 @@ impl Shared {
                     inner.segment = next;
                     inner.segment_bytes = 0;
                 }
-                Err(e) => return self.group_failed(inner, first, last, &next, &e),
+                Err(e) => {
+                    Self::fail(&mut inner, first, format!("{}: {e}", next.display()));
+                    return self.wake(inner);
+                }
             }
         }
         inner.writing = true;
         let spare = std::mem::take(&mut inner.spare);
         let mut group = std::mem::replace(&mut inner.group, spare);
-        let (file, segment) = (inner.file.clone(), inner.segment.clone());
+        let (file, segment, before) = (
+            inner.file.clone(),
+            inner.segment.clone(),
+            inner.segment_bytes,
+        );
         drop(inner);
         let result = (&*file).write_all(&group);
         let mut inner = self
@@ -216,27 +228,30 @@ impl Shared {
                 let n = group.len() as u64;
                 inner.segment_bytes += n;
                 inner.total_bytes += n;
+                inner.written_head = head_after;
             }
-            Err(e) => inner.failed = Some((first, last, format!("{}: {e}", segment.display()))),
+            Err(e) => {
+                // No partial line stays behind for the next record to be glued onto.
+                let _ = file.set_len(before);
+                Self::fail(&mut inner, first, format!("{}: {e}", segment.display()));
+            }
         }
         group.clear();
         inner.spare = group;
         self.wake(inner)
     }
 
-    /// The group could not be written: its records' appends fail (each caller reports it).
-    fn group_failed<'a>(
-        &'a self,
-        mut inner: MutexGuard<'a, Inner>,
-        first: u64,
-        last: u64,
-        path: &Path,
-        e: &std::io::Error,
-    ) -> MutexGuard<'a, Inner> {
+    /// Records from `first` on cannot be in the file: each of their waiters gets the error,
+    /// none is handed out for shipping, and the spool takes no more records. The file and the
+    /// chain it holds end at the last record written, whole.
+    fn fail(inner: &mut Inner, first: u64, why: String) {
+        if inner.failed_from.is_none() {
+            inner.failed_from = Some((first, why));
+        }
         inner.group.clear();
-        inner.written = last;
-        inner.failed = Some((first, last, format!("{}: {e}", path.display())));
-        self.wake(inner)
+        inner.written = inner.head.seq;
+        inner.recent.retain(|(seq, _)| *seq < first);
+        inner.recent_bytes = inner.recent.iter().map(|(_, l)| l.len()).sum();
     }
 
     /// Wakes whoever waits for a group: blocked threads, and tasks (outside the lock).
@@ -260,13 +275,19 @@ impl Shared {
         if inner.written < seq {
             return None;
         }
-        Some(match &inner.failed {
-            Some((first, last, err)) if (*first..=*last).contains(&seq) => Err(SpoolError::Io {
-                path: self.dir.display().to_string(),
-                err: std::io::Error::other(err.clone()),
-            }),
+        Some(match &inner.failed_from {
+            Some((first, why)) if seq >= *first => Err(self.broken(why)),
             _ => Ok(()),
         })
+    }
+
+    fn broken(&self, why: &str) -> SpoolError {
+        SpoolError::Io {
+            path: self.dir.display().to_string(),
+            err: std::io::Error::other(format!(
+                "a write failed, the spool takes no more records: {why}"
+            )),
+        }
     }
 }
 
@@ -349,6 +370,7 @@ impl Spool {
             .map_err(io(&segment))?;
         let segment_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
         let written = head.seq;
+        let written_head = head.clone();
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
             inner: Mutex::new(Inner {
@@ -367,7 +389,8 @@ impl Spool {
                 spare: Vec::with_capacity(64 * 1024),
                 written,
                 writing: false,
-                failed: None,
+                written_head,
+                failed_from: None,
                 groups: 0,
                 wakers: Vec::new(),
             }),
@@ -390,13 +413,20 @@ impl Spool {
     /// is written); returns its sequence number.
     fn chain(&self, inner: &mut Inner, kind: Kind, e: Entry, lost: u64) -> Result<u64, SpoolError> {
         let start = inner.group.len();
-        let seq = inner
-            .head
-            .chain_into(&self.writer, &self.epoch, kind, e, lost, &mut inner.group)
-            .map_err(|e| SpoolError::Io {
-                path: self.dir.display().to_string(),
-                err: e.into(),
-            })?;
+        let seq =
+            match inner
+                .head
+                .chain_into(&self.writer, &self.epoch, kind, e, lost, &mut inner.group)
+            {
+                Ok(seq) => seq,
+                Err(e) => {
+                    inner.group.truncate(start);
+                    return Err(SpoolError::Io {
+                        path: self.dir.display().to_string(),
+                        err: e.into(),
+                    });
+                }
+            };
         let line = inner
             .group
             .get(start..inner.group.len() - 1)
@@ -419,6 +449,9 @@ impl Spool {
     pub fn enqueue(&self, e: Entry) -> Result<u64, SpoolError> {
         let mut guard = self.lock()?;
         let inner = &mut *guard;
+        if let Some((_, why)) = &inner.failed_from {
+            return Err(self.shared.broken(why));
+        }
         // Room for this record (and a gap record before it, if records were lost)?
         let need = 1024 * if inner.lost > 0 { 2 } else { 1 };
         if inner.total_bytes + inner.group.len() as u64 + need > self.max_bytes {
@@ -445,6 +478,19 @@ impl Spool {
             shared: self.shared.clone(),
             seq,
         }
+    }
+
+    /// Blocks until every record chained so far is in the spool file (records whose request
+    /// went away without waiting, e.g. hyper's own refusals, are written too).
+    pub fn flush(&self) -> Result<(), SpoolError> {
+        let seq = {
+            let inner = self.lock()?;
+            if inner.failed_from.is_some() {
+                return Ok(()); // nothing more is written; each lost record was reported
+            }
+            inner.head.seq
+        };
+        self.wait_written(seq)
     }
 
     /// [`Spool::enqueue`], then blocks until the record is in the spool file.
@@ -492,7 +538,7 @@ impl Spool {
         self.shared
             .inner
             .lock()
-            .map(|i| i.head.clone())
+            .map(|i| i.written_head.clone())
             .unwrap_or_default()
     }
 
@@ -501,7 +547,7 @@ impl Spool {
         self.shared
             .inner
             .lock()
-            .is_ok_and(|i| i.acked >= i.head.seq && i.lost == 0)
+            .is_ok_and(|i| i.acked >= i.head.seq && i.lost == 0 && i.group.is_empty())
     }
 
     /// Flushes written records to the disk.
@@ -534,7 +580,7 @@ impl Spool {
         self.shared
             .inner
             .lock()
-            .map_or((0, 0), |i| (i.head.seq, i.acked))
+            .map_or((0, 0), |i| (i.written_head.seq, i.acked))
     }
 
     /// Up to `max` records after the last one handed out (or after the acknowledged position
@@ -637,7 +683,7 @@ impl Spool {
                     inner.recent_bytes -= old.len();
                 }
             }
-            (inner.head.clone(), inner.segment.clone())
+            (inner.written_head.clone(), inner.segment.clone())
         };
         write_private(&self.dir.join(ACKED_FILE), seq.to_string().as_bytes())?;
         let head = serde_json::to_string(&head).unwrap_or_default();
@@ -667,7 +713,7 @@ impl Spool {
             inner.cursor = None;
         }
         // The open segment holds only acknowledged records and is large: start a new one.
-        if inner.head.seq == seq
+        if inner.written_head.seq == seq
             && !inner.writing
             && inner.group.is_empty()
             && (inner.segment_bytes >= SEGMENT_BYTES / 4 || inner.total_bytes * 2 >= self.max_bytes)
@@ -863,5 +909,18 @@ mod tests {
         }
         assert_eq!(got.len(), 1600);
         verify_chain(&got).unwrap();
+    }
+
+    #[test]
+    fn flush_writes_records_nobody_waits_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), "w", "e1", 1 << 30).unwrap();
+        let seq = s.enqueue(e(1)).unwrap();
+        assert_eq!(s.positions().0, 0, "chained, not yet written");
+        s.flush().unwrap();
+        assert_eq!(s.positions().0, seq);
+        let seg = segments(s.dir()).unwrap();
+        let text = std::fs::read_to_string(seg.last().unwrap()).unwrap();
+        assert!(text.contains("\"seq\":1,"));
     }
 }

@@ -248,10 +248,24 @@ async fn ship_round(
         checkpoints,
     };
     let covered = checkpoint.as_ref().map(|c| c.seq);
+    // The most an answer may acknowledge: what this batch (or, idle, the head) covers. A
+    // stored head beyond it (a row planted in the database) must not drop unshipped records.
+    let ceiling = last
+        .as_ref()
+        .map_or_else(|| spool.positions().1, |(seq, _)| *seq);
     match c.ship(ship(batch, checkpoint.into_iter().collect())).await {
         Ok(ack) => {
+            let stored = ack.into_inner().stored_through;
+            if stored > ceiling {
+                tracing::error!(
+                    epoch = spool.epoch(),
+                    stored,
+                    shipped = ceiling,
+                    "the control plane acknowledged records that were not shipped"
+                );
+            }
             spool
-                .ack(ack.into_inner().stored_through)
+                .ack(stored.min(ceiling))
                 .map_err(|e| ShipError::Other(e.to_string()))?;
             if let (Some(seq), Some(c)) = (covered, cps) {
                 c.covered = seq;
@@ -286,6 +300,13 @@ async fn ship_round(
     }
 }
 
+/// Writes the records chained and not yet written (those no request waits for, such as
+/// hyper's own refusals), then fsyncs.
+fn flush_and_sync(spool: &Spool) -> Result<(), castellan_audit::spool::SpoolError> {
+    spool.flush()?;
+    spool.sync()
+}
+
 /// Ships the spools (earlier starts' chains first); syncs the current one every 100 ms.
 pub(crate) async fn ship_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     let mut client: Option<AuditClient<tonic::transport::Channel>> = None;
@@ -300,7 +321,7 @@ pub(crate) async fn ship_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>
         // On the blocking pool: the watch stream shares this thread, and a revocation must not
         // wait for the disk.
         let syncing = inner.clone();
-        match tokio::task::spawn_blocking(move || syncing.audit.sync()).await {
+        match tokio::task::spawn_blocking(move || flush_and_sync(&syncing.audit)).await {
             Ok(Err(e)) => tracing::error!(error = %e, "audit spool sync failed"),
             Err(e) => tracing::error!(error = %e, "audit spool sync task failed"),
             Ok(Ok(())) => {}
@@ -335,7 +356,7 @@ pub(crate) async fn ship_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>
             Ok(0) => {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                    _ = stop.changed() => { let _ = inner.audit.sync(); return }
+                    _ = stop.changed() => { let _ = flush_and_sync(&inner.audit); return }
                 }
             }
             Ok(n) => {
@@ -347,7 +368,7 @@ pub(crate) async fn ship_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>
                 if n < BATCH {
                     tokio::select! {
                         _ = tokio::time::sleep(GATHER) => {}
-                        _ = stop.changed() => { let _ = inner.audit.sync(); return }
+                        _ = stop.changed() => { let _ = flush_and_sync(&inner.audit); return }
                     }
                 }
             }

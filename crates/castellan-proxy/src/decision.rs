@@ -1187,15 +1187,25 @@ async fn serve_tls_h2(
     peer: Arc<TlsPeer>,
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
 ) {
+    use std::sync::atomic::{AtomicU64, Ordering};
     use tower::Service as _;
     let pep: Arc<str> = Arc::from(peer.svid.as_ref().map_or("", |p| p.id.as_str()));
+    // Requests begun and finished: a connection with none open and none begun for a whole
+    // idle period is closed (HTTP/2 has no idle timeout of its own, and keep-alive pings only
+    // find dead peers, not idle ones).
+    let begun = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(AtomicU64::new(0));
+    let (begun_svc, finished_svc) = (begun.clone(), finished.clone());
     let grpc = AuthorizationServer::new(ExtAuthz {
         inner: inner.clone(),
         pep: pep.clone(),
     });
     let svc = service_fn(move |req: Request<Incoming>| {
         let (inner, peer, mut grpc, pep) = (inner.clone(), peer.clone(), grpc.clone(), pep.clone());
+        begun_svc.fetch_add(1, Ordering::Relaxed);
+        let done = Finished(finished_svc.clone());
         async move {
+            let _done = done;
             if !req.uri().path().starts_with(EXT_AUTHZ_GRPC_PREFIX) {
                 let resp = tls_request(inner, peer, req).await;
                 return Ok(resp.map(tonic::body::Body::new));
@@ -1217,9 +1227,37 @@ async fn serve_tls_h2(
     });
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(1024)
+        .max_concurrent_streams(256)
         .keep_alive_interval(Duration::from_secs(30));
-    let _ = b.serve_connection(TokioIo::new(tls), svc).await;
+    let conn = b.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = tokio::time::sleep(H2_IDLE) => {
+                let now = begun.load(Ordering::Relaxed);
+                if now == seen && finished.load(Ordering::Relaxed) == now {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.as_mut().await;
+                    return;
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
+/// An HTTP/2 connection on the TLS listener with no request for this long is closed.
+const H2_IDLE: Duration = Duration::from_secs(30);
+
+/// Counts a request as finished when dropped (answered, or abandoned by the client).
+struct Finished(Arc<std::sync::atomic::AtomicU64>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]

@@ -505,7 +505,8 @@ async fn verify_chain(s: &Server, w: String) -> Result<Value, Problem> {
                         && r.method == PURGE_ACTION
                         && let Some(before_ms) = purge_before_ms(&r.path)
                     {
-                        purges.push(json!({"seq": row.seq, "before_ms": before_ms}));
+                        purges.push(json!({"seq": row.seq, "before_ms": before_ms,
+                                           "time_ms": r.time_ms, "status": r.status}));
                     }
                     v.push(&r).map_err(|e| e.to_string())
                 }
@@ -568,6 +569,15 @@ pub(crate) async fn purge(
     Body(p): Body<PurgeParams>,
 ) -> Result<Json<Value>, Problem> {
     c.require_admin()?;
+    // A cut in the future would let `audit verify` accept any later deletion as purged.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    if p.before_ms > now_ms {
+        return Err(Problem::bad_request(
+            "before_ms is in the future: only records already written can be purged",
+        ));
+    }
     let mut total = 0;
     let mut chains = Vec::new();
     for w in s.store.audit_writers().await? {

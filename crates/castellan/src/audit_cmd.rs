@@ -377,13 +377,9 @@ pub fn audit(cmd: AuditCommand, conn: &Connection, json_out: bool) -> ExitCode {
                 }
             };
             match conn.admin().and_then(|a| a.get("/v1/audit/verify")) {
-                Ok(mut v) => verify_output(
-                    &mut v,
-                    &certs,
-                    export_heads.as_deref(),
-                    &exported,
-                    json_out,
-                ),
+                Ok(mut v) => {
+                    verify_output(&mut v, &certs, export_heads.as_deref(), &exported, json_out)
+                }
                 Err(e) => {
                     eprintln!("error: {}", printable(&e));
                     ExitCode::FAILURE

@@ -183,18 +183,28 @@ pub fn summary(writer: &Value, report: &CheckpointReport) -> Value {
 /// The writer name of the control plane's own chain.
 const CONTROL_PLANE: &str = "castellan-server";
 
+/// Whether a chain is the control plane's: its writer name, and the control plane's own
+/// SPIFFE ID (`spiffe://TD/castellan/server`, which no workload SVID can hold) as the identity
+/// its checkpoints are signed by.
+fn is_control_plane(w: &Value) -> bool {
+    w.get("proxy_id").and_then(Value::as_str) == Some(CONTROL_PLANE)
+        && w.get("identity")
+            .and_then(Value::as_str)
+            .and_then(|id| id.strip_prefix("spiffe://"))
+            .and_then(|rest| rest.split_once('/'))
+            .is_some_and(|(_, path)| path == "castellan/server")
+}
+
 /// The newest cut of a purge the control plane recorded and signed: records older than it
 /// may be gone. A purge counts only from a control-plane chain that verified and whose
 /// signed checkpoints cover its record — an insider can write the database, not the
-/// control plane's signature.
+/// control plane's signature — and its cut is never later than the purge itself.
 pub fn audited_purge_cut(writers: &[Value], reports: &[CheckpointReport]) -> Option<i64> {
     writers
         .iter()
         .zip(reports)
         .filter(|(w, r)| {
-            w.get("proxy_id").and_then(Value::as_str) == Some(CONTROL_PLANE)
-                && w.get("ok") == Some(&Value::Bool(true))
-                && r.problem.is_none()
+            is_control_plane(w) && w.get("ok") == Some(&Value::Bool(true)) && r.problem.is_none()
         })
         .flat_map(|(w, r)| {
             w.get("purges")
@@ -207,7 +217,12 @@ pub fn audited_purge_cut(writers: &[Value], reports: &[CheckpointReport]) -> Opt
                         .is_some_and(|s| s <= r.signed_through)
                 })
         })
-        .filter_map(|p| p.get("before_ms").and_then(Value::as_i64))
+        .filter(|p| p.get("status").and_then(Value::as_u64) == Some(200))
+        .filter_map(|p| {
+            let before = p.get("before_ms").and_then(Value::as_i64)?;
+            let at = p.get("time_ms").and_then(Value::as_i64)?;
+            Some(before.min(at))
+        })
         .max()
 }
 
@@ -265,19 +280,23 @@ pub fn compare_heads(
             }
         };
         let seq = i64::try_from(statement.seq).unwrap_or(i64::MAX);
-        let purged = purge_cut.is_some_and(|cut| statement.time_ms < cut);
+        // A purge keeps the checkpoint it purged through, so a chain never disappears whole.
         let Some(w) = writers
             .iter()
             .find(|w| w.get("writer").and_then(Value::as_str) == Some(name))
         else {
-            if !purged {
-                problems.push(format!(
-                    "{name}: the exported head (record {seq}) is gone: the chain is missing from the database (rolled back or deleted)"
-                ));
-            }
+            problems.push(format!(
+                "{name}: the exported head (record {seq}) is gone: the chain is missing from the database (rolled back or deleted)"
+            ));
             continue;
         };
         let head = w.get("head").and_then(Value::as_i64).unwrap_or(0);
+        // Checkpoints before the one a chain now starts from go with an audited purge.
+        let purged = w
+            .get("purged_through")
+            .and_then(Value::as_i64)
+            .is_some_and(|through| through >= seq)
+            && unaudited_deletion(w, purge_cut).is_none();
         match checkpoint_at(w, seq) {
             Some(cp) if cp.get("hash").and_then(Value::as_str) == Some(&statement.hash) => {}
             Some(_) => problems.push(format!(
@@ -293,4 +312,45 @@ pub fn compare_heads(
         }
     }
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(identity: &str, purge: Value) -> Value {
+        json!({"proxy_id": "castellan-server", "identity": identity, "ok": true, "purges": [purge]})
+    }
+
+    #[test]
+    fn only_the_control_planes_signed_purges_set_the_cut() {
+        let report = CheckpointReport {
+            signed_through: 5,
+            ..CheckpointReport::default()
+        };
+        let purge = json!({"seq": 5, "before_ms": 9000, "time_ms": 10_000, "status": 200});
+        let cp = "spiffe://demo.castellan/castellan/server";
+        let cut = |w: Value, r: &CheckpointReport| audited_purge_cut(&[w], std::slice::from_ref(r));
+        assert_eq!(cut(chain(cp, purge.clone()), &report), Some(9000));
+        // A chain named like the control plane's, signed by a workload.
+        assert_eq!(
+            cut(
+                chain("spiffe://demo.castellan/svc/orders", purge.clone()),
+                &report
+            ),
+            None
+        );
+        // A purge record not covered by a good signature.
+        let unsigned = CheckpointReport {
+            signed_through: 4,
+            ..CheckpointReport::default()
+        };
+        assert_eq!(cut(chain(cp, purge), &unsigned), None);
+        // A cut later than the purge itself counts only up to the purge.
+        let late = json!({"seq": 5, "before_ms": 99_999_999, "time_ms": 10_000, "status": 200});
+        assert_eq!(cut(chain(cp, late), &report), Some(10_000));
+        // A refused purge does not count.
+        let refused = json!({"seq": 5, "before_ms": 9000, "time_ms": 10_000, "status": 400});
+        assert_eq!(cut(chain(cp, refused), &report), None);
+    }
 }

@@ -1300,8 +1300,30 @@ async fn purge_keeps_verify_working_from_the_signed_checkpoint() {
         first > 1,
         "nothing of the gateway's chain was purged: {text}"
     );
-    let (code, text) = run(vec!["audit".into(), "verify".into()]).await;
+    // The auditor exports the signed heads now, and keeps them elsewhere.
+    let heads = m.dir.path().join("heads-before-the-second-purge.jsonl");
+    let (code, text) = run(vec![
+        "audit".into(),
+        "verify".into(),
+        "--export-heads".into(),
+        heads.display().to_string(),
+    ])
+    .await;
     assert_eq!(code, Some(0), "verify works from the checkpoint: {text}");
+    // A cut in the future is refused: it would make any later deletion look purged.
+    let future = (std::time::SystemTime::now() + Duration::from_secs(86_400))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let (code, text) = run(vec![
+        "audit".into(),
+        "purge".into(),
+        "--before".into(),
+        future,
+    ])
+    .await;
+    assert_ne!(code, Some(0), "{text}");
     // Purged all the way to its head (once a checkpoint covers the head), the chain goes on
     // from that checkpoint: the proxy keeps shipping.
     gateway_checkpointed(&m).await;
@@ -1384,6 +1406,30 @@ async fn purge_keeps_verify_working_from_the_signed_checkpoint() {
         text.contains(&format!(
             "records through {head} deleted without an audited purge"
         )),
+        "{text}"
+    );
+    // A whole chain deleted, checkpoints and all, whose exported head is older than the
+    // audited cut: a purge never removes a chain whole (it keeps the checkpoint it purged
+    // through), so the heads kept elsewhere still catch it.
+    sqlx::query("DELETE FROM audit_records WHERE writer LIKE 'orders-sidecar %'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM audit_checkpoints WHERE writer LIKE 'orders-sidecar %'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (code, text) = run(vec![
+        "audit".into(),
+        "verify".into(),
+        "--heads".into(),
+        heads.display().to_string(),
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("EXPORTED HEAD: orders-sidecar ") && l.contains("is gone")),
         "{text}"
     );
 }

@@ -237,19 +237,25 @@ pub(super) async fn set_spec(
     c.require_admin()?;
     service_id(&s, &name)?;
     s.store.service(&name).await?;
-    let doc = crate::config::yaml_text_to_json(&body)
-        .map_err(|e| Problem::bad_request(format!("spec: {e}")))?;
-    let version = doc
-        .get("openapi")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    if !version.starts_with("3.") || !doc.get("paths").is_some_and(Value::is_object) {
-        return Err(Problem::bad_request(
-            "spec: an OpenAPI 3.0/3.1 document with paths is expected",
-        ));
-    }
-    castellan_openapi::ApiSpec::compile(&doc)
-        .map_err(|e| Problem::bad_request(format!("spec: {e}")))?;
+    // Parsing and compiling (JSON Schemas, patterns) is CPU work: off the async workers.
+    let doc = tokio::task::spawn_blocking(move || -> Result<Value, Problem> {
+        let doc = crate::config::yaml_text_to_json(&body)
+            .map_err(|e| Problem::bad_request(format!("spec: {e}")))?;
+        let version = doc
+            .get("openapi")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if !version.starts_with("3.") || !doc.get("paths").is_some_and(Value::is_object) {
+            return Err(Problem::bad_request(
+                "spec: an OpenAPI 3.0/3.1 document with paths is expected",
+            ));
+        }
+        castellan_openapi::ApiSpec::compile(&doc)
+            .map_err(|e| Problem::bad_request(format!("spec: {e}")))?;
+        Ok(doc)
+    })
+    .await
+    .map_err(Problem::internal)??;
     let paths = doc
         .get("paths")
         .and_then(Value::as_object)
