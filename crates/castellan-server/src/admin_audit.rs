@@ -52,7 +52,8 @@ impl Server {
             &self.admin_chain.epoch,
             Kind::Admin,
             Entry {
-                time_ms: unix_now() * 1000,
+                // Milliseconds: `audit verify` compares a purge's time with checkpoints'.
+                time_ms: crate::unix_now_ms(),
                 decision_id: crate::keys::random_id(9)
                     .map_err(crate::problem::Problem::internal)?,
                 source: id.as_str().to_owned(),

@@ -570,10 +570,7 @@ pub(crate) async fn purge(
 ) -> Result<Json<Value>, Problem> {
     c.require_admin()?;
     // A cut in the future would let `audit verify` accept any later deletion as purged.
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-    if p.before_ms > now_ms {
+    if p.before_ms > crate::unix_now_ms() {
         return Err(Problem::bad_request(
             "before_ms is in the future: only records already written can be purged",
         ));
