@@ -62,6 +62,8 @@ pub struct DecisionConfig {
     /// Whether the trusted proxies pass the client's certificate in `Client-Cert` (RFC 9440),
     /// so that certificate-bound tokens can be accepted; off, such tokens are refused.
     pub client_cert_header: bool,
+    /// An HTTP/2 connection on the TLS listener with no request for this long is closed.
+    pub h2_idle: Duration,
 }
 
 impl Default for DecisionConfig {
@@ -72,6 +74,7 @@ impl Default for DecisionConfig {
             http_listen: any,
             trusted: Vec::new(),
             client_cert_header: false,
+            h2_idle: Duration::from_secs(30),
         }
     }
 }
@@ -1196,6 +1199,7 @@ async fn serve_tls_h2(
     let begun = Arc::new(AtomicU64::new(0));
     let finished = Arc::new(AtomicU64::new(0));
     let (begun_svc, finished_svc) = (begun.clone(), finished.clone());
+    let idle = inner.cfg.decision.h2_idle;
     let grpc = AuthorizationServer::new(ExtAuthz {
         inner: inner.clone(),
         pep: pep.clone(),
@@ -1235,11 +1239,13 @@ async fn serve_tls_h2(
     loop {
         tokio::select! {
             _ = conn.as_mut() => return,
-            () = tokio::time::sleep(H2_IDLE) => {
+            () = tokio::time::sleep(idle) => {
                 let now = begun.load(Ordering::Relaxed);
                 if now == seen && finished.load(Ordering::Relaxed) == now {
+                    // GOAWAY, then at most one more idle period for it to go out (a client
+                    // that never sent its preface does not end the connection itself).
                     conn.as_mut().graceful_shutdown();
-                    let _ = conn.as_mut().await;
+                    let _ = tokio::time::timeout(idle, conn.as_mut()).await;
                     return;
                 }
                 seen = now;
@@ -1247,9 +1253,6 @@ async fn serve_tls_h2(
         }
     }
 }
-
-/// An HTTP/2 connection on the TLS listener with no request for this long is closed.
-const H2_IDLE: Duration = Duration::from_secs(30);
 
 /// Counts a request as finished when dropped (answered, or abandoned by the client).
 struct Finished(Arc<std::sync::atomic::AtomicU64>);

@@ -192,3 +192,30 @@ fn a_directory_without_tests_is_an_error_not_a_pass() {
     let out = castellan(&["policy", "check", dir.path().to_str().unwrap()], None);
     assert!(out.status.success());
 }
+
+/// The admin credential is never sent in clear: an `http://` control-plane URL is refused
+/// before any connection is made.
+#[test]
+fn the_admin_token_is_never_sent_over_plain_http() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let out = castellan(
+        &[
+            "service",
+            "list",
+            "--server",
+            &url,
+            "--token",
+            "cadm_secret",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("served over TLS only"), "{err}");
+    assert!(
+        listener.accept().is_err(),
+        "the CLI connected to the plain-http server"
+    );
+}

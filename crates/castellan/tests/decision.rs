@@ -1096,3 +1096,39 @@ async fn oidc_issuer_by_url_rotates_keys() {
         after - fetches
     );
 }
+
+/// HTTP/2 on the TLS listener (offered for ext_authz gRPC) has no idle timeout of its own: a
+/// client that opens connections and sends nothing must not hold them forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_on_the_tls_listener_are_closed() {
+    use tokio::io::AsyncReadExt as _;
+    let m = demo::start_mesh().await.unwrap();
+    let dp = decision_point(&m, "dp-idle", None, |c| {
+        c.listen = (demo::GATEWAY_IP.parse::<std::net::IpAddr>().unwrap(), 0).into();
+        c.decision.h2_idle = Duration::from_secs(1);
+    })
+    .await;
+    let mut cfg = demo::tls_roots(&m.bundle).unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(dp.decision.unwrap().tls)
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from(demo::GATEWAY_IP.to_owned()).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // Nothing sent: the server closes the connection after its idle period, not never.
+    let mut buf = vec![0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // the server's SETTINGS, then GOAWAY
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the idle HTTP/2 connection was not closed");
+}

@@ -51,6 +51,12 @@ impl Connection {
             .server
             .clone()
             .ok_or("--server or CASTELLAN_SERVER is required")?;
+        // The admin credential never travels in clear (nor after a redirect to http).
+        if !server.starts_with("https://") {
+            return Err(format!(
+                "--server {server}: the admin API is served over TLS only (https://…)"
+            ));
+        }
         let token = self
             .token
             .clone()
@@ -69,6 +75,7 @@ impl Connection {
             .map_err(|e| format!("{}: {e}", bundle.display()))?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
+            .https_only(true)
             .build()
             .map_err(|e| e.to_string())?;
         AdminClient::new(http, &server, token)
