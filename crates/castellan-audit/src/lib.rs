@@ -183,6 +183,19 @@ pub fn hex(b: &[u8]) -> String {
     s
 }
 
+/// The bytes a hex text spells (either case), or `None` if it is not hex.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len() / 2)
+        .map(|i| {
+            s.get(i * 2..i * 2 + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect()
+}
+
 /// Appends lowercase hex of `b` to `s`.
 fn hex_into(b: &[u8], s: &mut String) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -102,14 +102,13 @@ struct SeqOnly {
 /// A writer's spool.
 #[derive(Debug)]
 pub struct Spool {
-    dir: PathBuf,
     writer: String,
     epoch: String,
     max_bytes: u64,
     shared: Arc<Shared>,
 }
 
-/// What the spool's users and its writer thread share.
+/// The spool's state, shared with the futures waiting for records ([`Written`]).
 #[derive(Debug)]
 struct Shared {
     dir: PathBuf,
@@ -397,7 +396,6 @@ impl Spool {
             written: Condvar::new(),
         });
         Ok(Spool {
-            dir: dir.to_owned(),
             writer: writer.to_owned(),
             epoch: epoch.to_owned(),
             max_bytes,
@@ -422,7 +420,7 @@ impl Spool {
                 Err(e) => {
                     inner.group.truncate(start);
                     return Err(SpoolError::Io {
-                        path: self.dir.display().to_string(),
+                        path: self.shared.dir.display().to_string(),
                         err: e.into(),
                     });
                 }
@@ -444,8 +442,8 @@ impl Spool {
         Ok(seq)
     }
 
-    /// Chains a decision record into the group the writer thread writes next; returns its
-    /// sequence number. The record is in the file once [`Spool::written`] resolves for it.
+    /// Chains a decision record into the group written next; returns its sequence number. The
+    /// record is in the file once [`Spool::written`] resolves for it.
     pub fn enqueue(&self, e: Entry) -> Result<u64, SpoolError> {
         let mut guard = self.lock()?;
         let inner = &mut *guard;
@@ -530,7 +528,7 @@ impl Spool {
 
     /// The directory holding this spool.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.shared.dir
     }
 
     /// The chain's head: the last record written.
@@ -586,7 +584,7 @@ impl Spool {
     /// Up to `max` records after the last one handed out (or after the acknowledged position
     /// when `from_acked`), as JSON lines. One shipper per spool calls this and [`Spool::ack`].
     pub fn next_batch(&self, max: usize, from_acked: bool) -> Result<Vec<String>, SpoolError> {
-        let mut inner = self.shared.inner.lock().map_err(|_| SpoolError::Full)?;
+        let mut inner = self.lock()?;
         if from_acked {
             inner.cursor = None;
             inner.shipped = inner.acked;
@@ -621,7 +619,7 @@ impl Spool {
         // lock: appends go on meanwhile, and only the shipper moves the cursor.
         let cursor = inner.cursor.clone();
         drop(inner);
-        let segs = segments(&self.dir)?;
+        let segs = segments(&self.shared.dir)?;
         let (mut seg_idx, mut offset) = match &cursor {
             Some((p, off)) => (segs.iter().position(|s| s == p).unwrap_or(0), *off),
             None => (0, 0),
@@ -659,7 +657,7 @@ impl Spool {
             seg_idx += 1;
             offset = 0;
         }
-        let mut inner = self.shared.inner.lock().map_err(|_| SpoolError::Full)?;
+        let mut inner = self.lock()?;
         if let Some(p) = segs.get(seg_idx) {
             inner.cursor = Some((p.clone(), offset));
         }
@@ -685,13 +683,16 @@ impl Spool {
             }
             (inner.written_head.clone(), inner.segment.clone())
         };
-        write_private(&self.dir.join(ACKED_FILE), seq.to_string().as_bytes())?;
+        write_private(
+            &self.shared.dir.join(ACKED_FILE),
+            seq.to_string().as_bytes(),
+        )?;
         let head = serde_json::to_string(&head).unwrap_or_default();
-        write_private(&self.dir.join(HEAD_FILE), head.as_bytes())?;
+        write_private(&self.shared.dir.join(HEAD_FILE), head.as_bytes())?;
         // Segments holding nothing newer than `seq` (never the open one).
         let mut freed = 0;
         let mut removed = Vec::new();
-        for pair in segments(&self.dir)?.windows(2) {
+        for pair in segments(&self.shared.dir)?.windows(2) {
             if let [this, next] = pair
                 && first_seq_of(next) <= seq + 1
                 && *this != current
@@ -719,7 +720,7 @@ impl Spool {
             && (inner.segment_bytes >= SEGMENT_BYTES / 4 || inner.total_bytes * 2 >= self.max_bytes)
         {
             let old = inner.segment.clone();
-            let next = self.dir.join(segment_name(seq + 1));
+            let next = self.shared.dir.join(segment_name(seq + 1));
             inner.file = Arc::new(
                 OpenOptions::new()
                     .create(true)

@@ -165,18 +165,6 @@ pub struct RecentDecision {
 /// How many recent decisions are kept.
 const RECENT: usize = 4096;
 
-fn hex_bytes(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len() / 2)
-        .map(|i| {
-            s.get(i * 2..i * 2 + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        })
-        .collect()
-}
-
 impl State {
     /// Empty state (deny everything) trusting `bundle`.
     pub(crate) fn new(
@@ -394,7 +382,7 @@ impl State {
             if let Ok(mut r) = self.revoked.lock() {
                 for ev in &u.revocations {
                     match ev.kind.as_str() {
-                        "certificate" => match hex_bytes(&ev.subject) {
+                        "certificate" => match castellan_audit::unhex(&ev.subject) {
                             Some(serial) => r.push(serial),
                             None => {
                                 tracing::error!(subject = %ev.subject, "unparsable revoked serial")

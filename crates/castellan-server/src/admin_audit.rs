@@ -10,7 +10,7 @@ use castellan_audit::{AuditRecord, Checkpoint, Entry, Head, Kind};
 use castellan_store::{AuditRow, CheckpointRow};
 
 /// The writer name of the control plane's chain.
-pub(crate) const WRITER: &str = "castellan-server";
+pub const WRITER: &str = "castellan-server";
 
 /// This process's chain.
 #[derive(Debug)]

@@ -548,7 +548,13 @@ async fn verify_chain(s: &Server, w: String) -> Result<Value, Problem> {
 /// The admin action a purge is recorded as.
 const PURGE_ACTION: &str = "audit.purge";
 
-/// The cut of a purge, from its admin record's object (`"N records before MS"`).
+/// A purge's admin record object: how many records, and its cut (read back by
+/// [`purge_before_ms`]).
+fn purge_object(records: u64, before_ms: i64) -> String {
+    format!("{records} records before {before_ms}")
+}
+
+/// The cut of a purge, from its admin record's object ([`purge_object`]).
 fn purge_before_ms(object: &str) -> Option<i64> {
     object.rsplit_once(" before ")?.1.parse().ok()
 }
@@ -596,7 +602,7 @@ pub(crate) async fn purge(
     s.record_admin(
         c.name(),
         PURGE_ACTION,
-        &format!("{total} records before {}", p.before_ms),
+        &purge_object(total, p.before_ms),
         200,
     )
     .await?;

@@ -4,6 +4,8 @@
 
 pub mod admin;
 mod admin_audit;
+/// The writer name of the control plane's own audit chain (its admin actions).
+pub use admin_audit::WRITER as ADMIN_CHAIN_WRITER;
 mod alerts;
 mod anomaly;
 pub mod api;

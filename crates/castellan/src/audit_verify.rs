@@ -131,6 +131,13 @@ pub fn check_writer(bundle: &[CertificateDer<'static>], writer: &Value) -> Check
     report
 }
 
+/// Checks SVIDs against the bundle the operator gave.
+fn validator(bundle: &[CertificateDer<'static>]) -> Result<SvidValidator, String> {
+    TrustBundle::from_roots(bundle.to_vec())
+        .map(SvidValidator::new)
+        .map_err(|e| format!("the trust bundle given is unusable: {e}"))
+}
+
 fn check_signatures(bundle: &[CertificateDer<'static>], writer: &Value) -> CheckpointReport {
     let mut report = CheckpointReport::default();
     let cps = writer
@@ -141,10 +148,10 @@ fn check_signatures(bundle: &[CertificateDer<'static>], writer: &Value) -> Check
     if cps.is_empty() {
         return report;
     }
-    let validator = match TrustBundle::from_roots(bundle.to_vec()) {
-        Ok(b) => SvidValidator::new(b),
+    let validator = match validator(bundle) {
+        Ok(v) => v,
         Err(e) => {
-            report.problem = Some(format!("the trust bundle given is unusable: {e}"));
+            report.problem = Some(e);
             return report;
         }
     };
@@ -180,14 +187,11 @@ pub fn summary(writer: &Value, report: &CheckpointReport) -> Value {
            "checkpoint_problem": report.problem, "records": writer.get("records")})
 }
 
-/// The writer name of the control plane's own chain.
-const CONTROL_PLANE: &str = "castellan-server";
-
 /// Whether a chain is the control plane's: its writer name, and the control plane's own
 /// SPIFFE ID (`spiffe://TD/castellan/server`, which no workload SVID can hold) as the identity
 /// its checkpoints are signed by.
 fn is_control_plane(w: &Value) -> bool {
-    w.get("proxy_id").and_then(Value::as_str) == Some(CONTROL_PLANE)
+    w.get("proxy_id").and_then(Value::as_str) == Some(castellan_server::ADMIN_CHAIN_WRITER)
         && w.get("identity")
             .and_then(Value::as_str)
             .and_then(|id| id.strip_prefix("spiffe://"))
@@ -265,9 +269,9 @@ pub fn compare_heads(
     writers: &[Value],
     purge_cut: Option<i64>,
 ) -> Vec<String> {
-    let validator = match TrustBundle::from_roots(bundle.to_vec()) {
-        Ok(b) => SvidValidator::new(b),
-        Err(e) => return vec![format!("the trust bundle given is unusable: {e}")],
+    let validator = match validator(bundle) {
+        Ok(v) => v,
+        Err(e) => return vec![e],
     };
     let mut problems = Vec::new();
     for h in exported {

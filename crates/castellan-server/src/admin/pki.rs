@@ -12,10 +12,6 @@ use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 pub(super) async fn list_certificates(
     _c: Caller,
     State(s): State<Arc<Server>>,
@@ -26,7 +22,7 @@ pub(super) async fn list_certificates(
     Ok(Json(
         rows.iter()
             .map(|r| CertificateInfo {
-                serial: hex(&r.serial),
+                serial: castellan_audit::hex(&r.serial),
                 issued_at: r.issued_at,
                 not_after: r.not_after,
                 revoked_at: r.revoked_at,
@@ -37,15 +33,10 @@ pub(super) async fn list_certificates(
 
 fn parse_serial(s: &str) -> Option<Vec<u8>> {
     let s: String = s.chars().filter(|c| *c != ':').collect();
-    if s.is_empty() || s.len() > 64 || !s.len().is_multiple_of(2) {
+    if s.is_empty() || s.len() > 64 {
         return None;
     }
-    (0..s.len() / 2)
-        .map(|i| {
-            s.get(i * 2..i * 2 + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        })
-        .collect()
+    castellan_audit::unhex(&s)
 }
 
 pub(super) async fn revoke_certificate(
@@ -58,16 +49,16 @@ pub(super) async fn revoke_certificate(
     let now = unix_now();
     s.store.revoke_certificate(&bytes, now).await?;
     s.changed().await;
-    tracing::info!(admin = %c.name, serial = %hex(&bytes), "certificate revoked");
+    tracing::info!(admin = %c.name, serial = %castellan_audit::hex(&bytes), "certificate revoked");
     s.record_admin(
         &c.name,
         "certificate.revoke",
-        &format!("certificate {}", hex(&bytes)),
+        &format!("certificate {}", castellan_audit::hex(&bytes)),
         200,
     )
     .await?;
     Ok(Json(CertificateRevoked {
-        serial: hex(&bytes),
+        serial: castellan_audit::hex(&bytes),
         revoked_at: now,
     }))
 }
